@@ -1,0 +1,35 @@
+# make test | make run DIR=... | make bench | make chaos
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test run bench chaos clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+# Start a private server, check DIR, stop the server; exit with the client's status.
+run: $(STAMP)
+	@test -n "$(DIR)" || { echo "usage: make run DIR=/path/to/tree" >&2; exit 2; }
+	@tmp=$$(mktemp -d) && \
+	$(PY) bin/integrity-server --fifo "$$tmp/server.fifo" 2>"$$tmp/server.err" & \
+	server=$$!; \
+	$(PY) -m osproject.wait_for_fifo "$$tmp/server.fifo" $$server || { cat "$$tmp/server.err" >&2; exit 2; }; \
+	$(PY) bin/integrity-client --fifo "$$tmp/server.fifo" "$(DIR)"; status=$$?; \
+	kill -TERM $$server; wait $$server; rm -rf "$$tmp"; exit $$status
+
+bench: $(STAMP)
+	$(PY) tests/bench.py
+
+chaos: $(STAMP)
+	$(PY) tests/chaos_demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,141 @@
+"""Command lines of integrity-server and integrity-client."""
+
+import argparse
+import os
+import sys
+
+from . import __version__
+from .client import ClientError, check
+from .entrance import EntranceError, default_fifo
+from .log import EventLog
+from .report import EXIT_TROUBLE, Report
+from .server import Config, Server
+
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Run from a checkout, the log goes to its logs/; installed, to ./logs.
+DEFAULT_LOG_DIR = (os.path.join(_CHECKOUT, "logs")
+                   if os.path.exists(os.path.join(_CHECKOUT, "setup.py")) else "logs")
+
+CHAOS_HELP = """\
+testing aid: make faults real. liar:SLOT[:RATE] makes the first worker forked
+into SLOT report a wrong hash with probability RATE (default 1.0; its
+replacement is honest); crash:RATE and hang:RATE make any worker die or freeze
+on an assignment with probability RATE. Repeatable."""
+
+
+def fraction(text):
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def parse_chaos(specs, workers):
+    """Turn --chaos specs into (liars {slot: rate}, crash rate, hang rate)."""
+    liars, rates = {}, {"crash": 0.0, "hang": 0.0}
+    for spec in specs:
+        kind, _, rest = spec.partition(":")
+        try:
+            if kind == "liar":
+                slot, _, rate = rest.partition(":")
+                if not 0 <= int(slot) < workers:
+                    raise ValueError(f"slot {slot} is not one of 0..{workers - 1}")
+                liars[int(slot)] = fraction(rate) if rate else 1.0
+            elif kind in rates and rest:
+                rates[kind] = fraction(rest)
+            else:
+                raise ValueError("expected liar:SLOT[:RATE], crash:RATE or hang:RATE")
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise SystemExit(f"integrity-server: bad --chaos {spec!r}: {exc}") from None
+    return liars, rates["crash"], rates["hang"]
+
+
+def server_parser():
+    p = argparse.ArgumentParser(
+        prog="integrity-server",
+        description="Serve file-integrity checks with a pool of forked, untrusted "
+                    "MD5 workers. Runs in the foreground; SIGTERM or SIGINT stops it, "
+                    "SIGHUP reopens the log file.")
+    p.add_argument("--fifo", help=f"entrance FIFO (default $INTEGRITY_FIFO or {default_fifo()})")
+    p.add_argument("--log-dir", default=DEFAULT_LOG_DIR,
+                   help="directory of integrity-server.log (default %(default)s)")
+    p.add_argument("--workers", type=int, default=5, help="worker processes (default 5, at least 3)")
+    p.add_argument("--hang-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="kill a worker silent this long on an assignment (default 30)")
+    p.add_argument("--cross-check", type=fraction, default=0.1, metavar="P",
+                   help="share of new files a trusted worker hashes that another "
+                        "worker re-checks (default 0.1)")
+    p.add_argument("--chaos", action="append", default=[], metavar="SPEC", help=CHAOS_HELP)
+    p.add_argument("--version", action="version", version=__version__)
+    return p
+
+
+def server_main(argv=None):
+    args = server_parser().parse_args(argv)
+    if args.workers < 3:
+        server_parser().error("--workers must be at least 3: a tie between two "
+                              "workers needs a third to break it")
+    if args.hang_timeout <= 0:
+        server_parser().error("--hang-timeout must be positive")
+    liars, crash, hang = parse_chaos(args.chaos, args.workers)
+    config = Config(fifo=args.fifo or default_fifo(),
+                    private_dir=not args.fifo and "INTEGRITY_FIFO" not in os.environ,
+                    workers=args.workers, hang_timeout=args.hang_timeout,
+                    cross_check=args.cross_check, liars=liars, crash=crash, hang=hang)
+    try:
+        log = EventLog(args.log_dir)
+    except OSError as exc:
+        print(f"integrity-server: cannot open log in {args.log_dir}: {exc.strerror}",
+              file=sys.stderr)
+        return EXIT_TROUBLE
+    try:
+        return Server(config, log).run()
+    except EntranceError as exc:
+        log.error("server.refused", reason=str(exc))
+        return EXIT_TROUBLE
+    finally:
+        log.close()
+
+
+def client_parser():
+    p = argparse.ArgumentParser(
+        prog="integrity-client",
+        description="Check files against their MD5 sidecars through an integrity-server. "
+                    "Exit status: 0 nothing altered, 1 something CHANGED or MISSING, "
+                    "2 the check could not be done.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="file or directory to check")
+    p.add_argument("--fifo", help=f"server's entrance FIFO (default $INTEGRITY_FIFO or "
+                                  f"{default_fifo()})")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per file, then one with the summary")
+    p.add_argument("--update", action="store_true",
+                   help="rewrite the sidecars of CHANGED files with their new hash")
+    p.add_argument("--store", metavar="DIR",
+                   help="keep sidecars mirrored under DIR instead of beside the files")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="skip names or paths matching GLOB (repeatable)")
+    p.add_argument("--version", action="version", version=__version__)
+    return p
+
+
+def client_main(argv=None):
+    parser = client_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_TROUBLE if exc.code else 0
+    for path in args.paths:
+        if not os.path.lexists(path):
+            print(f"integrity-client: {path}: no such file or directory", file=sys.stderr)
+            return EXIT_TROUBLE
+    store_dir = os.path.abspath(args.store) if args.store else None
+    report = Report(sys.stdout, as_json=args.json)
+    try:
+        return check(args.paths, args.fifo or default_fifo(), report, store_dir=store_dir,
+                     excludes=args.exclude, update=args.update)
+    except ClientError as exc:
+        report.flush()
+        print(f"integrity-client: {exc}", file=sys.stderr)
+        return EXIT_TROUBLE
+    except KeyboardInterrupt:
+        return 130

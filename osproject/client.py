@@ -1,0 +1,337 @@
+"""The client: one lister thread, five checker threads, one reply reader.
+
+The lister feeds a bounded queue, so memory does not grow with the tree.
+Each checker takes up to five entries at a time (each entry goes to exactly
+one checker, by the queue's own lock), reads their baselines, sends them as
+one request under the send lock, and waits for its own replies, which the
+reader thread routes to it by request id.
+"""
+
+import errno
+import itertools
+import os
+import queue
+import select
+import shutil
+import tempfile
+import threading
+import time
+
+from . import protocol, store
+from .lister import ERROR, FILE, ORPHAN, SKIP, Entry, Lister
+from .report import EXIT_TROUBLE
+from .verifier import SKIPPED
+
+CHECKERS = 5
+QUEUE_SIZE = 1000
+CONNECT_TIMEOUT = 5.0
+
+
+class ClientError(Exception):
+    """The client cannot do its job (exit status 2); str() says why."""
+
+
+class Connection:
+    """The client's end of a session: a hello, then two private FIFOs."""
+
+    def __init__(self, entrance, timeout=CONNECT_TIMEOUT):
+        self.entrance = entrance
+        self.timeout = timeout
+        self.request_fd = self.reply_fd = -1
+        self.lines = protocol.LineBuffer()
+        self.send_lock = threading.Lock()
+
+    def open(self):
+        """Say hello and wait for the welcome; raise ClientError if nobody answers."""
+        private = tempfile.mkdtemp(prefix="osp-")          # mode 0700
+        try:
+            self._handshake(os.path.join(private, "request"),
+                            os.path.join(private, "reply"))
+        finally:
+            shutil.rmtree(private, ignore_errors=True)     # the open fds live on
+
+    def _handshake(self, request, reply):
+        os.mkfifo(request, 0o600)
+        os.mkfifo(reply, 0o600)
+        # Hold the far end of each FIFO ourselves until the server has opened
+        # them: the server's non-blocking opens then succeed, and neither side
+        # sees a spurious EOF before the other has arrived.
+        self.reply_fd = os.open(reply, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        hold_reply = os.open(reply, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        hold_request = os.open(request, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.request_fd = os.open(request, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._say_hello(protocol.encode_hello(request, reply))
+            self._await_welcome()
+        finally:
+            os.close(hold_reply)
+            os.close(hold_request)
+        os.set_blocking(self.reply_fd, True)
+        os.set_blocking(self.request_fd, True)
+
+    def _say_hello(self, hello):
+        try:
+            fd = os.open(self.entrance, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENXIO):
+                raise ClientError(f"no integrity-server is listening on {self.entrance}; "
+                                  "start one with: integrity-server"
+                                  + ("" if self.entrance == _default() else
+                                     f" --fifo {self.entrance}")) from None
+            raise ClientError(f"cannot open {self.entrance}: {exc.strerror}") from None
+        try:
+            deadline = time.monotonic() + self.timeout
+            while True:
+                try:
+                    os.write(fd, hello)     # <= PIPE_BUF: all or nothing
+                    return
+                except BlockingIOError:     # the entrance is full of hellos
+                    if time.monotonic() > deadline:
+                        raise ClientError("the server's entrance stays full") from None
+                    select.select([], [fd], [], 0.05)
+        finally:
+            os.close(fd)
+
+    def _await_welcome(self):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.reply_fd], [], [], left)[0]:
+                raise ClientError(f"the server at {self.entrance} did not answer "
+                                  f"within {self.timeout:g}s")
+            lines = self.lines.feed(os.read(self.reply_fd, 65536))
+            if lines:
+                frame = protocol.decode(lines[0]) if lines[0] else {}
+                if frame.get("welcome") != protocol.HELLO_VERSION:
+                    raise ClientError("the server answered with something else than welcome")
+                self.leftover = lines[1:]
+                return
+
+    def send(self, frame):
+        """Write one request; the lock keeps frames from different checkers whole."""
+        data = protocol.encode(frame)
+        with self.send_lock:
+            while data:
+                data = data[os.write(self.request_fd, data):]
+
+    def frames(self):
+        """Yield reply frames until the server closes the reply FIFO."""
+        for line in self.leftover:
+            yield protocol.decode(line)
+        while True:
+            data = os.read(self.reply_fd, 65536)
+            if not data:
+                return
+            for line in self.lines.feed(data):
+                if line is None:
+                    raise protocol.ProtocolError("oversized reply")
+                yield protocol.decode(line)
+
+    def finish_requests(self):
+        """Tell the server we have nothing more to ask (EOF on the request FIFO)."""
+        with self.send_lock:
+            if self.request_fd >= 0:
+                os.close(self.request_fd)
+                self.request_fd = -1
+
+    def close(self):
+        self.finish_requests()
+        if self.reply_fd >= 0:
+            os.close(self.reply_fd)
+            self.reply_fd = -1
+
+
+def _default():
+    from .entrance import default_fifo
+    return default_fifo()
+
+
+class Client:
+    """Check trees through a server; report to a Report."""
+
+    def __init__(self, connection, report, store_dir=None, excludes=(), update=False):
+        self.conn = connection
+        self.report = report
+        self.update = update
+        self.lister = Lister(store_dir, excludes)
+        self.store_dir = store_dir
+        self.queue = queue.Queue(QUEUE_SIZE)
+        self.waiting = {}                   # request id -> SimpleQueue of replies
+        self.waiting_lock = threading.Lock()
+        self.reader_done = False            # no more replies will be routed
+        self.rids = itertools.count(1)
+        self.failure = None                 # the first reason we cannot go on
+        self.stop = threading.Event()
+        self.bye = None
+
+    def run(self, roots):
+        """Check every root; return the exit status."""
+        reader = threading.Thread(target=self.read_replies, name="reader", daemon=True)
+        lister = threading.Thread(target=self.list_all, args=(roots,), name="lister")
+        checkers = [threading.Thread(target=self.check_loop, name=f"checker-{i}")
+                    for i in range(CHECKERS)]
+        reader.start()
+        lister.start()
+        for t in checkers:
+            t.start()
+        lister.join()
+        for t in checkers:
+            t.join()
+        self.conn.finish_requests()
+        reader.join()
+        self.conn.close()
+        if self.failure:
+            raise ClientError(self.failure)
+        return self.report.finish()
+
+    def fail(self, reason):
+        if self.failure is None:
+            self.failure = reason
+        self.stop.set()
+
+    # -- the lister thread ------------------------------------------------
+    def list_all(self, roots):
+        try:
+            for root in roots:
+                for entry in self.lister.walk(root):
+                    if not self.put(entry):
+                        return
+        finally:
+            for _ in range(CHECKERS):
+                self.put(None, force=True)
+
+    def put(self, item, force=False):
+        """Queue an entry; give up when the run has failed (unless forced)."""
+        while True:
+            if self.stop.is_set() and not force:
+                return False
+            try:
+                self.queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                if force and self.stop.is_set():
+                    return False
+
+    # -- the checker threads ----------------------------------------------
+    def check_loop(self):
+        done = False
+        while not done and not self.stop.is_set():
+            batch = [self.queue.get()]
+            while batch[-1] is not None and len(batch) < protocol.MAX_PATHS:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            if batch[-1] is None:
+                batch.pop()
+                done = True
+            try:
+                self.check_batch(batch)
+            except ClientError as exc:
+                self.fail(str(exc))
+            except OSError as exc:
+                self.fail(f"lost the server: {exc.strerror or exc}")
+
+    def check_batch(self, entries):
+        """Resolve what can be resolved here; ask the server about the rest."""
+        asked = []
+        for entry in entries:
+            entry, item = self.prepare(entry)
+            if item is not None:
+                asked.append((entry, item))
+        if not asked:
+            return
+        rid = next(self.rids)
+        replies = queue.SimpleQueue()
+        with self.waiting_lock:
+            if self.reader_done:
+                raise ClientError(self.failure or "the server went away")
+            self.waiting[rid] = replies
+        try:
+            self.conn.send({"id": rid, "files": [item for _, item in asked]})
+            for _ in asked:
+                reply = replies.get()
+                if reply is None:
+                    raise ClientError(self.failure or "the server went away")
+                entry, item = asked[reply["i"]]
+                self.report.add(entry.path, reply["status"], reply.get("md5"),
+                                reply.get("expected"), reply.get("error"),
+                                unchecked=reply.get("unchecked", False), key=item["path"])
+        finally:
+            with self.waiting_lock:
+                del self.waiting[rid]
+
+    def prepare(self, entry):
+        """Return (entry, request item), the item None once reported here."""
+        if entry.kind == SKIP:
+            self.report.add(entry.path, SKIPPED, error=entry.reason)
+            return entry, None
+        if entry.kind == ERROR:
+            self.report.add(entry.path, "ERROR", error=entry.reason)
+            return entry, None
+        if entry.kind == ORPHAN:
+            return self.prepare_orphan(entry)
+        try:
+            expected = store.read_baseline(entry.sidecar, os.path.basename(entry.path))
+        except store.SidecarError as exc:
+            self.report.add(entry.path, "ERROR", error=str(exc))
+            return entry, None
+        item = {"kind": "check", "path": os.path.abspath(entry.path),
+                "sidecar": os.path.abspath(entry.sidecar), "expected": expected}
+        if self.update:
+            item["update"] = True
+        return entry, item
+
+    def prepare_orphan(self, entry):
+        """A sidecar without its file: MISSING if it is ours, else a file to check."""
+        try:
+            recorded = store.read_baseline(entry.sidecar, os.path.basename(entry.path))
+        except store.SidecarError:
+            recorded = None
+        if recorded is None:        # not one of ours: someone's file named *.md5
+            own = entry.sidecar
+            return self.prepare(Entry(FILE, own, store.sidecar_path(own, self.store_dir)))
+        return entry, {"kind": "missing", "path": os.path.abspath(entry.path),
+                       "sidecar": os.path.abspath(entry.sidecar), "expected": recorded}
+
+    # -- the reader thread --------------------------------------------------
+    def read_replies(self):
+        try:
+            for frame in self.conn.frames():
+                self.route(frame)
+        except (OSError, protocol.ProtocolError) as exc:
+            self.fail(f"lost the server: {exc}")
+        finally:
+            if self.bye is None:
+                self.fail("the server closed the session before it was done")
+            with self.waiting_lock:
+                self.reader_done = True
+                for replies in self.waiting.values():
+                    replies.put(None)
+
+    def route(self, frame):
+        if "id" in frame:
+            with self.waiting_lock:
+                replies = self.waiting.get(frame["id"])
+            if replies is not None:
+                replies.put(frame)
+        elif "correct" in frame:
+            fix = frame["correct"]
+            self.report.correct(fix["path"], fix["status"], fix["md5"])
+        elif "confirmed" in frame:
+            self.report.confirm(frame["confirmed"])
+        elif "bye" in frame:
+            self.bye = frame["bye"]
+
+
+def check(roots, fifo, report, **options):
+    """Connect, check the roots, and return the exit status (2 on failure)."""
+    conn = Connection(fifo)
+    conn.open()
+    try:
+        return Client(conn, report, **options).run(roots)
+    finally:
+        conn.close()
+
+
+__all__ = ["Client", "ClientError", "Connection", "check", "EXIT_TROUBLE"]

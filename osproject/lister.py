@@ -1,0 +1,110 @@
+"""The lister: walks a tree with os.scandir, never following a symlink.
+
+It yields what the checkers must do with each entry.  Sidecars of files that
+exist are skipped here (each checker reads its own file's sidecar); a
+sidecar whose file is gone comes out as an orphan for a checker to confirm.
+"""
+
+import fnmatch
+import os
+from dataclasses import dataclass
+
+from . import store, worker
+
+FILE, SKIP, ORPHAN, ERROR = "file", "skip", "orphan", "error"
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str           # FILE, SKIP, ORPHAN or ERROR
+    path: str           # as the user will see it: their root joined with names
+    sidecar: str = None
+    reason: str = None
+
+
+class Lister:
+    def __init__(self, store_dir=None, excludes=()):
+        self.store_dir = store_dir
+        self.excludes = tuple(excludes)
+
+    def walk(self, root):
+        """Yield an Entry for everything under root, depth first, names sorted."""
+        try:
+            st = os.lstat(root)
+        except OSError as exc:
+            yield Entry(ERROR, root, reason=exc.strerror)
+            return
+        if not os.path.isdir(root) or os.path.islink(root):
+            yield self.classify_single(root, st)
+            return
+        stack = [root]
+        while stack:
+            directory = stack.pop()
+            subdirs = yield from self.list_dir(directory)
+            stack.extend(reversed(subdirs))
+
+    def list_dir(self, directory):
+        """Yield the entries of one directory; return its subdirectories."""
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            yield Entry(ERROR, directory, reason=f"cannot list directory: {exc.strerror}")
+            return []
+        files = {e.name for e in entries if not _is_dir(e)}
+        subdirs = []
+        for e in entries:
+            if self.excluded(e.path):
+                continue
+            if _is_dir(e):
+                subdirs.append(e.path)
+            elif self.store_dir is None and e.name.endswith(store.SUFFIX):
+                stem = e.name[:-len(store.SUFFIX)]
+                if stem not in files:
+                    yield Entry(ORPHAN, os.path.join(directory, stem), e.path)
+            else:
+                yield self.classify(e)
+        if self.store_dir is not None:
+            yield from self.store_orphans(directory, files)
+        return subdirs
+
+    def classify(self, entry):
+        try:
+            if entry.is_file(follow_symlinks=False):
+                return Entry(FILE, entry.path, store.sidecar_path(entry.path, self.store_dir))
+            return Entry(SKIP, entry.path,
+                         reason=worker.describe_kind(entry.stat(follow_symlinks=False).st_mode))
+        except OSError as exc:
+            return Entry(ERROR, entry.path, reason=exc.strerror)
+
+    def classify_single(self, path, st):
+        if os.path.isfile(path) and not os.path.islink(path):
+            return Entry(FILE, path, store.sidecar_path(path, self.store_dir))
+        return Entry(SKIP, path, reason=worker.describe_kind(st.st_mode))
+
+    def store_orphans(self, directory, files):
+        """With --store, sidecars in the mirror directory whose file is gone."""
+        mirror = os.path.dirname(store.sidecar_path(os.path.join(directory, "x"),
+                                                    self.store_dir))
+        try:
+            names = sorted(os.listdir(mirror))
+        except OSError:
+            return
+        for name in names:
+            stem = name[:-len(store.SUFFIX)]
+            if name.endswith(store.SUFFIX) and stem not in files:
+                path = os.path.join(directory, stem)
+                if not self.excluded(path) and not os.path.isdir(path):
+                    yield Entry(ORPHAN, path, os.path.join(mirror, name))
+
+    def excluded(self, path):
+        name = os.path.basename(path)
+        return any(fnmatch.fnmatch(name, pat) or fnmatch.fnmatch(path, pat)
+                   for pat in self.excludes)
+
+
+def _is_dir(entry):
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False

@@ -1,0 +1,103 @@
+"""Wire format: one JSON object per line, on pipes and FIFOs alike.
+
+JSON with ensure_ascii escapes every control character and every byte that
+is not ASCII, so a frame never contains a raw newline whatever the file
+names hold.  Names that are not UTF-8 travel as os.fsdecode() strings
+(surrogateescape); JSON carries the lone surrogates as \\udcXX and
+os.fsencode() restores the original bytes on the other side.
+"""
+
+import json
+import select
+
+# POSIX guarantees atomic writes up to PIPE_BUF: 4096 on Linux, 512 on macOS.
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+MAX_FRAME = 64 * 1024  # a frame holds at most 5 paths of PATH_MAX bytes
+MAX_PATHS = 5          # files per worker assignment, and per client request
+HELLO_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A peer sent something that is not a frame of ours."""
+
+
+def encode(obj):
+    """Return obj as one frame: compact ASCII JSON and a newline."""
+    text = json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+    return text.encode("ascii") + b"\n"
+
+
+def decode(line):
+    """Parse one frame (without its newline) into a dict, or raise ProtocolError."""
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"not a JSON frame: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("frame is not a JSON object")
+    return obj
+
+
+class LineBuffer:
+    """Split a byte stream into lines, holding at most `limit` bytes of a line.
+
+    feed() returns the complete lines; a line longer than the limit is
+    dropped as it streams in and reported once as None, so a peer that never
+    sends a newline costs bounded memory.
+    """
+
+    def __init__(self, limit=MAX_FRAME):
+        self.limit = limit
+        self._buf = bytearray()
+        self._skipping = False
+
+    def feed(self, data):
+        """Add data; return the lines it completed (None for an oversized one)."""
+        self._buf += data
+        lines = []
+        while True:
+            end = self._buf.find(b"\n")
+            if end < 0:
+                break
+            if self._skipping:
+                self._skipping = False
+            else:
+                lines.append(bytes(self._buf[:end]))
+            del self._buf[:end + 1]
+        if len(self._buf) > self.limit:
+            if not self._skipping:
+                lines.append(None)
+            self._skipping = True
+            self._buf.clear()
+        return lines
+
+    @property
+    def pending(self):
+        """True when a partial line is buffered (a torn frame at EOF)."""
+        return bool(self._buf) or self._skipping
+
+
+def encode_hello(request_fifo, reply_fifo):
+    """Return the hello frame a client writes to the entrance FIFO.
+
+    Raises ProtocolError when it would exceed PIPE_BUF: a longer write could
+    interleave with another client's hello.
+    """
+    frame = encode({"hello": HELLO_VERSION, "request": request_fifo,
+                    "reply": reply_fifo})
+    if len(frame) > PIPE_BUF:
+        raise ProtocolError(f"hello is {len(frame)} bytes, more than PIPE_BUF "
+                            f"({PIPE_BUF}); use a shorter TMPDIR")
+    return frame
+
+
+def parse_hello(line):
+    """Return (request_fifo, reply_fifo) from a hello line, or raise ProtocolError."""
+    frame = decode(line)
+    if frame.get("hello") != HELLO_VERSION:
+        raise ProtocolError("not a hello of protocol version 1")
+    paths = frame.get("request"), frame.get("reply")
+    for path in paths:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ProtocolError("hello must name two absolute FIFO paths")
+    return paths

@@ -1,0 +1,97 @@
+"""What the client tells its user: a line per file that is not OK, and a summary.
+
+Results a single worker gave with nobody cross-checking them are held back
+until the server has said bye: if that worker is caught lying later in the
+session, the server re-checks them and sends corrections, so no wrong hash
+reaches the user.
+"""
+
+import json
+import os
+import threading
+
+from .verifier import CHANGED, MISSING, OK, STATUSES
+
+EXIT_OK, EXIT_ALTERED, EXIT_TROUBLE = 0, 1, 2
+
+
+def show_path(path):
+    """A path for a terminal: control characters and undecodable bytes escaped."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class Report:
+    def __init__(self, out, as_json=False):
+        self.out = out
+        self.as_json = as_json
+        self.counts = dict.fromkeys(STATUSES, 0)
+        self.held = {}              # path -> record awaiting confirmation
+        self._lock = threading.Lock()
+
+    def add(self, path, status, md5=None, expected=None, error=None,
+            unchecked=False, key=None):
+        """Record one file's result; called from any checker thread.
+
+        An unchecked result is held under `key` (the absolute path the server
+        knows it by) until correct() or confirm() or finish().
+        """
+        record = {"path": path, "status": status, "md5": md5,
+                  "expected": expected, "error": error}
+        with self._lock:
+            if unchecked:
+                self.held[key or path] = record
+            else:
+                self._emit(record)
+
+    def correct(self, key, status, md5):
+        """The server re-checked a held result and found the first hash wrong."""
+        with self._lock:
+            record = self.held.pop(key, None)
+            if record is not None:
+                record.update(status=status, md5=md5)
+                self._emit(record)
+
+    def confirm(self, key):
+        with self._lock:
+            record = self.held.pop(key, None)
+            if record is not None:
+                self._emit(record)
+
+    def finish(self):
+        """Emit what is still held, then the summary; return the exit status."""
+        with self._lock:
+            for record in self.held.values():
+                self._emit(record)
+            self.held.clear()
+            counts = {k: v for k, v in self.counts.items() if v}
+            if self.as_json:
+                self.out.write(json.dumps({"summary": counts}) + "\n")
+            else:
+                total = sum(counts.values())
+                parts = ", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing"
+                self.out.write(f"{total} files: {parts}\n")
+            self.out.flush()
+        altered = self.counts[CHANGED] or self.counts[MISSING]
+        return EXIT_ALTERED if altered else EXIT_OK
+
+    def _emit(self, record):
+        self.counts[record["status"]] += 1
+        if self.as_json:
+            self.out.write(json.dumps({k: v for k, v in record.items()
+                                       if v is not None}) + "\n")
+        elif record["status"] != OK:
+            self.out.write(format_human(record) + "\n")
+
+    def flush(self):
+        with self._lock:
+            self.out.flush()
+
+
+def format_human(record):
+    line = f"{record['status']:<8} {show_path(record['path'])}"
+    if record["status"] == CHANGED:
+        line += f"  (expected {record['expected']}, got {record['md5']})"
+    elif record.get("error"):
+        line += f"  ({record['error']})"
+    return line

@@ -1,0 +1,99 @@
+"""The scheduler: files waiting for a worker, and assignments of at most five."""
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from .protocol import MAX_PATHS
+
+
+@dataclass(eq=False)
+class Job:
+    """One file of one client request, from arrival until its verdict is sent."""
+    session: object
+    rid: int                    # the client's request id and the file's index in it
+    index: int
+    path: str
+    sidecar: str
+    expected: str = None        # baseline hash from the client; never sent to a worker
+    update: bool = False        # the user asked to rewrite changed baselines
+    opinions: list = field(default_factory=list)
+    cross_check: bool = False
+    reverify_of: int = None     # wid whose unchecked hash this job re-checks
+    retried: bool = False       # a worker died holding this job
+    stale: list = field(default_factory=list)   # pids that may have left temp files
+    write_error: str = None
+
+    def excluded(self):
+        """Workers that may not give this file another opinion."""
+        wids = {v.wid for v in self.opinions}
+        if self.reverify_of is not None:
+            wids.add(self.reverify_of)
+        return wids
+
+    def write_mode(self):
+        """How the next worker treats the sidecar: new, replace or keep.
+
+        The opinion that settles a file is always in the majority, so letting
+        each later opinion rewrite the sidecar leaves the agreed hash on disk.
+        """
+        if self.expected is not None and not self.update:
+            return "keep"
+        if not self.opinions and self.reverify_of is None:
+            if self.expected is not None:
+                return "keep"           # --update: rewrite only once it changed
+            return "replace" if self.retried else "new"
+        return "replace"
+
+    def item(self):
+        """The assignment entry a worker sees: no expected hash."""
+        entry = {"path": self.path, "sidecar": self.sidecar, "write": self.write_mode()}
+        if self.stale:
+            entry["stale"] = self.stale
+        return entry
+
+
+@dataclass(eq=False)
+class Assignment:
+    aid: int
+    worker: object
+    jobs: list
+
+    def frame(self):
+        return {"id": self.aid, "files": [job.item() for job in self.jobs]}
+
+
+class Scheduler:
+    """A FIFO of jobs; second opinions jump the queue."""
+
+    def __init__(self):
+        self.pending = deque()
+        self._aids = itertools.count(1)
+
+    def submit(self, job, urgent=False):
+        if urgent:
+            self.pending.appendleft(job)
+        else:
+            self.pending.append(job)
+
+    def take(self, worker):
+        """Return an Assignment of up to MAX_PATHS jobs this worker may do, or None."""
+        batch, passed = [], []
+        while self.pending and len(batch) < MAX_PATHS:
+            job = self.pending.popleft()
+            (passed if worker.wid in job.excluded() else batch).append(job)
+        self.pending.extendleft(reversed(passed))
+        if not batch:
+            return None
+        return Assignment(next(self._aids), worker, batch)
+
+    def requeue(self, assignment, dead_pid):
+        """Put a lost assignment's jobs first in line for another worker."""
+        for job in reversed(assignment.jobs):
+            job.retried = True
+            job.stale.append(dead_pid)
+            self.pending.appendleft(job)
+
+    def drop_session(self, session):
+        """Forget the waiting jobs of a client that went away."""
+        self.pending = deque(j for j in self.pending if j.session is not session)

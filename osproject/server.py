@@ -1,0 +1,463 @@
+"""The server: one thread, one select() loop over every fd it owns.
+
+A pass reads whatever is ready (signal wakeups, hellos, worker results,
+client requests), writes what the non-blocking fds will take, reaps
+children, then does the time-driven work: hang checks and re-forks.  It
+never blocks on a client, a worker or a file, and never starts a thread:
+it forks, and fork in a threaded process can deadlock.
+"""
+
+import itertools
+import os
+import random
+import re
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+
+from . import protocol, verifier
+from .entrance import Entrance
+from .scheduler import Job, Scheduler
+from .session import Refused, Session
+from .supervisor import ForkSpawner, State, Supervisor, kill_group
+from .verifier import Verdict, Vote
+
+HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+MAX_SESSIONS = 100        # two fds each: select() cannot watch fds >= FD_SETSIZE
+STOP_GRACE = 2.0          # seconds workers get to leave after SIGTERM
+_MD5 = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass
+class Config:
+    fifo: str
+    private_dir: bool = False
+    workers: int = 5
+    hang_timeout: float = 30.0
+    cross_check: float = 0.1
+    liars: dict = field(default_factory=dict)   # slot -> lie rate of its first worker
+    crash: float = 0.0
+    hang: float = 0.0
+
+
+class Fault(Exception):
+    """A worker broke the protocol; it is killed and its work redone."""
+
+
+class Server:
+    def __init__(self, config, log, clock=time.monotonic, spawner=None):
+        self.config = config
+        self.log = log
+        self.clock = clock
+        self.entrance = Entrance(config.fifo, config.private_dir)
+        self.scheduler = Scheduler()
+        self.supervisor = Supervisor(config.workers, spawner or ForkSpawner(self.chaos_for),
+                                     clock, log, config.hang_timeout)
+        self.sessions = []
+        self._sids = itertools.count(1)
+        self.rng = random.Random()
+        self.stopping = False
+        self.status = 0
+        self._wake_r = self._wake_w = -1
+        self._reap_needed = False
+
+    def chaos_for(self, slot):
+        """The --chaos faults a worker forked into `slot` gets."""
+        chaos = {"crash": self.config.crash, "hang": self.config.hang}
+        if slot.forks == 0 and slot.index in self.config.liars:
+            chaos["lie"] = self.config.liars[slot.index]   # its replacement is honest
+        return chaos
+
+    # -- life cycle -----------------------------------------------------
+    def run(self):
+        """Serve until SIGTERM or SIGINT; return the exit status."""
+        self.entrance.open()
+        try:
+            self.install_signals()
+            self.log.info("server.started", pid=os.getpid(), fifo=self.entrance.path,
+                          workers=self.config.workers)
+            self.supervisor.start_due()
+            while not self.stopping:
+                self.step()
+        finally:
+            self.shutdown()
+        return self.status
+
+    def install_signals(self):
+        """Handlers only wake the loop: the C handler writes the signal to a pipe."""
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, _wake_only)
+
+    def shutdown(self):
+        self.entrance.close()
+        for session in self.sessions:
+            session.close()
+        self.stop_workers()
+        if self._wake_w >= 0:
+            signal.set_wakeup_fd(-1)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        self.log.info("server.stopped", pid=os.getpid(), status=self.status)
+
+    def stop_workers(self):
+        """SIGTERM every worker, wait a little, SIGKILL the rest; reap them all."""
+        self.supervisor.stopping = True
+        for worker in self.supervisor.workers():
+            kill_group(worker.pid, signal.SIGTERM)
+        deadline = self.clock() + STOP_GRACE
+        while self.supervisor.by_pid and self.clock() < deadline:
+            self.reap()
+            time.sleep(0.01)    # shutting down: nothing else to serve
+        for pid in list(self.supervisor.by_pid):
+            kill_group(pid, signal.SIGKILL)
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                status = 0
+            self.on_child_exit(pid, status)
+
+    # -- the loop -------------------------------------------------------
+    def step(self):
+        """One pass: select, read, write, reap, then time-driven work."""
+        readers, writers = self.interest()
+        ready_r, ready_w, _ = select.select(list(readers), list(writers), [],
+                                            self.timeout())
+        for fd in ready_r:
+            readers[fd]()
+        for fd in ready_w:
+            writers[fd]()
+        if self._reap_needed:
+            self._reap_needed = False
+            self.reap()
+        self.supervisor.check_hangs()
+        if not self.stopping:
+            self.supervisor.start_due()
+        self.dispatch()
+        self.close_finished_sessions()
+
+    def interest(self):
+        """Map each fd to watch to its handler: {fd: fn} for reading, for writing."""
+        readers = {self._wake_r: self.on_signals, self.entrance.fd: self.on_entrance}
+        writers = {}
+        for w in self.supervisor.workers():
+            if w.from_worker >= 0:
+                readers[w.from_worker] = lambda w=w: self.on_worker_readable(w)
+            if w.outbuf:
+                writers[w.to_worker] = lambda w=w: self.flush_worker(w)
+        for s in self.sessions:
+            if not s.eof and not s.dead:
+                readers[s.request_fd] = lambda s=s: self.on_session_readable(s)
+            if s.outbuf and not s.dead:
+                writers[s.reply_fd] = s.flush
+        return readers, writers
+
+    def timeout(self):
+        deadline = self.supervisor.next_deadline()
+        if deadline is None:
+            return None             # idle: sleep until something happens
+        return min(max(0.0, deadline - self.clock()), 3600.0)
+
+    # -- signals and children --------------------------------------------
+    def on_signals(self):
+        try:
+            data = os.read(self._wake_r, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGCHLD:
+                self._reap_needed = True
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.log.info("server.stopping", signal=signal.Signals(signum).name)
+                self.stopping = True
+            elif signum == signal.SIGHUP:
+                self.log.reopen()
+                self.log.info("log.reopened", path=self.log.path)
+
+    def reap(self):
+        """Collect every child that has exited, until none is left to reap."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.on_child_exit(pid, status)
+
+    def on_child_exit(self, pid, status):
+        worker = self.supervisor.on_exit(pid, status)
+        if worker is None:
+            return
+        for fd in (worker.to_worker, worker.from_worker):
+            if fd >= 0:
+                os.close(fd)
+        if worker.assignment is not None:
+            self.scheduler.requeue(worker.assignment, pid)
+            self.log.info("assignment.requeued", slot=worker.slot, pid=pid,
+                          files=len(worker.assignment.jobs))
+        if not self.stopping and self.supervisor.hopeless():
+            self.log.error("server.failed", reason="workers die before they can start")
+            self.stopping, self.status = True, 1
+
+    # -- workers ----------------------------------------------------------
+    def dispatch(self):
+        """Give every idle worker up to five waiting files."""
+        for worker in self.supervisor.idle():
+            assignment = self.scheduler.take(worker)
+            if assignment is None:
+                continue
+            worker.outbuf += protocol.encode(assignment.frame())
+            self.supervisor.assigned(worker, assignment)
+            self.flush_worker(worker)
+
+    def flush_worker(self, worker):
+        try:
+            sent = os.write(worker.to_worker, worker.outbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            worker.outbuf.clear()   # it is dying; reaping requeues its files
+            return
+        del worker.outbuf[:sent]
+
+    def on_worker_readable(self, worker):
+        try:
+            data = os.read(worker.from_worker, 65536)
+        except BlockingIOError:
+            return
+        if not data:                # it exited or closed its pipe: reaping follows
+            os.close(worker.from_worker)
+            worker.from_worker = -1
+            return
+        try:
+            for line in worker.lines.feed(data):
+                if self.supervisor.state_of(worker) is State.KILLED:
+                    return
+                if line is None:
+                    raise Fault("oversized frame")
+                self.on_worker_frame(worker, protocol.decode(line))
+        except (Fault, protocol.ProtocolError) as exc:
+            self.log.error("worker.faulty", slot=worker.slot, pid=worker.pid,
+                           reason=str(exc))
+            self.supervisor.kill(worker, "faulty")
+
+    def on_worker_frame(self, worker, frame):
+        state = self.supervisor.state_of(worker)
+        if "ready" in frame and state is State.STARTING:
+            self.supervisor.on_ready(worker)
+        elif "progress" in frame and state is State.BUSY:
+            self.supervisor.heard_from(worker)
+        elif "results" in frame and state is State.BUSY:
+            jobs = worker.assignment.jobs
+            results = check_results(frame, worker.assignment)
+            self.supervisor.answered(worker)
+            for job, result in zip(jobs, results):
+                self.on_result(worker, job, result)
+        else:
+            raise Fault(f"unexpected frame in state {state.name}")
+
+    def on_result(self, worker, job, result):
+        """Record one worker's reading of a file; settle it or ask another worker."""
+        worker.results += 1
+        if "md5" not in result or "unstable" in result:
+            return self.finish(job, outcome_without_hash(result))
+        if result.get("error"):
+            job.write_error = result["error"]
+        if not job.opinions and job.reverify_of is None:
+            job.cross_check = verifier.wants_cross_check(
+                worker, self.config.cross_check, self.rng)
+        job.opinions.append(Vote(worker.wid, result["md5"],
+                                 (result["size"], result["mtime"], result["ctime"],
+                                  result["ino"]), bool(result.get("racy"))))
+        verdict = verifier.judge(job.expected, job.opinions, job.cross_check)
+        if verdict is None:
+            self.log.info("crosscheck", path=job.path, opinions=len(job.opinions),
+                          slot=worker.slot, pid=worker.pid)
+            self.scheduler.submit(job, urgent=True)
+        else:
+            self.finish(job, verdict)
+
+    # -- verdicts ---------------------------------------------------------
+    def finish(self, job, verdict):
+        """Act on a file's verdict: warn the liars, answer the client."""
+        for wid in verdict.liars:
+            self.penalize(wid, job, verdict)
+        if not verdict.checked:
+            owner = self.supervisor.by_wid.get(job.opinions[0].wid)
+            if owner is not None:
+                owner.unchecked.append(job)
+        if job.reverify_of is not None:
+            return self.finish_reverify(job, verdict)
+        status, error = verdict.status, verdict.reason
+        if job.write_error and status in (verifier.NEW, verifier.CHANGED):
+            status, error = verifier.ERROR, job.write_error
+        if status == verifier.CHANGED:
+            self.log.warning("file.changed", path=job.path, expected=job.expected,
+                             got=verdict.md5, updated=job.update or None)
+        reply = {"id": job.rid, "i": job.index, "status": status, "md5": verdict.md5,
+                 "expected": job.expected, "error": error}
+        if not verdict.checked:
+            reply["unchecked"] = True
+        self.answer(job.session, reply, status)
+
+    def answer(self, session, reply, status):
+        session.outstanding -= 1
+        session.count(status)
+        try:
+            session.send({k: v for k, v in reply.items() if v is not None})
+        except Refused as exc:
+            self.drop_session(session, str(exc))
+
+    def finish_reverify(self, job, verdict):
+        """A re-checked hash: correct the client and log it when it was a lie."""
+        original = job.opinions[0].md5
+        session = job.session
+        if verdict.md5 is not None and verdict.md5 != original:
+            self.log.warning("file.repaired", path=job.path, got=original,
+                             agreed=verdict.md5)
+            reply = {"correct": {"path": job.path, "status": verdict.status,
+                                 "md5": verdict.md5}}
+        else:
+            reply = {"confirmed": job.path}
+        session.outstanding -= 1
+        try:
+            session.send(reply)
+        except Refused as exc:
+            self.drop_session(session, str(exc))
+
+    def penalize(self, wid, job, verdict):
+        """Warn the worker whose hash was outvoted; ban it past MAX_WARNINGS."""
+        got = next(v.md5 for v in job.opinions if v.wid == wid)
+        worker = self.supervisor.by_wid.get(wid)
+        if worker is None:
+            self.log.warning("worker.warned", wid=wid, path=job.path, got=got,
+                             agreed=verdict.md5, gone=True)
+            return
+        self.log.warning("worker.warned", slot=worker.slot, pid=worker.pid,
+                         path=job.path, got=got, agreed=verdict.md5,
+                         warnings=worker.warnings + 1)
+        banned = self.supervisor.warn(worker)
+        if worker.warnings == 1 or banned:
+            self.reverify(worker)
+
+    def reverify(self, worker):
+        """Have other workers re-check every hash this worker gave unchecked."""
+        jobs, worker.unchecked = worker.unchecked, []
+        for old in jobs:
+            job = Job(session=old.session, rid=old.rid, index=old.index,
+                      path=old.path, sidecar=old.sidecar, opinions=old.opinions[:1],
+                      cross_check=True, reverify_of=worker.wid)
+            old.session.outstanding += 1
+            self.scheduler.submit(job, urgent=True)
+        if jobs:
+            self.log.warning("worker.reverify", slot=worker.slot, pid=worker.pid,
+                             files=len(jobs))
+
+    # -- clients ----------------------------------------------------------
+    def on_entrance(self):
+        for line in self.entrance.read_lines():
+            try:
+                if line is None:
+                    raise Refused("hello longer than PIPE_BUF")
+                if len(self.sessions) >= MAX_SESSIONS:
+                    raise Refused("too many clients")
+                request, reply = protocol.parse_hello(line)
+                session = Session(next(self._sids), request, reply)
+            except (Refused, protocol.ProtocolError) as exc:
+                self.log.warning("request.refused", reason=str(exc))
+                continue
+            self.sessions.append(session)
+            self.log.info("session.opened", session=session.sid, reply=reply)
+            session.send({"welcome": protocol.HELLO_VERSION, "server": os.getpid()})
+            session.flush()
+
+    def on_session_readable(self, session):
+        try:
+            for frame in session.read():
+                self.accept_request(session, frame)
+        except (Refused, protocol.ProtocolError) as exc:
+            self.log.warning("request.refused", session=session.sid, reason=str(exc))
+            self.drop_session(session, str(exc))
+
+    def accept_request(self, session, frame):
+        for index, item in enumerate(frame["files"]):
+            session.outstanding += 1
+            session.files += 1
+            if item["kind"] == "missing":
+                self.log.warning("file.missing", path=item["path"],
+                                 sidecar=item["sidecar"], session=session.sid)
+                self.answer(session, {"id": frame["id"], "i": index,
+                                      "status": verifier.MISSING,
+                                      "expected": item.get("expected")},
+                            verifier.MISSING)
+                continue
+            self.scheduler.submit(Job(
+                session=session, rid=frame["id"], index=index, path=item["path"],
+                sidecar=item["sidecar"], expected=item.get("expected"),
+                update=bool(item.get("update"))))
+
+    def drop_session(self, session, reason):
+        """Stop serving a client; its queued files are forgotten."""
+        if session.dead and session not in self.sessions:
+            return
+        session.dead = True
+        session.outbuf.clear()
+        self.scheduler.drop_session(session)
+        if session in self.sessions:
+            self.sessions.remove(session)
+            session.close()
+            self.log.warning("session.dropped", session=session.sid, reason=reason)
+
+    def close_finished_sessions(self):
+        for session in list(self.sessions):
+            if (session.eof or session.dead) and session.outstanding <= 0 \
+                    and not session.said_bye:
+                session.said_bye = True
+                if not session.dead:
+                    session.send({"bye": session.counts})
+                    session.flush()
+            if session.said_bye and (session.dead or not session.outbuf):
+                self.sessions.remove(session)
+                session.close()
+                self.log.info("session.closed", session=session.sid,
+                              files=session.files, **_lower(session.counts))
+
+
+def _wake_only(signum, frame):
+    """Python-level no-op: the wakeup fd already carries the signal number."""
+
+
+def _lower(counts):
+    return {k.lower(): v for k, v in sorted(counts.items())}
+
+
+def check_results(frame, assignment):
+    """Return the results of an answer, or raise Fault if it is not one."""
+    results = frame.get("results")
+    if frame.get("id") != assignment.aid or not isinstance(results, list) \
+            or len(results) != len(assignment.jobs):
+        raise Fault("answer does not match its assignment")
+    for job, result in zip(assignment.jobs, results):
+        if not isinstance(result, dict) or result.get("path") != job.path:
+            raise Fault("answered for a path it was not given")
+        if "md5" in result:
+            if not (isinstance(result["md5"], str) and _MD5.fullmatch(result["md5"])):
+                raise Fault("malformed md5")
+            if not all(isinstance(result.get(k), int)
+                       for k in ("size", "mtime", "ctime", "ino")):
+                raise Fault("malformed stat")
+    return results
+
+
+def outcome_without_hash(result):
+    """The verdict for a reading that produced no usable hash."""
+    if "unstable" in result:
+        return Verdict(verifier.UNSTABLE, result.get("md5"), reason=str(result["unstable"]))
+    if "skipped" in result:
+        return Verdict(verifier.SKIPPED, reason=str(result["skipped"]))
+    return Verdict(verifier.ERROR, reason=str(result.get("error", "no hash")))

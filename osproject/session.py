@@ -1,0 +1,141 @@
+"""A client's session on the server side: its two private FIFOs and their buffers."""
+
+import errno
+import os
+import re
+import stat
+
+from . import protocol
+
+MAX_OUTPUT = 4 * 1024 * 1024   # a client that stops reading is dropped past this
+READ_SIZE = 64 * 1024
+_MD5 = re.compile(r"[0-9a-f]{32}")
+
+
+class Refused(Exception):
+    """A hello or a request the server will not serve; str() says why."""
+
+
+def open_client_fifo(path, flags):
+    """Open a client's FIFO without blocking and without following links.
+
+    The path is lstat'ed first, so /dev/null, a regular file or a symlink is
+    never even opened, then fstat'ed after the open to be sure it is the very
+    FIFO we checked, owned by our own uid.
+    """
+    try:
+        before = os.lstat(path)
+    except OSError as exc:
+        raise Refused(f"{exc.strerror}: {path}") from None
+    _check_fifo(before, path)
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise Refused(f"nobody reads {path}") from None
+        raise Refused(f"{exc.strerror}: {path}") from None
+    after = os.fstat(fd)
+    if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+        os.close(fd)
+        raise Refused(f"{path} was swapped while it was opened")
+    return fd
+
+
+def _check_fifo(st, path):
+    if not stat.S_ISFIFO(st.st_mode):
+        raise Refused(f"not a FIFO: {path}")
+    if st.st_uid != os.geteuid():
+        raise Refused(f"FIFO {path} belongs to uid {st.st_uid}, not to us")
+
+
+class Session:
+    """Reads requests from a client's request FIFO, buffers replies to its reply FIFO."""
+
+    def __init__(self, sid, request_fifo, reply_fifo):
+        self.sid = sid
+        self.reply_fd = open_client_fifo(reply_fifo, os.O_WRONLY)
+        try:
+            self.request_fd = open_client_fifo(request_fifo, os.O_RDONLY)
+        except Refused:
+            os.close(self.reply_fd)
+            raise
+        self.lines = protocol.LineBuffer()
+        self.outbuf = bytearray()
+        self.eof = False          # the client closed its request FIFO
+        self.dead = False         # gone or dropped: replies go nowhere
+        self.outstanding = 0      # jobs whose verdict is not sent yet
+        self.said_bye = False
+        self.files = 0
+        self.counts = {}
+
+    def read(self):
+        """Return the request frames now readable; set eof when the client is done.
+
+        Raises Refused for a frame that is not a valid request.
+        """
+        try:
+            data = os.read(self.request_fd, READ_SIZE)
+        except BlockingIOError:
+            return []
+        if not data:
+            self.eof = True
+            if self.lines.pending:
+                raise Refused("request torn at end of file")
+            return []
+        frames = []
+        for line in self.lines.feed(data):
+            if line is None:
+                raise Refused("request frame too long")
+            frames.append(validate_request(protocol.decode(line)))
+        return frames
+
+    def send(self, frame):
+        """Queue a reply; drop the client if it lets too much pile up."""
+        if self.dead:
+            return
+        self.outbuf += protocol.encode(frame)
+        if len(self.outbuf) > MAX_OUTPUT:
+            self.dead = True
+            self.outbuf.clear()
+            raise Refused(f"client read nothing of {MAX_OUTPUT} bytes of replies")
+
+    def flush(self):
+        """Write what the reply FIFO takes now; mark the session dead on EPIPE."""
+        if self.dead or not self.outbuf:
+            return
+        try:
+            sent = os.write(self.reply_fd, self.outbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.dead = True
+            self.outbuf.clear()
+            return
+        del self.outbuf[:sent]
+
+    def count(self, status):
+        self.counts[status] = self.counts.get(status, 0) + 1
+
+    def close(self):
+        for fd in (self.request_fd, self.reply_fd):
+            os.close(fd)
+
+
+def validate_request(frame):
+    """Check a client request; return it, or raise Refused."""
+    files = frame.get("files")
+    if not isinstance(frame.get("id"), int) or not isinstance(files, list) \
+            or not 0 < len(files) <= protocol.MAX_PATHS:
+        raise Refused("a request has an id and 1 to 5 files")
+    for item in files:
+        if not isinstance(item, dict) or item.get("kind") not in ("check", "missing"):
+            raise Refused("a file entry needs kind check or missing")
+        for key in ("path", "sidecar"):
+            value = item.get(key)
+            if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+                raise Refused(f"a file entry needs an absolute {key}")
+        expected = item.get("expected")
+        if expected is not None and not (isinstance(expected, str)
+                                         and _MD5.fullmatch(expected)):
+            raise Refused("expected must be 32 lowercase hex digits")
+    return frame

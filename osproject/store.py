@@ -1,0 +1,135 @@
+"""Sidecars: `<file>.md5` in md5sum's format, written atomically, never through a link.
+
+A sidecar holds one line, `HASH  NAME\\n`, NAME being the file's basename.
+Like GNU md5sum, a name containing a backslash, newline or carriage return
+is escaped (\\\\, \\n, \\r) and the line then starts with a backslash, so
+`cd dir && md5sum -c file.md5` agrees with us for any name.
+"""
+
+import errno
+import os
+import re
+import stat
+
+SUFFIX = ".md5"
+MAX_SIDECAR = 64 * 1024  # a real sidecar is one line: hash, two spaces, a name
+_LINE = re.compile(rb"(\\?)([0-9a-fA-F]{32}) [ *](.*)", re.DOTALL)
+_ESCAPES = {b"\\": b"\\\\", b"\n": b"\\n", b"\r": b"\\r"}
+_UNESCAPE = re.compile(rb"\\(.)", re.DOTALL)
+
+
+class SidecarError(Exception):
+    """A sidecar that cannot be read or written; str() says why."""
+
+
+def format_line(md5, name):
+    """Return the md5sum line (bytes) for a file called `name` (str or bytes)."""
+    raw = os.fsencode(name)
+    escaped = re.sub(rb"[\\\n\r]", lambda m: _ESCAPES[m.group()], raw)
+    prefix = b"\\" if escaped != raw else b""
+    return prefix + md5.encode("ascii") + b"  " + escaped + b"\n"
+
+
+def parse_line(line):
+    """Return (md5, name as bytes) from one md5sum line, or raise SidecarError."""
+    match = _LINE.fullmatch(line[:-1] if line.endswith(b"\n") else line)
+    if not match:
+        raise SidecarError("not an md5sum line")
+    escaped, md5, name = match.groups()
+    if escaped:
+        def unescape(m):
+            if m.group(1) not in b"\\nr":
+                raise SidecarError("bad escape in md5sum line")
+            return {b"\\": b"\\", b"n": b"\n", b"r": b"\r"}[m.group(1)]
+        name = _UNESCAPE.sub(unescape, name)
+    elif b"\n" in name:
+        raise SidecarError("more than one line")
+    return md5.decode("ascii").lower(), name
+
+
+def sidecar_path(path, store=None):
+    """Return where the sidecar of `path` lives: beside it, or mirrored under store."""
+    if store is None:
+        return path + SUFFIX
+    return os.path.join(store, os.path.abspath(path).lstrip("/")) + SUFFIX
+
+
+def read_baseline(sidecar, name):
+    """Return the hash a sidecar records for `name`, or None when there is none.
+
+    Raises SidecarError for a sidecar that exists but is not ours to trust:
+    a symlink, not a regular file, not one md5sum line naming this file.
+    """
+    try:
+        fd = os.open(sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SidecarError(_why(exc, sidecar)) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SidecarError(f"sidecar {_show(sidecar)} is not a regular file")
+        data = os.read(fd, MAX_SIDECAR + 1)
+    except OSError as exc:
+        raise SidecarError(_why(exc, sidecar)) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SIDECAR:
+        raise SidecarError(f"sidecar {_show(sidecar)} is too large to be ours")
+    try:
+        md5, recorded = parse_line(data)
+    except SidecarError as exc:
+        raise SidecarError(f"sidecar {_show(sidecar)}: {exc}") from None
+    if recorded != os.fsencode(name):
+        raise SidecarError(f"sidecar {_show(sidecar)} names another file")
+    return md5
+
+
+def write_sidecar(sidecar, md5, name, replace):
+    """Atomically write the sidecar of `name`; return True if written.
+
+    The temp file is created O_EXCL|O_NOFOLLOW in the sidecar's directory and
+    renamed over it, so a planted symlink or hard link is replaced, never
+    written through.  With replace False an existing sidecar is left alone
+    (link(2) refuses to clobber) and False is returned.
+    """
+    directory = os.path.dirname(sidecar) or "."
+    tmp = os.path.join(directory, f".osp-{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            os.write(fd, format_line(md5, name))
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(tmp, sidecar)
+            return True
+        try:
+            os.link(tmp, sidecar, follow_symlinks=False)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        _unlink_quietly(tmp)  # gone already after a successful os.replace
+
+
+def ensure_store_dir(sidecar):
+    """Create the mirrored directory of a --store sidecar (mode 0700 parents)."""
+    os.makedirs(os.path.dirname(sidecar), mode=0o700, exist_ok=True)
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _show(path):
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _why(exc, path):
+    if exc.errno == errno.ELOOP:
+        return f"sidecar {_show(path)} is a symlink"
+    return f"sidecar {_show(path)}: {exc.strerror}"

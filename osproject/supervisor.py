@@ -1,0 +1,263 @@
+"""The supervisor: keeps N worker slots filled, like an OTP supervisor.
+
+Each slot is a small state machine; `Slot.enter` is the one place its state
+changes, and it refuses transitions the table does not list.  The clock and
+the spawner are handed in, so the restart policy can be tested with a fake
+clock and fake workers (tests/test_supervisor.py), and for real by the
+integration tests.
+"""
+
+import enum
+import itertools
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from . import protocol, worker as worker_mod
+
+BACKOFF_FIRST = 0.1    # seconds before re-forking after a worker died young
+BACKOFF_MAX = 5.0      # ... doubling per consecutive failure, up to this
+GIVE_UP_AFTER = 8      # every slot failed this often in a row, none ever ready: stop
+MAX_WARNINGS = 2       # more than this and a worker is banned
+
+
+class State(enum.Enum):
+    DOWN = "down"          # no process; (re)spawn when restart_at comes
+    STARTING = "starting"  # forked, waiting for its ready frame
+    IDLE = "idle"          # alive, waiting for an assignment
+    BUSY = "busy"          # an assignment is in flight
+    KILLED = "killed"      # SIGKILL sent (hung, banned, faulty), waiting to reap
+
+
+TRANSITIONS = {
+    State.DOWN: {State.STARTING},
+    State.STARTING: {State.IDLE, State.KILLED, State.DOWN},
+    State.IDLE: {State.BUSY, State.KILLED, State.DOWN},
+    State.BUSY: {State.IDLE, State.KILLED, State.DOWN},
+    State.KILLED: {State.DOWN},
+}
+
+
+@dataclass(eq=False)
+class Worker:
+    """One incarnation of a worker process and the pipes to it."""
+    slot: int
+    pid: int
+    wid: int                        # unique for the server's life, unlike a pid
+    to_worker: int = -1             # we write assignments here (non-blocking)
+    from_worker: int = -1           # we read results here (non-blocking)
+    heard_at: float = 0.0           # last frame or fork time: the hang clock
+    assignment: object = None       # the Assignment in flight, if any
+    warnings: int = 0
+    results: int = 0                # files answered: a fresh worker earns trust
+    completed: int = 0              # assignments answered
+    unchecked: list = field(default_factory=list)  # results nobody cross-checked
+    lines: protocol.LineBuffer = field(default_factory=protocol.LineBuffer)
+    outbuf: bytearray = field(default_factory=bytearray)
+
+
+@dataclass(eq=False)
+class Slot:
+    index: int
+    state: State = State.DOWN
+    worker: Worker = None
+    restart_at: float = 0.0
+    failures: int = 0               # consecutive deaths before doing any work
+    forks: int = 0
+
+    def enter(self, new):
+        """Move to state `new`; the transition table is the law."""
+        if new not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"slot {self.index}: {self.state.name} -> {new.name}")
+        self.state = new
+
+
+class Supervisor:
+    """Fork, watch, reap and replace workers; never block."""
+
+    def __init__(self, count, spawn, clock, log, hang_timeout):
+        self.slots = [Slot(i) for i in range(count)]
+        self.spawn = spawn          # spawn(slot) -> Worker, with pid and pipes
+        self.clock = clock
+        self.log = log
+        self.hang_timeout = hang_timeout
+        self.by_pid = {}
+        self.by_wid = {}            # live workers, by incarnation id
+        self.stopping = False       # shutting down: reap, but do not replace
+
+    # -- starting -------------------------------------------------------
+    def start_due(self):
+        """Fork into every DOWN slot whose restart time has come."""
+        now = self.clock()
+        for slot in self.slots:
+            if slot.state is State.DOWN and slot.restart_at <= now:
+                self.start(slot, now)
+
+    def start(self, slot, now):
+        worker = self.spawn(slot)
+        worker.heard_at = now
+        slot.forks += 1
+        slot.worker = worker
+        slot.enter(State.STARTING)           # DOWN -> STARTING
+        self.by_pid[worker.pid] = worker
+        self.by_wid[worker.wid] = worker
+        self.log.info("worker.forked", slot=slot.index, pid=worker.pid,
+                      restart=slot.forks > 1 or None)
+
+    def on_ready(self, worker):
+        """The worker said hello: it may take work."""
+        self.slots[worker.slot].enter(State.IDLE)   # STARTING -> IDLE
+
+    def assigned(self, worker, assignment):
+        worker.assignment = assignment
+        worker.heard_at = self.clock()
+        self.slots[worker.slot].enter(State.BUSY)   # IDLE -> BUSY
+
+    def answered(self, worker):
+        """The worker answered its assignment; return that assignment."""
+        assignment, worker.assignment = worker.assignment, None
+        worker.completed += 1
+        slot = self.slots[worker.slot]
+        slot.failures = 0
+        slot.enter(State.IDLE)                      # BUSY -> IDLE
+        return assignment
+
+    def heard_from(self, worker):
+        worker.heard_at = self.clock()
+
+    # -- stopping -------------------------------------------------------
+    def kill(self, worker, reason):
+        """SIGKILL a worker's process group; it is replaced once reaped."""
+        slot = self.slots[worker.slot]
+        if slot.worker is not worker or slot.state is State.KILLED:
+            return
+        slot.enter(State.KILLED)                    # STARTING|IDLE|BUSY -> KILLED
+        kill_group(worker.pid, signal.SIGKILL)
+        self.log.warning("worker.killed", slot=slot.index, pid=worker.pid,
+                         reason=reason)
+
+    def warn(self, worker):
+        """Count a detected lie; return True if the worker is now banned."""
+        worker.warnings += 1
+        if worker.warnings <= MAX_WARNINGS:
+            return False
+        self.log.error("worker.banned", slot=worker.slot, pid=worker.pid,
+                       warnings=worker.warnings)
+        self.kill(worker, "banned")
+        return True
+
+    def check_hangs(self):
+        """Kill every worker silent for longer than the hang timeout."""
+        now = self.clock()
+        for slot in self.slots:
+            w = slot.worker
+            if slot.state in (State.STARTING, State.BUSY) and \
+                    now - w.heard_at > self.hang_timeout:
+                self.log.error("worker.hung", slot=slot.index, pid=w.pid,
+                               silent=round(now - w.heard_at, 1))
+                self.kill(w, "hung")
+
+    def on_exit(self, pid, status):
+        """A child was reaped: free its slot; return the Worker (None if unknown)."""
+        worker = self.by_pid.pop(pid, None)
+        if worker is None:
+            return None
+        del self.by_wid[worker.wid]
+        slot = self.slots[worker.slot]
+        killed = slot.state is State.KILLED
+        slot.enter(State.DOWN)                      # any -> DOWN
+        slot.worker = None
+        level = "info" if killed or status == 0 else "warning"
+        self.log.emit(level, "worker.exited", slot=slot.index, pid=pid,
+                      **describe_status(status))
+        self.schedule_restart(slot, worker, killed)
+        return worker
+
+    def schedule_restart(self, slot, worker, killed):
+        """Restart at once after a useful life; back off after a death in infancy."""
+        now = self.clock()
+        if self.stopping:
+            slot.restart_at = float("inf")
+            return
+        if killed or worker.completed:
+            slot.failures = 0
+            slot.restart_at = now
+            return
+        slot.failures += 1
+        delay = min(BACKOFF_FIRST * 2 ** (slot.failures - 1), BACKOFF_MAX)
+        slot.restart_at = now + delay
+        self.log.warning("worker.backoff", slot=slot.index, failures=slot.failures,
+                         delay=round(delay, 2))
+
+    def hopeless(self):
+        """True when every slot keeps dying before doing any work."""
+        return all(s.failures >= GIVE_UP_AFTER for s in self.slots)
+
+    # -- queries --------------------------------------------------------
+    def workers(self):
+        return [s.worker for s in self.slots if s.worker is not None]
+
+    def idle(self):
+        return [s.worker for s in self.slots if s.state is State.IDLE]
+
+    def state_of(self, worker):
+        return self.slots[worker.slot].state
+
+    def next_deadline(self):
+        """When the loop must wake for time-driven work, or None."""
+        times = [s.restart_at for s in self.slots if s.state is State.DOWN]
+        times += [s.worker.heard_at + self.hang_timeout for s in self.slots
+                  if s.state in (State.STARTING, State.BUSY)]
+        return min(times, default=None)
+
+
+def describe_status(status):
+    """Turn a waitpid status into log fields: exit= or signal=."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return {"signal": signal.Signals(sig).name}
+        except ValueError:
+            return {"signal": sig}
+    return {"exit": os.WEXITSTATUS(status)}
+
+
+def kill_group(pid, sig):
+    """Signal a worker's process group (its children too), else the worker."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class ForkSpawner:
+    """Fork a real worker process tied to the server by two anonymous pipes."""
+
+    def __init__(self, chaos_for):
+        self.chaos_for = chaos_for      # chaos_for(slot) -> dict for the child
+        self._wids = itertools.count(1)
+
+    def __call__(self, slot):
+        chaos = self.chaos_for(slot)
+        to_r, to_w = os.pipe()          # assignments: server -> worker
+        from_r, from_w = os.pipe()      # results:     worker -> server
+        sys.stdout.flush()              # or the child would flush our buffers again
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            worker_mod.child_main(to_r, from_w, chaos)   # never returns
+        os.close(to_r)
+        os.close(from_w)
+        try:
+            os.setpgid(pid, pid)        # also done in the child: whoever runs first
+        except OSError:
+            pass
+        for fd in (to_w, from_r):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        return Worker(slot=slot.index, pid=pid, wid=next(self._wids),
+                      to_worker=to_w, from_worker=from_r)

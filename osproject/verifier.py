@@ -1,0 +1,80 @@
+"""The verifier: decides a file's status from untrusted opinions, BOINC style.
+
+Pure functions of the votes, no processes and no clock, so every rule of the
+trust model has a fast unit test (tests/test_verifier.py).  A vote is a hash
+with its source: the baseline the client read from the sidecar, or a worker.
+Two matching votes settle a file; the votes in the minority are the lies.
+"""
+
+from collections import Counter
+from dataclasses import dataclass
+
+OK, NEW, CHANGED, MISSING = "OK", "NEW", "CHANGED", "MISSING"
+UNSTABLE, ERROR, SKIPPED = "UNSTABLE", "ERROR", "SKIPPED"
+STATUSES = (OK, NEW, CHANGED, MISSING, UNSTABLE, ERROR, SKIPPED)
+MAX_OPINIONS = 3   # worker opinions per file: two that disagree, and a tie-breaker
+TRUST_AFTER = 10   # a fresh worker's first results are all cross-checked
+
+
+@dataclass(frozen=True)
+class Vote:
+    """One worker's reading of a file."""
+    wid: int            # which worker incarnation read it
+    md5: str
+    stat: tuple = ()    # (size, mtime, ctime, ino) as that worker saw them
+    racy: bool = False  # read within a second of the file's mtime: may be moving
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str
+    md5: str = None
+    liars: tuple = ()       # workers in the minority: each earns a warning
+    checked: bool = True    # False: one opinion that nobody cross-checked
+    reason: str = None
+
+
+def judge(expected, opinions, cross_check):
+    """Return the Verdict the votes support, or None to ask one more worker.
+
+    `expected` is the baseline hash (None when the file has none); it votes
+    like a worker but is never warned.  `cross_check` asks for a second
+    opinion even where a single one would do (a file with no baseline).
+    """
+    hashes = Counter(v.md5 for v in opinions)
+    if expected is not None:
+        hashes[expected] += 1
+    (top, votes), *rest = hashes.most_common(2)
+    if votes >= 2 and (not rest or rest[0][1] < votes):
+        return Verdict(_status(expected, top), top, _liars(opinions, top))
+    if len(opinions) == 1 and expected is None and not cross_check:
+        return Verdict(NEW, top, checked=False)
+    if len({v.stat for v in opinions}) > 1:
+        return Verdict(UNSTABLE, reason="changed between readings")
+    if len(opinions) < MAX_OPINIONS:
+        return None
+    return Verdict(UNSTABLE, reason="no two readings agree")
+
+
+def _status(expected, agreed):
+    if expected is None:
+        return NEW
+    return OK if agreed == expected else CHANGED
+
+
+def _liars(opinions, agreed):
+    """Workers whose hash lost although they read the very same file version.
+
+    A reading taken while the file was still settling (racy) or of another
+    version (size, mtime, ctime or inode differ) can be honest and wrong, so
+    it is never punished: an honest worker must never be warned.
+    """
+    honest_stats = {v.stat for v in opinions if v.md5 == agreed}
+    return tuple(v.wid for v in opinions
+                 if v.md5 != agreed and not v.racy and v.stat in honest_stats)
+
+
+def wants_cross_check(worker, sample, rng):
+    """Should this worker's hash of a file with no baseline be checked by another?"""
+    return (worker.warnings > 0 or worker.results <= TRUST_AFTER
+            or rng.random() < sample)

@@ -1,0 +1,251 @@
+"""The worker process: read an assignment, hash each file, write sidecars, reply.
+
+A worker is untrusted compute.  It never sees an expected hash; it reports
+what it read and the server decides.  It talks only through its two pipes
+and leaves through os._exit, so nothing of the server's (atexit hooks, the
+log file, buffered stdio) runs twice.
+"""
+
+import errno
+import hashlib
+import os
+import random
+import signal
+import stat
+import sys
+import time
+
+from . import protocol, store
+
+CHUNK = 128 * 1024          # measured: larger reads are no faster, and cost RSS
+PROGRESS_INTERVAL = 1.0     # seconds between "still alive" frames on a big file
+RACY_NS = 1_000_000_000     # a file modified this recently may still be moving
+EXIT_SERVER_GONE = 0
+EXIT_PROTOCOL = 3
+EXIT_CHAOS = 70
+
+
+def child_main(to_worker, from_worker, chaos):
+    """Run in a freshly forked child; never return."""
+    status = EXIT_PROTOCOL
+    try:
+        _sanitize(keep=(to_worker, from_worker))
+        status = Worker(to_worker, from_worker, chaos).serve()
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 0
+    except BaseException:  # noqa: BLE001 - last words go to the inherited stderr
+        import traceback
+        traceback.print_exc()
+        status = EXIT_PROTOCOL
+    finally:
+        try:
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+
+
+def _sanitize(keep):
+    """Undo what the child inherited from the server: signals and fds."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)  # SIGPIPE: die when the server does
+    signal.signal(signal.SIGTERM, _exit_on_term)
+    os.setpgid(0, 0)  # the server kills the whole group: our children die too
+    # stdin/stdout become /dev/null so that no stray fd 0/1 is ever a file we
+    # write; stderr stays for a traceback if the worker itself has a bug.
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    low, high = sorted(keep)
+    os.closerange(3, low)
+    os.closerange(low + 1, high)
+    os.closerange(high + 1, _max_fd())
+
+
+def _max_fd():
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (ValueError, OSError):
+        return 4096
+
+
+def _exit_on_term(signum, frame):
+    raise SystemExit(0)  # unwinds through write_sidecar, which removes its temp file
+
+
+class Worker:
+    """Serve assignments from one pipe, answer on the other."""
+
+    def __init__(self, to_worker, from_worker, chaos):
+        self.rfd = to_worker
+        self.wfd = from_worker
+        self.chaos = chaos or {}
+        self.parent = os.getppid()
+        self.rng = random.Random()
+        self._last_progress = 0.0
+        self._aid = None
+
+    def serve(self):
+        """Answer assignments until the server closes our pipe; return an exit status."""
+        self.send({"ready": os.getpid()})
+        lines = protocol.LineBuffer()
+        while True:
+            data = os.read(self.rfd, 65536)
+            if not data:
+                return EXIT_SERVER_GONE
+            for line in lines.feed(data):
+                if line is None:
+                    return EXIT_PROTOCOL
+                self.handle(protocol.decode(line))
+
+    def handle(self, frame):
+        """Do one assignment and send its results."""
+        self._aid = frame["id"]
+        self.misbehave()
+        results = [self.do_file(item) for item in frame["files"]]
+        self.send({"id": self._aid, "results": results})
+
+    def misbehave(self):
+        """Chaos: crash or freeze on this assignment, as --chaos asked."""
+        if self.rng.random() < self.chaos.get("crash", 0.0):
+            os._exit(EXIT_CHAOS)
+        if self.rng.random() < self.chaos.get("hang", 0.0):
+            while True:
+                signal.pause()
+
+    def do_file(self, item):
+        """Hash one file and, if asked, write its sidecar; return the result dict."""
+        path = item["path"]
+        for pid in item.get("stale", ()):
+            remove_stale_temps(item["sidecar"], pid)
+        result = hash_file(path, self.progress)
+        result["path"] = path
+        md5 = result.get("md5")
+        if md5 and self.rng.random() < self.chaos.get("lie", 0.0):
+            result["md5"] = md5 = hashlib.md5(md5.encode()).hexdigest()
+        if md5 and "unstable" not in result and item.get("write", "keep") != "keep":
+            self.write(item, result)
+        return result
+
+    def write(self, item, result):
+        replace = item["write"] == "replace"
+        sidecar = item["sidecar"]
+        try:
+            if os.path.dirname(sidecar) != os.path.dirname(item["path"]):
+                store.ensure_store_dir(sidecar)
+            written = store.write_sidecar(sidecar, result["md5"],
+                                          os.path.basename(item["path"]), replace)
+        except OSError as exc:
+            result["error"] = f"cannot write sidecar: {_strerror(exc)}"
+            return
+        result["wrote"] = written
+        if not written:
+            result["error"] = "a sidecar appeared meanwhile; not overwritten"
+
+    def progress(self):
+        """Tell the server we are alive on a long file; exit if it is gone."""
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_INTERVAL:
+            self._last_progress = now
+            if os.getppid() != self.parent:
+                os._exit(EXIT_SERVER_GONE)
+            self.send({"progress": self._aid})
+
+    def send(self, frame):
+        data = protocol.encode(frame)
+        while data:
+            data = data[os.write(self.wfd, data):]
+
+
+def hash_file(path, progress=lambda: None):
+    """Return {md5, size, mtime, ctime, ino, racy} for a regular file, or
+    {error} / {skipped} / {unstable} with the reason.
+
+    The open never blocks and never follows a link; only a regular file is
+    read, and it is stat'ed again afterwards to catch a file in motion.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return _open_failure(path, exc)
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            return {"skipped": describe_kind(before.st_mode)}
+        started = time.time_ns()
+        digest = _digest(fd, progress)
+        after = os.fstat(fd)
+    except OSError as exc:
+        return {"error": _strerror(exc)}
+    finally:
+        os.close(fd)
+    result = {"md5": digest, "size": after.st_size, "mtime": after.st_mtime_ns,
+              "ctime": after.st_ctime_ns, "ino": after.st_ino,
+              "racy": started - after.st_mtime_ns < RACY_NS}
+    if _fingerprint(before) != _fingerprint(after):
+        result["unstable"] = "changed while it was read"
+    else:
+        try:
+            now = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return {"error": "vanished while it was read"}
+        if (now.st_dev, now.st_ino) != (after.st_dev, after.st_ino):
+            result["unstable"] = "replaced while it was read"
+    return result
+
+
+def _digest(fd, progress):
+    md5 = hashlib.md5()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while True:
+        n = os.readv(fd, [buf])
+        if not n:
+            return md5.hexdigest()
+        md5.update(view[:n])
+        progress()
+
+
+def _fingerprint(st):
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _open_failure(path, exc):
+    if exc.errno == errno.ELOOP:
+        return {"skipped": "symbolic link"}
+    if exc.errno in (errno.ENXIO, errno.EOPNOTSUPP):  # a socket cannot be opened
+        try:
+            return {"skipped": describe_kind(os.lstat(path).st_mode)}
+        except OSError:
+            pass
+    return {"error": _strerror(exc)}
+
+
+def describe_kind(mode):
+    """Name the kind of a file that is not regular, for SKIPPED."""
+    for test, name in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def remove_stale_temps(sidecar, pid):
+    """Remove the temp sidecars a killed worker `pid` left in this directory."""
+    directory = os.path.dirname(sidecar) or "."
+    prefix = f".osp-{int(pid)}-"
+    try:
+        names = [n for n in os.listdir(directory)
+                 if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
+def _strerror(exc):
+    return exc.strerror or str(exc)
