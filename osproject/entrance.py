@@ -41,7 +41,7 @@ class Entrance:
         self.private_dir = private_dir      # the default location: we own its dir
         self.fd = self._writer = -1
         self._identity = None
-        self.lines = protocol.LineBuffer(limit=protocol.PIPE_BUF)
+        self.lines = protocol.LineBuffer(limit=protocol.HELLO_MAX)
 
     def open(self):
         """Make the FIFO exist and listen on it; raise EntranceError if we may not."""

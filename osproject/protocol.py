@@ -12,6 +12,9 @@ import select
 
 # POSIX guarantees atomic writes up to PIPE_BUF: 4096 on Linux, 512 on macOS.
 PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+# A hello must never interleave with another client's, on any system: keep it
+# within _POSIX_PIPE_BUF, the least PIPE_BUF POSIX allows.
+HELLO_MAX = min(PIPE_BUF, 512)
 MAX_FRAME = 64 * 1024  # a frame holds at most 5 paths of PATH_MAX bytes
 MAX_PATHS = 5          # files per worker assignment, and per client request
 HELLO_VERSION = 1
@@ -80,14 +83,14 @@ class LineBuffer:
 def encode_hello(request_fifo, reply_fifo):
     """Return the hello frame a client writes to the entrance FIFO.
 
-    Raises ProtocolError when it would exceed PIPE_BUF: a longer write could
+    Raises ProtocolError when it would exceed HELLO_MAX: a longer write could
     interleave with another client's hello.
     """
     frame = encode({"hello": HELLO_VERSION, "request": request_fifo,
                     "reply": reply_fifo})
-    if len(frame) > PIPE_BUF:
-        raise ProtocolError(f"hello is {len(frame)} bytes, more than PIPE_BUF "
-                            f"({PIPE_BUF}); use a shorter TMPDIR")
+    if len(frame) > HELLO_MAX:
+        raise ProtocolError(f"hello is {len(frame)} bytes, more than {HELLO_MAX}; "
+                            "use a shorter TMPDIR")
     return frame
 
 

@@ -363,7 +363,7 @@ class Server:
         for line in self.entrance.read_lines():
             try:
                 if line is None:
-                    raise Refused("hello longer than PIPE_BUF")
+                    raise Refused(f"hello longer than {protocol.HELLO_MAX} bytes")
                 if len(self.sessions) >= MAX_SESSIONS:
                     raise Refused("too many clients")
                 request, reply = protocol.parse_hello(line)

@@ -1,0 +1,236 @@
+"""Fixtures that run the real thing: a server subprocess on a private FIFO.
+
+Every process a test starts is stopped and reaped by the fixture, and the
+fixture fails the test if a worker outlives its server.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVER = os.path.join(ROOT, "bin", "integrity-server")
+CLIENT = os.path.join(ROOT, "bin", "integrity-client")
+CLIENT_TIMEOUT = 90
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
+    """Poll `predicate` until it returns something truthy; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+_PAIR = re.compile(r'(\w[\w.]*)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def parse_logfmt(line):
+    """Parse one logfmt line into a dict (quoted values unescaped)."""
+    fields = {}
+    for key, value in _PAIR.findall(line):
+        if value.startswith('"'):
+            value = value[1:-1].encode().decode("unicode_escape")
+        fields[key] = value
+    return fields
+
+
+class ServerProcess:
+    """A running integrity-server and what a test needs to look at it."""
+
+    def __init__(self, directory, args=()):
+        self.dir = directory
+        self.dir.mkdir()
+        self.fifo = str(self.dir / "server.fifo")
+        self.log_dir = str(self.dir / "logs")
+        self.log_path = os.path.join(self.log_dir, "integrity-server.log")
+        self.stderr = open(self.dir / "stderr", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, SERVER, "--fifo", self.fifo, "--log-dir", self.log_dir, *args],
+            stdout=subprocess.DEVNULL, stderr=self.stderr)
+        self.ps = psutil.Process(self.proc.pid)
+        self.known = set()
+
+    def wait_ready(self, workers=5):
+        wait_until(lambda: os.path.exists(self.fifo) or self.proc.poll() is not None,
+                   what="the entrance FIFO")
+        assert self.proc.poll() is None, self.stderr_text()
+        self.wait_workers(workers)
+        return self
+
+    def workers(self):
+        """The live worker processes (not zombies), found with psutil."""
+        alive = []
+        for child in self.ps.children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        self.known.update(alive)
+        return alive
+
+    def zombies(self):
+        result = []
+        for child in self.ps.children():
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    result.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        return result
+
+    def wait_workers(self, count=5, timeout=15):
+        """Wait until exactly `count` workers are running and all said ready."""
+        def settled():
+            workers = self.workers()
+            return len(workers) == count and workers
+        return wait_until(settled, timeout, what=f"{count} workers")
+
+    def events(self, name=None):
+        """Logged events, parsed; only those called `name` if given."""
+        try:
+            with open(self.log_path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return []
+        events = [parse_logfmt(line) for line in lines]
+        return [e for e in events if name is None or e.get("event") == name]
+
+    def wait_event(self, name, count=1, timeout=15):
+        return wait_until(lambda: len(self.events(name)) >= count and self.events(name),
+                          timeout, what=f"{count} x event={name}")
+
+    def stderr_text(self):
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+    def stop(self, timeout=10):
+        """SIGTERM the server and wait; return its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("the server did not stop on SIGTERM")
+
+    def cleanup(self):
+        status = self.stop() if self.proc.poll() is None else self.proc.returncode
+        for proc in self.known:      # nothing may outlive the server for long
+            try:
+                proc.wait(5)
+            except psutil.TimeoutExpired:
+                proc.kill()
+                raise AssertionError(f"worker {proc.pid} outlived its server")
+            except psutil.NoSuchProcess:
+                pass
+        self.stderr.close()
+        return status
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """start_server(*args) -> a ready ServerProcess; all stopped at teardown."""
+    servers = []
+
+    def start(*args, workers=5, ready=True):
+        server = ServerProcess(tmp_path / f"server{len(servers)}", args)
+        servers.append(server)
+        return server.wait_ready(workers) if ready else server
+    yield start
+    for server in servers:
+        server.cleanup()
+        assert not os.path.exists(server.fifo), "the entrance FIFO outlived the server"
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server()
+
+
+class ClientResult:
+    def __init__(self, proc):
+        self.status = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+
+    def records(self):
+        """The --json output: (per-file records by path, summary)."""
+        objects = [json.loads(line) for line in self.stdout.splitlines()]
+        assert "summary" in objects[-1], self.stdout
+        files = {}
+        for obj in objects[:-1]:
+            assert obj["path"] not in files, f"two results for {obj['path']}"
+            files[obj["path"]] = obj
+        return files, objects[-1]["summary"]
+
+    def statuses(self):
+        files, _ = self.records()
+        return {path: rec["status"] for path, rec in files.items()}
+
+
+def run_client(server_or_fifo, *args, timeout=CLIENT_TIMEOUT, env=None):
+    fifo = getattr(server_or_fifo, "fifo", server_or_fifo)
+    proc = subprocess.run([sys.executable, CLIENT, "--fifo", fifo, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env,
+                          errors="surrogateescape")
+    return ClientResult(proc)
+
+
+def make_tree(root, files=50, dirs=5, size=2000, seed=0, age=10.0):
+    """Write a tree of `files` regular files spread over `dirs` directories.
+
+    Files are dated `age` seconds back, like a real tree nobody is writing:
+    a disagreement on a file modified within the last second is treated as
+    a race, not as a lie (see verifier.py).
+    """
+    paths = []
+    past = time.time() - age
+    for i in range(files):
+        d = os.path.join(root, f"d{i % dirs}")
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, f"f{i}.dat")
+        with open(path, "wb") as f:
+            f.write(f"{seed}:{i}:".encode() * (size // 8 + i % 7))
+        os.utime(path, (past, past))
+        paths.append(path)
+    return paths
+
+
+def md5sum_check(sidecars):
+    """Run the real `md5sum -c` on the sidecars, in their directories.
+
+    Returns md5sum's complaints, empty when every sidecar checks out.
+    """
+    by_dir = {}
+    for sidecar in sidecars:
+        directory, name = os.path.split(os.fsencode(sidecar))
+        by_dir.setdefault(directory, []).append(name)
+    failures = []
+    for directory, names in by_dir.items():
+        proc = subprocess.run([b"md5sum", b"--quiet", b"-c", b"--", *names],
+                              cwd=directory, capture_output=True)
+        if proc.returncode != 0 or not names:
+            failures.append((directory, proc.stdout + proc.stderr))
+    return failures
+
+
+def sidecars_under(root):
+    """Every *.md5 file under root (bytes-safe)."""
+    found = []
+    for directory, _, names in os.walk(os.fsencode(root)):
+        found += [os.path.join(directory, n) for n in names if n.endswith(b".md5")]
+    return [os.fsdecode(p) for p in found]

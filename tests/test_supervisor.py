@@ -1,0 +1,168 @@
+"""The supervisor's decisions with a fake clock and fake workers: fast, no fork."""
+
+import os
+import signal
+
+import pytest
+
+from osproject import supervisor as sup
+from osproject.supervisor import State, Supervisor, Worker
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeLog:
+    def __init__(self):
+        self.events = []
+
+    def emit(self, level, event, **fields):
+        self.events.append((event, fields))
+
+    def info(self, event, **fields):
+        self.emit("info", event, **fields)
+
+    warning = error = info
+
+    def names(self):
+        return [e for e, _ in self.events]
+
+
+class FakeSpawner:
+    def __init__(self):
+        self.pids = iter(range(5000, 6000))
+        self.spawned = []
+
+    def __call__(self, slot):
+        pid = next(self.pids)
+        self.spawned.append((slot.index, pid))
+        return Worker(slot=slot.index, pid=pid, wid=pid)
+
+
+@pytest.fixture
+def world(monkeypatch):
+    killed = []
+    monkeypatch.setattr(sup, "kill_group", lambda pid, sig: killed.append((pid, sig)))
+    clock, log, spawner = FakeClock(), FakeLog(), FakeSpawner()
+    s = Supervisor(3, spawner, clock, log, hang_timeout=30)
+    s.start_due()
+    return s, clock, log, spawner, killed
+
+
+def exited(code=0):
+    return code << 8           # a waitpid status for a normal exit
+
+
+def test_every_slot_is_filled_at_start(world):
+    s, _, log, spawner, _ = world
+    assert [slot.state for slot in s.slots] == [State.STARTING] * 3
+    assert log.names().count("worker.forked") == 3
+
+
+def test_a_dead_worker_that_did_work_is_replaced_at_once(world):
+    s, clock, log, spawner, _ = world
+    w = s.slots[1].worker
+    s.on_ready(w)
+    s.assigned(w, "job")
+    s.answered(w)
+    s.on_exit(w.pid, signal.SIGKILL)
+    assert s.slots[1].state is State.DOWN
+    s.start_due()
+    assert s.slots[1].state is State.STARTING and s.slots[1].worker.pid != w.pid
+
+
+def test_infant_deaths_back_off_exponentially_then_give_up(world):
+    s, clock, log, spawner, _ = world
+    delays = []
+    for _ in range(sup.GIVE_UP_AFTER):
+        for slot in s.slots:
+            s.on_exit(slot.worker.pid, exited(1))
+        delays.append(s.slots[0].restart_at - clock.now)
+        forks = len(spawner.spawned)
+        s.start_due()
+        assert len(spawner.spawned) == forks, "re-forked before its back-off"
+        clock.now = max(slot.restart_at for slot in s.slots)
+        s.start_due()
+        assert len(spawner.spawned) == forks + 3
+    assert delays[:4] == pytest.approx([0.1, 0.2, 0.4, 0.8])
+    assert max(delays) == sup.BACKOFF_MAX
+    assert s.hopeless()
+
+
+def test_one_good_assignment_resets_the_back_off(world):
+    s, clock, _, _, _ = world
+    w = s.slots[0].worker
+    s.on_exit(w.pid, exited(1))
+    clock.now += 1
+    s.start_due()
+    w = s.slots[0].worker
+    s.on_ready(w)
+    s.assigned(w, "job")
+    s.answered(w)
+    assert s.slots[0].failures == 0
+    assert not s.hopeless()
+
+
+def test_a_silent_busy_worker_is_killed_as_hung(world):
+    s, clock, log, _, killed = world
+    for slot in s.slots:
+        s.on_ready(slot.worker)
+    w = s.slots[2].worker
+    s.assigned(w, "job")
+    clock.now += 29
+    s.check_hangs()
+    assert killed == []
+    s.heard_from(w)                      # progress on a big file
+    clock.now += 29
+    s.check_hangs()
+    assert killed == []
+    clock.now += 2
+    s.check_hangs()
+    assert killed == [(w.pid, signal.SIGKILL)]
+    assert s.slots[2].state is State.KILLED
+    assert "worker.hung" in log.names()
+    assert s.on_exit(w.pid, signal.SIGKILL) is w
+    assert s.slots[2].restart_at == clock.now
+
+
+def test_a_worker_that_never_says_ready_is_hung(world):
+    s, clock, log, _, killed = world
+    clock.now += 31
+    s.check_hangs()
+    assert len(killed) == 3 and log.names().count("worker.hung") == 3
+
+
+def test_an_idle_worker_is_never_hung(world):
+    s, clock, _, _, killed = world
+    for slot in s.slots:
+        s.on_ready(slot.worker)
+    clock.now += 10_000
+    s.check_hangs()
+    assert killed == [] and s.next_deadline() is None
+
+
+def test_more_than_two_warnings_ban(world):
+    s, _, log, _, killed = world
+    w = s.slots[0].worker
+    assert not s.warn(w) and not s.warn(w)
+    assert killed == []
+    assert s.warn(w)
+    assert killed == [(w.pid, signal.SIGKILL)]
+    assert "worker.banned" in log.names()
+
+
+def test_illegal_transitions_are_refused(world):
+    s, _, _, _, _ = world
+    with pytest.raises(RuntimeError):
+        s.slots[0].enter(State.BUSY)     # STARTING -> BUSY skips the ready frame
+
+
+def test_exit_status_is_described_for_the_log():
+    assert sup.describe_status(exited(3)) == {"exit": 3}
+    assert sup.describe_status(signal.SIGKILL) == {"signal": "SIGKILL"}
+    assert os.WIFSIGNALED(signal.SIGKILL)
