@@ -110,8 +110,9 @@ class Worker:
         if self.rng.random() < self.chaos.get("crash", 0.0):
             os._exit(EXIT_CHAOS)
         if self.rng.random() < self.chaos.get("hang", 0.0):
-            while True:
-                signal.pause()
+            while os.getppid() == self.parent:   # frozen, but not immortal
+                time.sleep(0.2)
+            os._exit(EXIT_SERVER_GONE)
 
     def do_file(self, item):
         """Hash one file and, if asked, write its sidecar; return the result dict."""

@@ -1,0 +1,250 @@
+"""The server as a process: its workers, signals, entrance and clients."""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import (CLIENT, SERVER, make_tree, md5sum_check, run_client,
+                      sidecars_under, wait_until)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def fd_targets(pid):
+    """{fd: what it points to}, read from /proc."""
+    base = f"/proc/{pid}/fd"
+    return {int(fd): os.readlink(os.path.join(base, fd)) for fd in os.listdir(base)}
+
+
+def test_five_workers_each_on_its_own_pipes(server):
+    workers = server.workers()
+    assert len(workers) == 5
+    for w in workers:
+        assert os.getpgid(w.pid) == w.pid, "a worker leads its own process group"
+    forked = server.events("worker.forked")
+    assert sorted(int(e["slot"]) for e in forked) == [0, 1, 2, 3, 4]
+    assert {int(e["pid"]) for e in forked} == {w.pid for w in workers}
+    if not os.path.isdir(f"/proc/{server.proc.pid}/fd"):
+        pytest.skip("fd check reads /proc (Linux)")
+    server_fds = fd_targets(server.proc.pid)
+    seen = set()
+    for w in workers:
+        fds = fd_targets(w.pid)
+        assert fds[0] == fds[1] == "/dev/null"
+        assert fds[2] == server_fds[2], "stderr is kept for a worker's last words"
+        pipes = [t for fd, t in fds.items() if fd > 2]
+        assert len(pipes) == 2 and all(t.startswith("pipe:") for t in pipes), fds
+        assert not seen & set(pipes), "two workers share a pipe"
+        seen |= set(pipes)
+        assert set(pipes) <= set(server_fds.values()), "the server holds the other ends"
+
+
+def test_a_killed_worker_is_reaped_and_replaced(server):
+    victim = server.workers()[2]
+    victim.send_signal(signal.SIGKILL)
+    exited = server.wait_event("worker.exited")
+    assert exited[0]["pid"] == str(victim.pid) and exited[0]["signal"] == "SIGKILL"
+    workers = server.wait_workers(5)
+    assert victim.pid not in {w.pid for w in workers}
+    wait_until(lambda: not server.zombies(), what="no zombie")
+    forks = server.events("worker.forked")
+    assert len(forks) == 6 and forks[-1]["slot"] == exited[0]["slot"]
+
+
+def test_workers_killed_during_a_run_lose_no_file(server, tmp_path):
+    tree = tmp_path / "tree"
+    files = make_tree(tree, files=1500, dirs=30, size=20_000)
+    client = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, "--json",
+                               str(tree)], stdout=subprocess.PIPE, text=True)
+    kills = 0
+    while client.poll() is None and kills < 10:
+        busy = server.workers()
+        if busy:
+            busy[kills % len(busy)].send_signal(signal.SIGKILL)
+            kills += 1
+        wait_until(lambda: len(server.events("worker.forked")) >= 5 + kills
+                   or client.poll() is not None, what="a re-fork")
+    out, _ = client.communicate(timeout=90)
+    assert client.returncode == 0, out[-2000:]
+    lines = out.splitlines()
+    assert lines[-1] == '{"summary": {"NEW": 1500}}'
+    assert len(lines) == 1501, "every file exactly one result"
+    sidecars = sidecars_under(tree)
+    assert len(sidecars) == len(files)
+    assert md5sum_check(sidecars) == []
+    assert not [n for n in os.listdir(tree / "d0") if n.endswith(".tmp")]
+    server.wait_workers(5)
+    wait_until(lambda: not server.zombies(), what="no zombie")
+
+
+def test_sigterm_stops_workers_removes_fifo_and_exits_0(start_server):
+    server = start_server()
+    workers = server.workers()
+    assert server.stop() == 0
+    assert not os.path.exists(server.fifo)
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive
+    names = [e["event"] for e in server.events()]
+    assert names[-1] == "server.stopped" and names.count("worker.exited") == 5
+
+
+def test_sigint_stops_too(start_server):
+    server = start_server()
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(10) == 0
+    assert not os.path.exists(server.fifo)
+
+
+def test_client_without_server_exits_2_and_says_how_to_start_one(tmp_path):
+    started = time.monotonic()
+    result = run_client(str(tmp_path / "no.fifo"), tmp_path, timeout=10)
+    assert result.status == 2
+    assert "integrity-server" in result.stderr and "start" in result.stderr
+    assert time.monotonic() - started < 5
+
+
+def test_client_with_a_stale_fifo_and_no_server_exits_2(tmp_path):
+    os.mkfifo(tmp_path / "stale.fifo", 0o600)
+    result = run_client(str(tmp_path / "stale.fifo"), tmp_path, timeout=10)
+    assert result.status == 2 and "no integrity-server" in result.stderr
+
+
+def test_client_bad_arguments_exit_2(tmp_path):
+    assert run_client(str(tmp_path / "x"), tmp_path / "does-not-exist").status == 2
+    proc = subprocess.run([sys.executable, CLIENT], capture_output=True)
+    assert proc.returncode == 2
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "dir", "foreign-fifo"])
+def test_server_refuses_a_fifo_path_that_is_not_its_own(tmp_path, kind):
+    path = tmp_path / "entrance"
+    target = tmp_path / "target"
+    target.write_text("keep me")
+    if kind == "file":
+        path.write_text("keep me")
+    elif kind == "symlink":
+        path.symlink_to(target)
+    elif kind == "dir":
+        path.mkdir()
+    else:
+        os.mkfifo(path, 0o600)
+        os.chown(path, 65534, 65534)
+    before = os.lstat(path)
+    proc = subprocess.run([sys.executable, SERVER, "--fifo", str(path), "--log-dir",
+                           str(tmp_path / "logs")], capture_output=True, text=True,
+                          timeout=10)
+    assert proc.returncode == 2
+    assert "refusing" in proc.stderr
+    after = os.lstat(path)
+    assert (after.st_ino, after.st_mode, after.st_mtime_ns) == \
+        (before.st_ino, before.st_mode, before.st_mtime_ns)
+    assert target.read_text() == "keep me"
+
+
+def test_a_second_server_on_the_same_fifo_is_refused(server, tmp_path):
+    proc = subprocess.run([sys.executable, SERVER, "--fifo", server.fifo, "--log-dir",
+                           str(tmp_path / "logs2")], capture_output=True, text=True,
+                          timeout=10)
+    assert proc.returncode == 2 and "already serving" in proc.stderr
+    assert stat.S_ISFIFO(os.stat(server.fifo).st_mode)
+
+
+def test_server_reuses_the_fifo_of_a_server_killed_with_sigkill(start_server, tmp_path):
+    first = start_server()
+    workers = first.workers()
+    first.proc.kill()
+    first.proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive, "workers must die with their server"
+    assert os.path.exists(first.fifo)
+    start_server(fifo=first.fifo)
+    tree = tmp_path / "tree"
+    make_tree(tree, files=5)
+    assert run_client(first.fifo, tree).status == 0
+
+
+def test_a_client_waiting_on_a_killed_server_fails_within_seconds(start_server, tmp_path):
+    server = start_server("--chaos", "hang:1.0", "--hang-timeout", "60")
+    tree = tmp_path / "tree"
+    make_tree(tree, files=20)
+    client = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, str(tree)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: server.events("session.opened"), what="the session")
+    server.proc.kill()
+    out, err = client.communicate(timeout=10)
+    assert client.returncode == 2
+    assert "server" in err
+
+
+def write_entrance(server, data):
+    fd = os.open(server.fifo, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def test_garbage_on_the_entrance_is_refused_and_the_next_client_served(server, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    os.mkfifo(tmp_path / "fifo-of-ours")
+    (tmp_path / "link").symlink_to(tmp_path / "fifo-of-ours")
+    bogus = [b"\x00\xff random bytes\n", b"{}\n", b"not json at all\n",
+             b'{"hello":1,"request":"/dev/null","reply":"/dev/null"}\n',
+             b'{"hello":1,"request":"%s","reply":"%s"}\n' % (bytes(victim), bytes(victim)),
+             b'{"hello":1,"request":"%s","reply":"%s"}\n'
+             % (bytes(tmp_path / "link"), bytes(tmp_path / "link")),
+             b'{"hello":1,"request":"%s","reply":"%s"}\n'
+             % (bytes(tmp_path / "fifo-of-ours"), bytes(tmp_path / "fifo-of-ours"))]
+    for line in bogus:
+        write_entrance(server, line)
+    with open(server.fifo, "wb") as entrance:     # blocking: the server drains it
+        entrance.write(b"A" * 2_500_000 + b"\n")   # 2.5 MB without a newline
+    refused = server.wait_event("request.refused", count=len(bogus) + 1)
+    assert victim.read_text() == "keep"
+    assert server.ps.memory_info().rss < 200 * 1024 * 1024
+    tree = tmp_path / "tree"
+    make_tree(tree, files=5)
+    assert run_client(server, tree).status == 0
+    assert "session.opened" in [e["event"] for e in server.events()]
+
+
+def test_an_idle_server_uses_no_cpu(server):
+    before = server.ps.cpu_times()
+    children = sum(c.cpu_times().user + c.cpu_times().system for c in server.workers())
+    wait_until(lambda: True)
+    time.sleep(1.0)   # measuring idleness: the one place a fixed interval is the point
+    after = server.ps.cpu_times()
+    spent = (after.user + after.system) - (before.user + before.system)
+    assert spent < 0.05, f"idle server burned {spent:.3f}s of CPU in 1s"
+    assert sum(c.cpu_times().user + c.cpu_times().system
+               for c in server.workers()) - children < 0.05
+
+
+def test_a_client_that_dies_mid_run_costs_nothing_to_others(server, tmp_path):
+    tree = tmp_path / "tree"
+    make_tree(tree, files=2000, size=4000)
+    client = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, str(tree)],
+                              stdout=subprocess.DEVNULL)
+    wait_until(lambda: server.events("session.opened"), what="the session")
+    client.kill()
+    client.wait()
+    other = tmp_path / "other"
+    make_tree(other, files=30, seed=3)
+    assert run_client(server, other).status == 0
+    wait_until(lambda: len(server.events("session.closed"))
+               + len(server.events("session.dropped")) >= 2, what="both sessions ended")
+    assert server.proc.poll() is None
+
+
+def test_sighup_reopens_the_log(server):
+    os.rename(server.log_path, server.log_path + ".1")
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: os.path.exists(server.log_path), what="a new log file")
+    assert server.wait_event("log.reopened")
