@@ -17,9 +17,9 @@ DEFAULT_LOG_DIR = (os.path.join(_CHECKOUT, "logs")
                    if os.path.exists(os.path.join(_CHECKOUT, "setup.py")) else "logs")
 
 CHAOS_HELP = """\
-testing aid: make faults real. liar:SLOT[:RATE] makes the first worker forked
-into SLOT report a wrong hash with probability RATE (default 1.0; its
-replacement is honest); crash:RATE and hang:RATE make any worker die or freeze
+testing aid: make faults real. liar:SLOT[:RATE[:AFTER]] makes the first worker
+forked into SLOT report a wrong hash with probability RATE (default 1.0), after
+AFTER honest files (default 0); its replacement is honest. crash:RATE and hang:RATE make any worker die or freeze
 on an assignment with probability RATE. Repeatable."""
 
 
@@ -31,16 +31,17 @@ def fraction(text):
 
 
 def parse_chaos(specs, workers):
-    """Turn --chaos specs into (liars {slot: rate}, crash rate, hang rate)."""
+    """Turn --chaos specs into (liars {slot: chaos}, crash rate, hang rate)."""
     liars, rates = {}, {"crash": 0.0, "hang": 0.0}
     for spec in specs:
         kind, _, rest = spec.partition(":")
         try:
             if kind == "liar":
-                slot, _, rate = rest.partition(":")
+                slot, rate, after = (rest.split(":") + ["", ""])[:3]
                 if not 0 <= int(slot) < workers:
                     raise ValueError(f"slot {slot} is not one of 0..{workers - 1}")
-                liars[int(slot)] = fraction(rate) if rate else 1.0
+                liars[int(slot)] = {"lie": fraction(rate) if rate else 1.0,
+                                    "honest_first": int(after or 0)}
             elif kind in rates and rest:
                 rates[kind] = fraction(rest)
             else:

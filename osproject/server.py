@@ -36,7 +36,7 @@ class Config:
     workers: int = 5
     hang_timeout: float = 30.0
     cross_check: float = 0.1
-    liars: dict = field(default_factory=dict)   # slot -> lie rate of its first worker
+    liars: dict = field(default_factory=dict)   # slot -> chaos of its first worker
     crash: float = 0.0
     hang: float = 0.0
 
@@ -66,7 +66,7 @@ class Server:
         """The --chaos faults a worker forked into `slot` gets."""
         chaos = {"crash": self.config.crash, "hang": self.config.hang}
         if slot.forks == 0 and slot.index in self.config.liars:
-            chaos["lie"] = self.config.liars[slot.index]   # its replacement is honest
+            chaos.update(self.config.liars[slot.index])   # its replacement is honest
         return chaos
 
     # -- life cycle -----------------------------------------------------
@@ -273,7 +273,7 @@ class Server:
                 worker, self.config.cross_check, self.rng)
         job.opinions.append(Vote(worker.wid, result["md5"],
                                  (result["size"], result["mtime"], result["ctime"],
-                                  result["ino"]), bool(result.get("racy"))))
+                                  result["ino"]), bool(result.get("racy")), worker.pid))
         verdict = verifier.judge(job.expected, job.opinions, job.cross_check)
         if verdict is None:
             self.log.info("crosscheck", path=job.path, opinions=len(job.opinions),
@@ -332,18 +332,21 @@ class Server:
 
     def penalize(self, wid, job, verdict):
         """Warn the worker whose hash was outvoted; ban it past MAX_WARNINGS."""
-        got = next(v.md5 for v in job.opinions if v.wid == wid)
+        vote = next(v for v in job.opinions if v.wid == wid)
+        got = vote.md5
         worker = self.supervisor.by_wid.get(wid)
-        if worker is None:
-            self.log.warning("worker.warned", wid=wid, path=job.path, got=got,
+        if worker is None:              # it died meanwhile: nothing left to punish
+            self.log.warning("worker.warned", pid=vote.pid, path=job.path, got=got,
                              agreed=verdict.md5, gone=True)
             return
+        banned = self.supervisor.warn(worker)
         self.log.warning("worker.warned", slot=worker.slot, pid=worker.pid,
                          path=job.path, got=got, agreed=verdict.md5,
-                         warnings=worker.warnings + 1)
-        banned = self.supervisor.warn(worker)
-        if worker.warnings == 1 or banned:
+                         warnings=worker.warnings)
+        if worker.warnings == 1:
             self.reverify(worker)
+        if banned:
+            self.supervisor.ban(worker)
 
     def reverify(self, worker):
         """Have other workers re-check every hash this worker gave unchecked."""

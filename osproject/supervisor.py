@@ -138,14 +138,16 @@ class Supervisor:
                          reason=reason)
 
     def warn(self, worker):
-        """Count a detected lie; return True if the worker is now banned."""
+        """Count a detected lie; return True when the worker has earned a ban."""
+        if self.slots[worker.slot].state is State.KILLED:
+            return False                # already on its way out
         worker.warnings += 1
-        if worker.warnings <= MAX_WARNINGS:
-            return False
+        return worker.warnings > MAX_WARNINGS
+
+    def ban(self, worker):
         self.log.error("worker.banned", slot=worker.slot, pid=worker.pid,
                        warnings=worker.warnings)
         self.kill(worker, "banned")
-        return True
 
     def check_hangs(self):
         """Kill every worker silent for longer than the hang timeout."""

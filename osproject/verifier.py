@@ -22,7 +22,8 @@ class Vote:
     wid: int            # which worker incarnation read it
     md5: str
     stat: tuple = ()    # (size, mtime, ctime, ino) as that worker saw them
-    racy: bool = False  # read within a second of the file's mtime: may be moving
+    racy: bool = False  # read within a timestamp tick of its last change
+    pid: int = None     # for the log: which process that worker was
 
 
 @dataclass(frozen=True)

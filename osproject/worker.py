@@ -19,7 +19,10 @@ from . import protocol, store
 
 CHUNK = 128 * 1024          # measured: larger reads are no faster, and cost RSS
 PROGRESS_INTERVAL = 1.0     # seconds between "still alive" frames on a big file
-RACY_NS = 1_000_000_000     # a file modified this recently may still be moving
+# A file changed within one timestamp tick of our reading may change again
+# without its stat changing: such a reading can be honest and still differ.
+RACY_FINE_NS = 100_000_000        # ns timestamps, set from a coarse clock (ms)
+RACY_COARSE_NS = 2_000_000_000    # whole-second timestamps (HFS+, FAT, some NFS)
 EXIT_SERVER_GONE = 0
 EXIT_PROTOCOL = 3
 EXIT_CHAOS = 70
@@ -84,6 +87,7 @@ class Worker:
         self.rng = random.Random()
         self._last_progress = 0.0
         self._aid = None
+        self.files_done = 0
 
     def serve(self):
         """Answer assignments until the server closes our pipe; return an exit status."""
@@ -122,7 +126,9 @@ class Worker:
         result = hash_file(path, self.progress)
         result["path"] = path
         md5 = result.get("md5")
-        if md5 and self.rng.random() < self.chaos.get("lie", 0.0):
+        self.files_done += 1
+        if md5 and self.files_done > self.chaos.get("honest_first", 0) \
+                and self.rng.random() < self.chaos.get("lie", 0.0):
             result["md5"] = md5 = hashlib.md5(md5.encode()).hexdigest()
         if md5 and "unstable" not in result and item.get("write", "keep") != "keep":
             self.write(item, result)
@@ -182,7 +188,7 @@ def hash_file(path, progress=lambda: None):
         os.close(fd)
     result = {"md5": digest, "size": after.st_size, "mtime": after.st_mtime_ns,
               "ctime": after.st_ctime_ns, "ino": after.st_ino,
-              "racy": started - after.st_mtime_ns < RACY_NS}
+              "racy": is_racy(after, started)}
     if _fingerprint(before) != _fingerprint(after):
         result["unstable"] = "changed while it was read"
     else:
@@ -193,6 +199,17 @@ def hash_file(path, progress=lambda: None):
         if (now.st_dev, now.st_ino) != (after.st_dev, after.st_ino):
             result["unstable"] = "replaced while it was read"
     return result
+
+
+def is_racy(st, started_ns):
+    """Did the reading start within a timestamp tick of the file's last change?
+
+    The ctime counts as well as the mtime: `touch -d` can hide a write from
+    the mtime, never from the ctime.
+    """
+    changed = max(st.st_mtime_ns, st.st_ctime_ns)
+    window = RACY_COARSE_NS if changed % 1_000_000_000 == 0 else RACY_FINE_NS
+    return started_ns - changed < window
 
 
 def _digest(fd, progress):

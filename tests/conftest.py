@@ -195,9 +195,10 @@ def run_client(server_or_fifo, *args, timeout=CLIENT_TIMEOUT, env=None):
 def make_tree(root, files=50, dirs=5, size=2000, seed=0, age=10.0):
     """Write a tree of `files` regular files spread over `dirs` directories.
 
-    Files are dated `age` seconds back, like a real tree nobody is writing:
-    a disagreement on a file modified within the last second is treated as
-    a race, not as a lie (see verifier.py).
+    Returns once the tree has settled like a real one nobody is writing to:
+    mtimes dated `age` seconds back, and the last change (ctime) older than
+    the racy window, since a disagreement on a file changed within one
+    timestamp tick may be a race, not a lie (worker.is_racy).
     """
     paths = []
     past = time.time() - age
@@ -209,6 +210,8 @@ def make_tree(root, files=50, dirs=5, size=2000, seed=0, age=10.0):
             f.write(f"{seed}:{i}:".encode() * (size // 8 + i % 7))
         os.utime(path, (past, past))
         paths.append(path)
+    settled = time.time() + 0.2
+    wait_until(lambda: time.time() > settled, what="the tree to settle")
     return paths
 
 

@@ -150,10 +150,13 @@ def test_more_than_two_warnings_ban(world):
     s, _, log, _, killed = world
     w = s.slots[0].worker
     assert not s.warn(w) and not s.warn(w)
-    assert killed == []
     assert s.warn(w)
+    assert killed == []
+    s.ban(w)
     assert killed == [(w.pid, signal.SIGKILL)]
     assert "worker.banned" in log.names()
+    assert not s.warn(w), "a banned worker is not banned twice"
+    assert w.warnings == 3
 
 
 def test_illegal_transitions_are_refused(world):

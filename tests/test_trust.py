@@ -1,0 +1,153 @@
+"""Untrusted workers, for real: --chaos liars, second opinions, warnings, bans."""
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import make_tree, md5sum_check, run_client, sidecars_under, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def true_md5(path):
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+def assert_client_saw_only_true_hashes(result, files):
+    records, _ = result.records()
+    wrong = [p for p in files if records[p].get("md5") != true_md5(p)]
+    assert not wrong, f"{len(wrong)} wrong hashes reached the client, e.g. {wrong[:3]}"
+
+
+def liar_pid(server, slot):
+    first = [e for e in server.events("worker.forked") if e["slot"] == str(slot)][0]
+    return first["pid"]
+
+
+def test_a_liar_that_always_lies_is_banned_after_exactly_three_lies(start_server, tmp_path):
+    server = start_server("--chaos", "liar:0")
+    tree = tmp_path / "tree"
+    files = make_tree(tree, files=200)
+    result = run_client(server, "--json", tree)
+    assert result.status == 0, result.stderr
+    assert result.records()[1] == {"NEW": 200}
+    assert_client_saw_only_true_hashes(result, files)
+    assert md5sum_check(sidecars_under(tree)) == []
+
+    liar = liar_pid(server, 0)
+    events = server.events()
+    banned = [i for i, e in enumerate(events)
+              if e["event"] == "worker.banned" and e["pid"] == liar]
+    assert len(banned) == 1, "banned once"
+    warned_before = [e for e in events[:banned[0]]
+                     if e["event"] == "worker.warned" and e["pid"] == liar]
+    assert [e["warnings"] for e in warned_before] == ["1", "2", "3"]
+    assert all(e["got"] != e["agreed"] for e in warned_before)
+    assert events[banned[0]]["warnings"] == "3"
+    others = [e for e in server.events("worker.warned") if e["pid"] != liar]
+    assert others == [], "an honest worker was warned"
+    exits = [e for e in server.events("worker.exited") if e["pid"] == liar]
+    assert exits and exits[0]["signal"] == "SIGKILL"
+    slot0 = [e for e in server.events("worker.forked") if e["slot"] == "0"]
+    assert len(slot0) == 2, "the banned worker's slot was refilled once"
+    server.wait_workers(5)
+
+
+def test_a_liar_against_baselines_cannot_turn_ok_into_changed(start_server, tmp_path):
+    tree = tmp_path / "tree"
+    files = make_tree(tree, files=150)
+    honest = start_server()
+    run_client(honest, tree)
+    honest.stop()
+    server = start_server("--chaos", "liar:2")
+    result = run_client(server, "--json", tree)
+    assert result.status == 0, result.stdout[-500:]
+    assert result.records()[1] == {"OK": 150}
+    assert server.events("worker.banned")
+    assert not server.events("file.changed")
+    assert md5sum_check(sidecars_under(tree)) == []
+    with open(files[9], "ab") as f:
+        f.write(b"real change")
+    changed = run_client(server, "--json", tree)
+    assert changed.status == 1
+    assert changed.statuses()[files[9]] == "CHANGED"
+
+
+def test_a_20_percent_liar_is_caught_banned_and_its_work_repaired(start_server, tmp_path):
+    server = start_server("--chaos", "liar:1:0.2", "--cross-check", "0.05")
+    tree = tmp_path / "tree"
+    files = make_tree(tree, files=3000, dirs=60, size=1500)
+    result = run_client(server, "--json", tree)
+    assert result.status == 0, result.stderr
+    assert result.records()[1] == {"NEW": 3000}
+    assert_client_saw_only_true_hashes(result, files)
+    assert md5sum_check(sidecars_under(tree)) == []
+    liar = liar_pid(server, 1)
+    assert [e["pid"] for e in server.events("worker.banned")] == [liar]
+    assert {e["pid"] for e in server.events("worker.warned")} == {liar}
+    again = run_client(server, "--json", tree)
+    assert again.status == 0 and again.records()[1] == {"OK": 3000}
+
+
+REWRITER = r"""
+import os, random, sys, time
+paths = sys.argv[2:]
+end = time.monotonic() + float(sys.argv[1])
+rng = random.Random(7)
+while time.monotonic() < end:
+    path = rng.choice(paths)
+    size = os.path.getsize(path)
+    mode = rng.randrange(3)
+    with open(path, "r+b" if mode else "wb") as f:
+        f.write(os.urandom(size if mode != 2 else size + 1))
+    if mode == 1:
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 10**10))  # hide it from mtime
+"""
+
+
+def test_honest_workers_are_never_warned_under_a_busy_file_system(start_server, tmp_path):
+    server = start_server("--cross-check", "1.0")
+    tree = tmp_path / "tree"
+    files = make_tree(tree, files=400, size=30_000)
+    run_client(server, tree)
+    hot = random.Random(3).sample(files, 40)
+    rewriter = subprocess.Popen([sys.executable, "-c", REWRITER, "8", *hot])
+    try:
+        for _ in range(4):
+            result = run_client(server, "--json", tree)
+            assert result.status in (0, 1), result.stderr
+            statuses = result.statuses()
+            cold = [p for p in files if p not in hot]
+            assert all(statuses[p] == "OK" for p in cold)
+    finally:
+        rewriter.kill()
+        rewriter.wait()
+    assert server.events("worker.warned") == []
+    assert server.events("worker.banned") == []
+
+
+def test_after_a_warning_earlier_unchecked_results_are_reverified(start_server, tmp_path):
+    # The liar earns trust with 60 honest files, then lies half the time; the
+    # 10% sample catches it late, so it has unchecked results to re-verify.
+    server = start_server("--chaos", "liar:4:0.5:60", "--cross-check", "0.1")
+    tree = tmp_path / "tree"
+    files = make_tree(tree, files=2500, dirs=50, size=1000)
+    result = run_client(server, "--json", tree)
+    assert result.status == 0
+    assert_client_saw_only_true_hashes(result, files)
+    assert md5sum_check(sidecars_under(tree)) == []
+    liar = liar_pid(server, 4)
+    reverify = server.events("worker.reverify")
+    assert [e["pid"] for e in reverify] == [liar]
+    assert int(reverify[0]["files"]) > 0
+    repaired = server.events("file.repaired")
+    assert repaired, "its unchecked lies were found and their sidecars repaired"
+    assert all(true_md5(e["path"]) == e["agreed"] != e["got"] for e in repaired)
+    assert [e["pid"] for e in server.events("worker.banned")] == [liar]
