@@ -274,7 +274,8 @@ class Server:
         job.opinions.append(Vote(worker.wid, result["md5"],
                                  (result["size"], result["mtime"], result["ctime"],
                                   result["ino"]), bool(result.get("racy")), worker.pid))
-        verdict = verifier.judge(job.expected, job.opinions, job.cross_check)
+        verdict = verifier.judge(job.expected, job.opinions, job.cross_check,
+                                 min(verifier.MAX_OPINIONS, self.config.workers))
         if verdict is None:
             self.log.info("crosscheck", path=job.path, opinions=len(job.opinions),
                           slot=worker.slot, pid=worker.pid)
@@ -335,7 +336,8 @@ class Server:
         vote = next(v for v in job.opinions if v.wid == wid)
         got = vote.md5
         worker = self.supervisor.by_wid.get(wid)
-        if worker is None:              # it died meanwhile: nothing left to punish
+        if worker is None or self.supervisor.state_of(worker) is State.KILLED:
+            # Dead or being killed already: log the lie, there is nobody to punish.
             self.log.warning("worker.warned", pid=vote.pid, path=job.path, got=got,
                              agreed=verdict.md5, gone=True)
             return

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 OK, NEW, CHANGED, MISSING = "OK", "NEW", "CHANGED", "MISSING"
 UNSTABLE, ERROR, SKIPPED = "UNSTABLE", "ERROR", "SKIPPED"
 STATUSES = (OK, NEW, CHANGED, MISSING, UNSTABLE, ERROR, SKIPPED)
-MAX_OPINIONS = 3   # worker opinions per file: two that disagree, and a tie-breaker
+# Worker opinions per file: two that disagree, then more until two agree.
+# Honest workers always agree, so with at most two faulty workers of five a
+# majority appears by the fifth opinion; random lies never agree.
+MAX_OPINIONS = 5
 TRUST_AFTER = 10   # a fresh worker's first results are all cross-checked
 
 
@@ -35,7 +38,7 @@ class Verdict:
     reason: str = None
 
 
-def judge(expected, opinions, cross_check):
+def judge(expected, opinions, cross_check, max_opinions=MAX_OPINIONS):
     """Return the Verdict the votes support, or None to ask one more worker.
 
     `expected` is the baseline hash (None when the file has none); it votes
@@ -52,7 +55,7 @@ def judge(expected, opinions, cross_check):
         return Verdict(NEW, top, checked=False)
     if len({v.stat for v in opinions}) > 1:
         return Verdict(UNSTABLE, reason="changed between readings")
-    if len(opinions) < MAX_OPINIONS:
+    if len(opinions) < max_opinions:
         return None
     return Verdict(UNSTABLE, reason="no two readings agree")
 

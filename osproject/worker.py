@@ -129,7 +129,8 @@ class Worker:
         self.files_done += 1
         if md5 and self.files_done > self.chaos.get("honest_first", 0) \
                 and self.rng.random() < self.chaos.get("lie", 0.0):
-            result["md5"] = md5 = hashlib.md5(md5.encode()).hexdigest()
+            # A random lie, as bad RAM would tell: two liars never agree on one.
+            result["md5"] = md5 = os.urandom(16).hex()
         if md5 and "unstable" not in result and item.get("write", "keep") != "keep":
             self.write(item, result)
         return result

@@ -41,10 +41,19 @@ def test_three_way_disagreement_takes_a_third_opinion_then_majority():
     assert (v.status, v.liars) == (OK, (1, 2))
 
 
+def test_two_liars_among_three_do_not_stop_the_search_for_a_majority():
+    assert judge(None, [vote(1, B), vote(2, C), vote(3, D)], cross_check=True) is None
+    v = judge(None, [vote(1, B), vote(2, C), vote(3, D), vote(4, D)], cross_check=True)
+    assert (v.status, v.md5, v.liars) == (NEW, D, (1, 2))
+
+
 def test_no_majority_after_the_last_opinion_is_unstable():
-    opinions = [vote(1, B), vote(2, C), vote(3, D)]
+    E = "e" * 32
+    opinions = [vote(1, B), vote(2, C), vote(3, D), vote(4, E), vote(5, A + "x")]
     assert len(opinions) == MAX_OPINIONS
-    v = judge(A, opinions, cross_check=False)
+    v = judge(None, opinions, cross_check=True)
+    assert (v.status, v.liars) == (UNSTABLE, ())
+    v = judge(None, opinions[:3], cross_check=True, max_opinions=3)
     assert (v.status, v.liars) == (UNSTABLE, ())
 
 
