@@ -18,12 +18,13 @@ test: $(STAMP)
 # Start a private server, check DIR, stop the server; exit with the client's status.
 run: $(STAMP)
 	@test -n "$(DIR)" || { echo "usage: make run DIR=/path/to/tree" >&2; exit 2; }
-	@tmp=$$(mktemp -d) && \
+	@tmp=$$(mktemp -d); \
 	$(PY) bin/integrity-server --fifo "$$tmp/server.fifo" 2>"$$tmp/server.err" & \
 	server=$$!; \
-	$(PY) -m osproject.wait_for_fifo "$$tmp/server.fifo" $$server || { cat "$$tmp/server.err" >&2; exit 2; }; \
-	$(PY) bin/integrity-client --fifo "$$tmp/server.fifo" "$(DIR)"; status=$$?; \
-	kill -TERM $$server; wait $$server; rm -rf "$$tmp"; exit $$status
+	trap 'kill -TERM $$server 2>/dev/null; wait $$server; rm -rf "$$tmp"' EXIT INT TERM; \
+	$(PY) -m osproject.wait_for_fifo "$$tmp/server.fifo" $$server \
+	  || { cat "$$tmp/server.err" >&2; exit 2; }; \
+	$(PY) bin/integrity-client --fifo "$$tmp/server.fifo" "$(DIR)"
 
 bench: $(STAMP)
 	$(PY) tests/bench.py

@@ -34,9 +34,14 @@ How
   start-up is never timed.  A peer that is not installed is skipped (say so,
   go on); the bench never installs anything.
 
+  A corpus the file system has no room for is skipped too (L needs about
+  2.5 GiB at scale 1, T about 1.6 GiB: 400,000 inodes of 4 KiB).
+
 Environment
-  BENCH_SCALE=F   multiply every corpus size by F (default 1; 0.01 is a quick check)
-  BENCH_REPEAT=N  runs of each side of a pair (default 3)
+  BENCH_SCALE=F   shrink (or grow) every corpus by F: the size of the 8 L files,
+                  the number of S and T files and directories (default 1;
+                  0.01 is a quick check)
+  BENCH_REPEAT=N  runs of each side of a pair (default 3; the RSS runs are single)
 
 Exit status: 0, or 1 when ours failed: the client exited non-zero on a tree
 nobody altered (2: it could not do its job; 1: it reported CHANGED or MISSING),

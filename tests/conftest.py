@@ -128,7 +128,16 @@ class ServerProcess:
             raise AssertionError("the server did not stop on SIGTERM")
 
     def cleanup(self):
-        status = self.stop() if self.proc.poll() is None else self.proc.returncode
+        """Stop the server; fail if it or any worker it had outlives it."""
+        self.workers()               # remember the last workers too
+        try:
+            status = self.stop() if self.proc.poll() is None else self.proc.returncode
+        finally:
+            self._reap_known()
+        self.stderr.close()
+        return status
+
+    def _reap_known(self):
         for proc in self.known:      # nothing may outlive the server for long
             try:
                 proc.wait(5)
@@ -137,8 +146,6 @@ class ServerProcess:
                 raise AssertionError(f"worker {proc.pid} outlived its server")
             except psutil.NoSuchProcess:
                 pass
-        self.stderr.close()
-        return status
 
 
 @pytest.fixture
@@ -151,11 +158,16 @@ def start_server(tmp_path):
         servers.append(server)
         return server.wait_ready(workers) if ready else server
     yield start
-    for server in reversed(servers):
-        server.cleanup()
+    problems = []
+    for server in reversed(servers):          # every server is stopped, come what may
+        try:
+            server.cleanup()
+        except AssertionError as exc:
+            problems.append(str(exc))
     for server in servers:
-        if server.proc.returncode != -signal.SIGKILL:
-            assert not os.path.exists(server.fifo), "the entrance FIFO outlived the server"
+        if server.proc.returncode != -signal.SIGKILL and os.path.exists(server.fifo):
+            problems.append(f"the entrance FIFO {server.fifo} outlived its server")
+    assert not problems, problems
 
 
 @pytest.fixture
