@@ -3,11 +3,13 @@
 Results a single worker gave with nobody cross-checking them are held back
 until the server has said bye: if that worker is caught lying later in the
 session, the server re-checks them and sends corrections, so no wrong hash
-reaches the user.
+reaches the user.  Held results wait in an unlinked temp file, not in
+memory, so a first run on millions of files costs disk, not RSS.
 """
 
 import json
 import os
+import tempfile
 import threading
 
 from .verifier import CHANGED, MISSING, OK, STATUSES
@@ -26,7 +28,8 @@ class Report:
         self.out = out
         self.as_json = as_json
         self.counts = dict.fromkeys(STATUSES, 0)
-        self.held = {}              # path -> record awaiting confirmation
+        self._held = None           # temp file of records awaiting the bye
+        self._verdicts = {}         # key -> corrected record, or None: confirmed
         self._lock = threading.Lock()
 
     def add(self, path, status, md5=None, expected=None, error=None,
@@ -40,30 +43,40 @@ class Report:
                   "expected": expected, "error": error}
         with self._lock:
             if unchecked:
-                self.held[key or path] = record
+                self._hold(key or path, record)
             else:
                 self._emit(record)
+
+    def _hold(self, key, record):
+        if self._held is None:
+            self._held = tempfile.TemporaryFile("w+", encoding="utf-8",
+                                                errors="surrogateescape")
+        self._held.write(json.dumps([key, record]) + "\n")
 
     def correct(self, key, status, md5):
         """The server re-checked a held result and found the first hash wrong."""
         with self._lock:
-            record = self.held.pop(key, None)
-            if record is not None:
-                record.update(status=status, md5=md5)
-                self._emit(record)
+            self._verdicts[key] = {"status": status, "md5": md5}
 
     def confirm(self, key):
-        with self._lock:
-            record = self.held.pop(key, None)
-            if record is not None:
-                self._emit(record)
+        """The server re-checked a held result and found it right."""
+
+    def release(self):
+        """Emit the held results, corrected where the server said so."""
+        if self._held is None:
+            return
+        self._held.seek(0)
+        for line in self._held:
+            key, record = json.loads(line)
+            record.update(self._verdicts.get(key, {}))
+            self._emit(record)
+        self._held.close()
+        self._held = None
 
     def finish(self):
         """Emit what is still held, then the summary; return the exit status."""
         with self._lock:
-            for record in self.held.values():
-                self._emit(record)
-            self.held.clear()
+            self.release()
             counts = {k: v for k, v in self.counts.items() if v}
             if self.as_json:
                 self.out.write(json.dumps({"summary": counts}) + "\n")

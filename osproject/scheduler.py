@@ -76,10 +76,12 @@ class Scheduler:
         else:
             self.pending.append(job)
 
-    def take(self, worker):
-        """Return an Assignment of up to MAX_PATHS jobs this worker may do, or None."""
+    def take(self, worker, limit=MAX_PATHS):
+        """Return an Assignment of up to `limit` (at most five) jobs this worker
+        may do, or None."""
+        limit = min(limit, MAX_PATHS)
         batch, passed = [], []
-        while self.pending and len(batch) < MAX_PATHS:
+        while self.pending and len(batch) < limit:
             job = self.pending.popleft()
             (passed if worker.wid in job.excluded() else batch).append(job)
         self.pending.extendleft(reversed(passed))

@@ -206,9 +206,15 @@ class Server:
 
     # -- workers ----------------------------------------------------------
     def dispatch(self):
-        """Give every idle worker up to five waiting files."""
-        for worker in self.supervisor.idle():
-            assignment = self.scheduler.take(worker)
+        """Share the waiting files among the idle workers, five at most each.
+
+        An even share keeps every worker busy when few files wait (eight big
+        files go 2-2-2-1-1, not 5-3); a full queue still gives five each.
+        """
+        idle = self.supervisor.idle()
+        for n, worker in enumerate(idle):
+            share = -(-len(self.scheduler.pending) // (len(idle) - n))
+            assignment = self.scheduler.take(worker, limit=share)
             if assignment is None:
                 continue
             worker.outbuf += protocol.encode(assignment.frame())
@@ -289,9 +295,7 @@ class Server:
         for wid in verdict.liars:
             self.penalize(wid, job, verdict)
         if not verdict.checked:
-            owner = self.supervisor.by_wid.get(job.opinions[0].wid)
-            if owner is not None:
-                owner.unchecked.append(job)
+            job.session.unchecked.setdefault(job.opinions[0].wid, []).append(job)
         if job.reverify_of is not None:
             return self.finish_reverify(job, verdict)
         status, error = verdict.status, verdict.reason
@@ -352,7 +356,8 @@ class Server:
 
     def reverify(self, worker):
         """Have other workers re-check every hash this worker gave unchecked."""
-        jobs, worker.unchecked = worker.unchecked, []
+        jobs = [job for session in self.sessions
+                for job in session.unchecked.pop(worker.wid, ())]
         for old in jobs:
             job = Job(session=old.session, rid=old.rid, index=old.index,
                       path=old.path, sidecar=old.sidecar, opinions=old.opinions[:1],

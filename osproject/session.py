@@ -67,6 +67,9 @@ class Session:
         self.said_bye = False
         self.files = 0
         self.counts = {}
+        # wid -> jobs whose hash that worker gave and nobody cross-checked: if
+        # it is caught lying during this session, they are checked again.
+        self.unchecked = {}
 
     def read(self):
         """Return the request frames now readable; set eof when the client is done.

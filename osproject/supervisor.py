@@ -52,7 +52,6 @@ class Worker:
     warnings: int = 0
     results: int = 0                # files answered: a fresh worker earns trust
     completed: int = 0              # assignments answered
-    unchecked: list = field(default_factory=list)  # results nobody cross-checked
     lines: protocol.LineBuffer = field(default_factory=protocol.LineBuffer)
     outbuf: bytearray = field(default_factory=bytearray)
 

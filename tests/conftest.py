@@ -69,10 +69,16 @@ class ServerProcess:
         self.wait_workers(workers)
         return self
 
+    def children(self):
+        try:
+            return self.ps.children()
+        except psutil.NoSuchProcess:
+            return []
+
     def workers(self):
         """The live worker processes (not zombies), found with psutil."""
         alive = []
-        for child in self.ps.children():
+        for child in self.children():
             try:
                 if child.status() != psutil.STATUS_ZOMBIE:
                     alive.append(child)
@@ -83,7 +89,7 @@ class ServerProcess:
 
     def zombies(self):
         result = []
-        for child in self.ps.children():
+        for child in self.children():
             try:
                 if child.status() == psutil.STATUS_ZOMBIE:
                     result.append(child)
