@@ -20,7 +20,9 @@ CHAOS_HELP = """\
 testing aid: make faults real. liar:SLOT[:RATE[:AFTER]] makes the first worker
 forked into SLOT report a wrong hash with probability RATE (default 1.0), after
 AFTER honest files (default 0); its replacement is honest. crash:RATE and hang:RATE make any worker die or freeze
-on an assignment with probability RATE. Repeatable."""
+on an assignment with probability RATE; garble:RATE makes it answer with
+garbage; stillborn:PATH makes workers die before starting while PATH exists.
+Repeatable."""
 
 
 def fraction(text):
@@ -31,8 +33,9 @@ def fraction(text):
 
 
 def parse_chaos(specs, workers):
-    """Turn --chaos specs into (liars {slot: chaos}, crash rate, hang rate)."""
-    liars, rates = {}, {"crash": 0.0, "hang": 0.0}
+    """Turn --chaos specs into a dict of Config fields."""
+    liars, rates = {}, {"crash": 0.0, "hang": 0.0, "garble": 0.0}
+    stillborn = None
     for spec in specs:
         kind, _, rest = spec.partition(":")
         try:
@@ -44,11 +47,14 @@ def parse_chaos(specs, workers):
                                     "honest_first": int(after or 0)}
             elif kind in rates and rest:
                 rates[kind] = fraction(rest)
+            elif kind == "stillborn" and rest:
+                stillborn = os.path.abspath(rest)
             else:
-                raise ValueError("expected liar:SLOT[:RATE], crash:RATE or hang:RATE")
+                raise ValueError("expected liar:SLOT[:RATE[:AFTER]], crash:RATE, "
+                                 "hang:RATE, garble:RATE or stillborn:PATH")
         except (ValueError, argparse.ArgumentTypeError) as exc:
             raise SystemExit(f"integrity-server: bad --chaos {spec!r}: {exc}") from None
-    return liars, rates["crash"], rates["hang"]
+    return dict(liars=liars, stillborn=stillborn, **rates)
 
 
 def server_parser():
@@ -76,13 +82,12 @@ def server_main(argv=None):
     if args.workers < 3:
         server_parser().error("--workers must be at least 3: a tie between two "
                               "workers needs a third to break it")
-    if args.hang_timeout <= 0:
-        server_parser().error("--hang-timeout must be positive")
-    liars, crash, hang = parse_chaos(args.chaos, args.workers)
+    if args.hang_timeout < 1:
+        server_parser().error("--hang-timeout must be at least 1 second")
     config = Config(fifo=args.fifo or default_fifo(),
                     private_dir=not args.fifo and "INTEGRITY_FIFO" not in os.environ,
                     workers=args.workers, hang_timeout=args.hang_timeout,
-                    cross_check=args.cross_check, liars=liars, crash=crash, hang=hang)
+                    cross_check=args.cross_check, **parse_chaos(args.chaos, args.workers))
     try:
         log = EventLog(args.log_dir)
     except OSError as exc:

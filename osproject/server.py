@@ -25,6 +25,7 @@ from .verifier import Verdict, Vote
 
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 MAX_SESSIONS = 100        # two fds each: select() cannot watch fds >= FD_SETSIZE
+MAX_OUTSTANDING = 100     # files a client may have in the server before we stop reading
 STOP_GRACE = 2.0          # seconds workers get to leave after SIGTERM
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
@@ -39,6 +40,8 @@ class Config:
     liars: dict = field(default_factory=dict)   # slot -> chaos of its first worker
     crash: float = 0.0
     hang: float = 0.0
+    garble: float = 0.0
+    stillborn: str = None
 
 
 class Fault(Exception):
@@ -64,7 +67,8 @@ class Server:
 
     def chaos_for(self, slot):
         """The --chaos faults a worker forked into `slot` gets."""
-        chaos = {"crash": self.config.crash, "hang": self.config.hang}
+        chaos = {"crash": self.config.crash, "hang": self.config.hang,
+                 "garble": self.config.garble, "stillborn": self.config.stillborn}
         if slot.forks == 0 and slot.index in self.config.liars:
             chaos.update(self.config.liars[slot.index])   # its replacement is honest
         return chaos
@@ -150,7 +154,9 @@ class Server:
             if w.outbuf:
                 writers[w.to_worker] = lambda w=w: self.flush_worker(w)
         for s in self.sessions:
-            if not s.eof and not s.dead:
+            # A client with many files in flight waits: its writes block in
+            # the FIFO, and our queue stays bounded however fast it asks.
+            if not s.eof and not s.dead and s.outstanding < MAX_OUTSTANDING:
                 readers[s.request_fd] = lambda s=s: self.on_session_readable(s)
             if s.outbuf and not s.dead:
                 writers[s.reply_fd] = s.flush

@@ -7,6 +7,7 @@ clock and fake workers (tests/test_supervisor.py), and for real by the
 integration tests.
 """
 
+import collections
 import enum
 import itertools
 import os
@@ -18,8 +19,9 @@ from . import protocol, worker as worker_mod
 
 BACKOFF_FIRST = 0.1    # seconds before re-forking after a worker died young
 BACKOFF_MAX = 5.0      # ... doubling per consecutive failure, up to this
-GIVE_UP_AFTER = 8      # every slot failed this often in a row, none ever ready: stop
+GIVE_UP_AFTER = 8      # every slot's workers died this often before saying ready: stop
 MAX_WARNINGS = 2       # more than this and a worker is banned
+MAX_FORKS_PER_SECOND = 5   # however many slots fail at once
 
 
 class State(enum.Enum):
@@ -63,6 +65,7 @@ class Slot:
     worker: Worker = None
     restart_at: float = 0.0
     failures: int = 0               # consecutive deaths before doing any work
+    stillborn: int = 0              # consecutive deaths before even saying ready
     forks: int = 0
 
     def enter(self, new):
@@ -84,18 +87,28 @@ class Supervisor:
         self.by_pid = {}
         self.by_wid = {}            # live workers, by incarnation id
         self.stopping = False       # shutting down: reap, but do not replace
+        self.recent_forks = collections.deque(maxlen=MAX_FORKS_PER_SECOND)
 
     # -- starting -------------------------------------------------------
     def start_due(self):
-        """Fork into every DOWN slot whose restart time has come."""
+        """Fork into every DOWN slot whose restart time has come, within the rate cap."""
         now = self.clock()
         for slot in self.slots:
             if slot.state is State.DOWN and slot.restart_at <= now:
+                if self.fork_allowed_at() > now:
+                    return
                 self.start(slot, now)
+
+    def fork_allowed_at(self):
+        """When the next fork keeps us within MAX_FORKS_PER_SECOND."""
+        if len(self.recent_forks) < MAX_FORKS_PER_SECOND:
+            return float("-inf")
+        return self.recent_forks[0] + 1.0
 
     def start(self, slot, now):
         worker = self.spawn(slot)
         worker.heard_at = now
+        self.recent_forks.append(now)
         slot.forks += 1
         slot.worker = worker
         slot.enter(State.STARTING)           # DOWN -> STARTING
@@ -106,7 +119,9 @@ class Supervisor:
 
     def on_ready(self, worker):
         """The worker said hello: it may take work."""
-        self.slots[worker.slot].enter(State.IDLE)   # STARTING -> IDLE
+        slot = self.slots[worker.slot]
+        slot.stillborn = 0
+        slot.enter(State.IDLE)                      # STARTING -> IDLE
 
     def assigned(self, worker, assignment):
         worker.assignment = assignment
@@ -167,6 +182,8 @@ class Supervisor:
         del self.by_wid[worker.wid]
         slot = self.slots[worker.slot]
         killed = slot.state is State.KILLED
+        if slot.state is State.STARTING:
+            slot.stillborn += 1
         slot.enter(State.DOWN)                      # any -> DOWN
         slot.worker = None
         level = "info" if killed or status == 0 else "warning"
@@ -192,8 +209,12 @@ class Supervisor:
                          delay=round(delay, 2))
 
     def hopeless(self):
-        """True when every slot keeps dying before doing any work."""
-        return all(s.failures >= GIVE_UP_AFTER for s in self.slots)
+        """True when no worker can start at all: every slot's keep dying unborn.
+
+        Workers that start and then die are only backed off: the cause may go
+        away (a full disk, a file that crashes them), and the server waits.
+        """
+        return all(s.stillborn >= GIVE_UP_AFTER for s in self.slots)
 
     # -- queries --------------------------------------------------------
     def workers(self):
@@ -207,7 +228,8 @@ class Supervisor:
 
     def next_deadline(self):
         """When the loop must wake for time-driven work, or None."""
-        times = [s.restart_at for s in self.slots if s.state is State.DOWN]
+        times = [max(s.restart_at, self.fork_allowed_at())
+                 for s in self.slots if s.state is State.DOWN]
         times += [s.worker.heard_at + self.hang_timeout for s in self.slots
                   if s.state in (State.STARTING, State.BUSY)]
         return min(times, default=None)

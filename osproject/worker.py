@@ -18,7 +18,7 @@ import time
 from . import protocol, store
 
 CHUNK = 128 * 1024          # measured: larger reads are no faster, and cost RSS
-PROGRESS_INTERVAL = 1.0     # seconds between "still alive" frames on a big file
+PROGRESS_INTERVAL = 0.25    # seconds between "still alive" frames on a big file
 # A file changed within one timestamp tick of our reading may change again
 # without its stat changing: such a reading can be honest and still differ.
 RACY_FINE_NS = 100_000_000        # ns timestamps, set from a coarse clock (ms)
@@ -91,6 +91,9 @@ class Worker:
 
     def serve(self):
         """Answer assignments until the server closes our pipe; return an exit status."""
+        stillborn = self.chaos.get("stillborn")
+        if stillborn and os.path.exists(stillborn):
+            return EXIT_CHAOS             # chaos: die before we ever say ready
         self.send({"ready": os.getpid()})
         lines = protocol.LineBuffer()
         while True:
@@ -107,7 +110,20 @@ class Worker:
         self._aid = frame["id"]
         self.misbehave()
         results = [self.do_file(item) for item in frame["files"]]
+        if self.rng.random() < self.chaos.get("garble", 0.0):
+            return self.garble(results)
         self.send({"id": self._aid, "results": results})
+
+    def garble(self, results):
+        """Chaos: answer with garbage, an oversized frame, or a path not given."""
+        kind = self.rng.randrange(3)
+        if kind == 0:
+            os.write(self.wfd, os.urandom(200).replace(b"\n", b"") + b"\n")
+        elif kind == 1:
+            os.write(self.wfd, b"[" * (protocol.MAX_FRAME + 1024))
+        else:
+            results[0]["path"] = "/etc/passwd"
+            self.send({"id": self._aid, "results": results})
 
     def misbehave(self):
         """Chaos: crash or freeze on this assignment, as --chaos asked."""

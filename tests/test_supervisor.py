@@ -86,12 +86,39 @@ def test_infant_deaths_back_off_exponentially_then_give_up(world):
         forks = len(spawner.spawned)
         s.start_due()
         assert len(spawner.spawned) == forks, "re-forked before its back-off"
-        clock.now = max(slot.restart_at for slot in s.slots)
-        s.start_due()
+        while any(slot.state is State.DOWN for slot in s.slots):
+            clock.now = s.next_deadline()
+            s.start_due()
         assert len(spawner.spawned) == forks + 3
     assert delays[:4] == pytest.approx([0.1, 0.2, 0.4, 0.8])
     assert max(delays) == sup.BACKOFF_MAX
     assert s.hopeless()
+
+
+def test_workers_that_start_then_die_are_backed_off_but_never_given_up(world):
+    s, clock, log, spawner, _ = world
+    for _ in range(3 * sup.GIVE_UP_AFTER):
+        for slot in s.slots:
+            s.on_ready(slot.worker)
+            s.on_exit(slot.worker.pid, exited(70))
+        while any(slot.state is State.DOWN for slot in s.slots):
+            clock.now = s.next_deadline()
+            s.start_due()
+    assert s.slots[0].failures == 3 * sup.GIVE_UP_AFTER
+    assert not s.hopeless()
+    assert "worker.backoff" in log.names()
+
+
+def test_forks_never_exceed_the_rate_cap(monkeypatch):
+    monkeypatch.setattr(sup, "kill_group", lambda pid, sig: None)
+    clock, log, spawner = FakeClock(), FakeLog(), FakeSpawner()
+    s = Supervisor(8, spawner, clock, log, hang_timeout=30)
+    s.start_due()
+    assert len(spawner.spawned) == sup.MAX_FORKS_PER_SECOND
+    assert s.next_deadline() == clock.now + 1.0
+    clock.now += 1.0
+    s.start_due()
+    assert len(spawner.spawned) == 8
 
 
 def test_one_good_assignment_resets_the_back_off(world):
