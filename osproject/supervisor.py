@@ -21,7 +21,7 @@ BACKOFF_FIRST = 0.1    # seconds before re-forking after a worker died young
 BACKOFF_MAX = 5.0      # ... doubling per consecutive failure, up to this
 GIVE_UP_AFTER = 8      # every slot's workers died this often before saying ready: stop
 MAX_WARNINGS = 2       # more than this and a worker is banned
-MAX_FORKS_PER_SECOND = 5   # however many slots fail at once
+MAX_FORKS_PER_SECOND = 5   # re-forks after infant deaths, however many slots fail
 
 
 class State(enum.Enum):
@@ -91,13 +91,20 @@ class Supervisor:
 
     # -- starting -------------------------------------------------------
     def start_due(self):
-        """Fork into every DOWN slot whose restart time has come, within the rate cap."""
+        """Fork into every DOWN slot whose restart time has come.
+
+        Restarts after a death in infancy also wait for the global rate cap;
+        a worker that did its job before it died is replaced at once.
+        """
         now = self.clock()
         for slot in self.slots:
-            if slot.state is State.DOWN and slot.restart_at <= now:
-                if self.fork_allowed_at() > now:
-                    return
+            if slot.state is State.DOWN and self.restart_time(slot) <= now:
                 self.start(slot, now)
+
+    def restart_time(self, slot):
+        if slot.failures:
+            return max(slot.restart_at, self.fork_allowed_at())
+        return slot.restart_at
 
     def fork_allowed_at(self):
         """When the next fork keeps us within MAX_FORKS_PER_SECOND."""
@@ -108,7 +115,7 @@ class Supervisor:
     def start(self, slot, now):
         worker = self.spawn(slot)
         worker.heard_at = now
-        self.recent_forks.append(now)
+        self.recent_forks.append(now)       # every fork counts toward the cap
         slot.forks += 1
         slot.worker = worker
         slot.enter(State.STARTING)           # DOWN -> STARTING
@@ -228,8 +235,7 @@ class Supervisor:
 
     def next_deadline(self):
         """When the loop must wake for time-driven work, or None."""
-        times = [max(s.restart_at, self.fork_allowed_at())
-                 for s in self.slots if s.state is State.DOWN]
+        times = [self.restart_time(s) for s in self.slots if s.state is State.DOWN]
         times += [s.worker.heard_at + self.hang_timeout for s in self.slots
                   if s.state in (State.STARTING, State.BUSY)]
         return min(times, default=None)

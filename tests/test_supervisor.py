@@ -109,16 +109,24 @@ def test_workers_that_start_then_die_are_backed_off_but_never_given_up(world):
     assert "worker.backoff" in log.names()
 
 
-def test_forks_never_exceed_the_rate_cap(monkeypatch):
+def test_restarts_after_infant_deaths_never_exceed_the_rate_cap(monkeypatch):
     monkeypatch.setattr(sup, "kill_group", lambda pid, sig: None)
     clock, log, spawner = FakeClock(), FakeLog(), FakeSpawner()
     s = Supervisor(8, spawner, clock, log, hang_timeout=30)
     s.start_due()
-    assert len(spawner.spawned) == sup.MAX_FORKS_PER_SECOND
-    assert s.next_deadline() == clock.now + 1.0
-    clock.now += 1.0
+    assert len(spawner.spawned) == 8, "the first forks are not capped"
+    for slot in s.slots:
+        s.on_exit(slot.worker.pid, exited(1))
+    clock.now += sup.BACKOFF_FIRST
     s.start_due()
-    assert len(spawner.spawned) == 8
+    assert len(spawner.spawned) == 8, "the window is still full of the first forks"
+    assert s.next_deadline() == 1001.0
+    clock.now = 1001.0
+    s.start_due()
+    assert len(spawner.spawned) == 8 + sup.MAX_FORKS_PER_SECOND
+    clock.now = 1002.0
+    s.start_due()
+    assert len(spawner.spawned) == 16
 
 
 def test_one_good_assignment_resets_the_back_off(world):
