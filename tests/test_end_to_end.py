@@ -174,20 +174,3 @@ def test_exclude_skips_matching_names(server, tmp_path):
     records, summary = run_client(server, "--json", "--exclude", "*.tmp", tree).records()
     assert summary == {"NEW": 10}
     assert not (tree / "d0" / "cache.tmp.md5").exists()
-
-
-def test_several_clients_at_once_are_all_served(server, tmp_path):
-    import subprocess
-    from conftest import CLIENT
-    trees = []
-    for i in range(6):
-        trees.append(tmp_path / f"t{i}")
-        make_tree(trees[-1], files=80, seed=i)
-    procs = [subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, "--json",
-                               str(t)], stdout=subprocess.PIPE, text=True) for t in trees]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=90)
-        assert proc.returncode == 0
-        assert json.loads(out.splitlines()[-1]) == {"summary": {"NEW": 80}}
-    for t in trees:
-        assert md5sum_check(sidecars_under(t)) == []

@@ -362,3 +362,56 @@ def test_permission_denied_is_an_error_and_the_run_goes_on():
         assert client.returncode == 0
     finally:
         shutil.rmtree(base)
+
+
+# -- clients -------------------------------------------------------------------
+
+def test_a_client_that_never_reads_is_dropped_and_others_are_served(server, tmp_path):
+    import hashlib
+    import select
+    import time
+    from osproject import protocol
+    from osproject.client import Connection
+    small = tmp_path / "small"
+    small.write_bytes(b"tiny")
+    item = {"kind": "check", "path": str(small), "sidecar": str(small) + ".md5",
+            "expected": hashlib.md5(b"tiny").hexdigest()}
+    conn = Connection(server.fifo)
+    conn.open()
+    os.set_blocking(conn.request_fd, False)
+    pending, rid, dropped = b"", 0, False
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and not dropped:
+            if not pending:
+                rid += 1
+                pending = protocol.encode({"id": rid, "files": [item] * 5})
+            try:
+                pending = pending[os.write(conn.request_fd, pending):]
+            except BlockingIOError:                    # the server stopped reading us
+                select.select([], [conn.request_fd], [], 0.05)
+                dropped = bool(server.events("session.dropped"))
+            except BrokenPipeError:
+                dropped = True
+        assert dropped, "a client that never reads was never dropped"
+        other = tmp_path / "other"
+        files = make_tree(other, files=40)
+        assert_complete(run_client(server, "--json", other), files)
+    finally:
+        conn.close()
+    event = server.events("session.dropped")[0]
+    assert "read nothing" in event["reason"]
+    assert server.ps.memory_info().rss < 150 * 1024**2
+
+
+def test_many_clients_at_once_are_all_served(server, tmp_path):
+    trees = []
+    for i in range(16):
+        trees.append(tmp_path / f"t{i}")
+        make_tree(trees[-1], files=40, seed=i)
+    procs = [subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, str(t)],
+                              stdout=subprocess.PIPE, text=True) for t in trees]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0 and out.endswith("40 files: 40 NEW\n"), out
+    assert len(server.events("session.closed")) == 16
