@@ -5,11 +5,9 @@ import os
 import sys
 
 from . import __version__
-from .client import ClientError, check
-from .entrance import EntranceError, default_fifo
-from .log import EventLog
-from .report import EXIT_TROUBLE, Report
-from .server import Config, Server
+from .entrance import default_fifo
+
+EXIT_TROUBLE = 2
 
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Run from a checkout, the log goes to its logs/; installed, to ./logs.
@@ -78,6 +76,9 @@ def server_parser():
 
 
 def server_main(argv=None):
+    from .entrance import EntranceError
+    from .log import EventLog
+    from .server import Config, Server
     args = server_parser().parse_args(argv)
     if args.workers < 3:
         server_parser().error("--workers must be at least 3: a tie between two "
@@ -125,6 +126,8 @@ def client_parser():
 
 
 def client_main(argv=None):
+    from .client import ClientError, check
+    from .report import Report
     parser = client_parser()
     try:
         args = parser.parse_args(argv)

@@ -1,10 +1,10 @@
 """The client: one lister thread, five checker threads, one reply reader.
 
 The lister feeds a bounded queue, so memory does not grow with the tree.
-Each checker takes up to five entries at a time (each entry goes to exactly
-one checker, by the queue's own lock), reads their baselines, sends them as
-one request under the send lock, and waits for its own replies, which the
-reader thread routes to it by request id.
+Each checker takes a batch of up to five entries at a time (each batch goes
+to exactly one checker, by the queue's own lock), reads their baselines, sends them as
+one request under the send lock, and keeps a few requests in flight; the
+reader thread routes each reply to the checker that asked, by request id.
 """
 
 import errno
@@ -23,7 +23,8 @@ from .report import EXIT_TROUBLE
 from .verifier import SKIPPED
 
 CHECKERS = 5
-QUEUE_SIZE = 1000
+WINDOW = 3              # requests each checker keeps in flight: 75 files in all
+QUEUE_SIZE = 200        # batches of five entries
 CONNECT_TIMEOUT = 5.0
 
 
@@ -168,7 +169,7 @@ class Client:
         """Check every root; return the exit status."""
         reader = threading.Thread(target=self.read_replies, name="reader", daemon=True)
         lister = threading.Thread(target=self.list_all, args=(roots,), name="lister")
-        checkers = [threading.Thread(target=self.check_loop, name=f"checker-{i}")
+        checkers = [threading.Thread(target=Checker(self).run, name=f"checker-{i}")
                     for i in range(CHECKERS)]
         reader.start()
         lister.start()
@@ -191,11 +192,18 @@ class Client:
 
     # -- the lister thread ------------------------------------------------
     def list_all(self, roots):
+        """Queue the entries in batches of five: one queue operation per batch."""
+        batch = []
         try:
             for root in roots:
                 for entry in self.lister.walk(root):
-                    if not self.put(entry):
-                        return
+                    batch.append(entry)
+                    if len(batch) == protocol.MAX_PATHS:
+                        if not self.put(batch):
+                            return
+                        batch = []
+            if batch:
+                self.put(batch)
         finally:
             for _ in range(CHECKERS):
                 self.put(None, force=True)
@@ -213,53 +221,23 @@ class Client:
                     return False
 
     # -- the checker threads ----------------------------------------------
-    def check_loop(self):
-        done = False
-        while not done and not self.stop.is_set():
-            batch = [self.queue.get()]
-            while batch[-1] is not None and len(batch) < protocol.MAX_PATHS:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            if batch[-1] is None:
-                batch.pop()
-                done = True
-            try:
-                self.check_batch(batch)
-            except ClientError as exc:
-                self.fail(str(exc))
-            except OSError as exc:
-                self.fail(f"lost the server: {exc.strerror or exc}")
+    def take_batch(self):
+        """Take the next batch of up to five entries; return (batch, lister_done)."""
+        batch = self.queue.get()
+        return ([], True) if batch is None else (batch, False)
 
-    def check_batch(self, entries):
-        """Resolve what can be resolved here; ask the server about the rest."""
-        asked = []
-        for entry in entries:
-            entry, item = self.prepare(entry)
-            if item is not None:
-                asked.append((entry, item))
-        if not asked:
-            return
+    def register(self, replies):
+        """Give a new request id whose replies the reader routes to `replies`."""
         rid = next(self.rids)
-        replies = queue.SimpleQueue()
         with self.waiting_lock:
             if self.reader_done:
                 raise ClientError(self.failure or "the server went away")
             self.waiting[rid] = replies
-        try:
-            self.conn.send({"id": rid, "files": [item for _, item in asked]})
-            for _ in asked:
-                reply = replies.get()
-                if reply is None:
-                    raise ClientError(self.failure or "the server went away")
-                entry, item = asked[reply["i"]]
-                self.report.add(entry.path, reply["status"], reply.get("md5"),
-                                reply.get("expected"), reply.get("error"),
-                                unchecked=reply.get("unchecked", False), key=item["path"])
-        finally:
-            with self.waiting_lock:
-                del self.waiting[rid]
+        return rid
+
+    def unregister(self, rid):
+        with self.waiting_lock:
+            self.waiting.pop(rid, None)
 
     def prepare(self, entry):
         """Return (entry, request item), the item None once reported here."""
@@ -310,11 +288,12 @@ class Client:
                     replies.put(None)
 
     def route(self, frame):
-        if "id" in frame:
+        if "replies" in frame:
             with self.waiting_lock:
-                replies = self.waiting.get(frame["id"])
-            if replies is not None:
-                replies.put(frame)
+                for reply in frame["replies"]:
+                    replies = self.waiting.get(reply["id"])
+                    if replies is not None:
+                        replies.put(reply)
         elif "correct" in frame:
             fix = frame["correct"]
             self.report.correct(fix["path"], fix["status"], fix["md5"])
@@ -322,6 +301,80 @@ class Client:
             self.report.confirm(frame["confirmed"])
         elif "bye" in frame:
             self.bye = frame["bye"]
+
+
+class Checker:
+    """One checker thread: up to WINDOW requests in flight, its replies handed to it.
+
+    Keeping a few requests in flight hides the round trip through the server
+    and a worker; each file is still taken, asked about and reported by
+    exactly this one checker.
+    """
+
+    def __init__(self, client):
+        self.client = client
+        self.replies = queue.SimpleQueue()  # filled by the reader thread
+        self.inflight = {}                  # rid -> [[(entry, item)...], replies due]
+
+    def run(self):
+        try:
+            self.loop()
+        except ClientError as exc:
+            self.client.fail(str(exc))
+        except OSError as exc:
+            self.client.fail(f"lost the server: {exc.strerror or exc}")
+        finally:
+            for rid in self.inflight:
+                self.client.unregister(rid)
+
+    def loop(self):
+        done = False
+        while not self.client.stop.is_set():
+            self.collect(block=False)
+            if not done and len(self.inflight) < WINDOW:
+                batch, done = self.client.take_batch()
+                self.ask(batch)
+            elif self.inflight:
+                self.collect(block=True)
+            else:
+                return
+
+    def ask(self, entries):
+        """Resolve what can be resolved here; send the rest as one request."""
+        asked = []
+        for entry in entries:
+            entry, item = self.client.prepare(entry)
+            if item is not None:
+                asked.append((entry, item))
+        if not asked:
+            return
+        rid = self.client.register(self.replies)
+        self.inflight[rid] = [asked, len(asked)]
+        self.client.conn.send({"id": rid, "files": [item for _, item in asked]})
+
+    def collect(self, block):
+        """Report the replies that have arrived; with block, wait for one first."""
+        while True:
+            try:
+                reply = self.replies.get(block=block)
+            except queue.Empty:
+                return
+            if reply is None:
+                raise ClientError(self.client.failure or "the server went away")
+            self.record(reply)
+            block = False
+
+    def record(self, reply):
+        rid = reply["id"]
+        state = self.inflight[rid]
+        entry, item = state[0][reply["i"]]
+        self.client.report.add(entry.path, reply["status"], reply.get("md5"),
+                               reply.get("expected"), reply.get("error"),
+                               unchecked=reply.get("unchecked", False), key=item["path"])
+        state[1] -= 1
+        if not state[1]:
+            del self.inflight[rid]
+            self.client.unregister(rid)
 
 
 def check(roots, fifo, report, **options):

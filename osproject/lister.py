@@ -7,15 +7,15 @@ sidecar whose file is gone comes out as an orphan for a checker to confirm.
 
 import fnmatch
 import os
-from dataclasses import dataclass
+import stat
+from typing import NamedTuple
 
-from . import store, worker
+from . import store
 
 FILE, SKIP, ORPHAN, ERROR = "file", "skip", "orphan", "error"
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     kind: str           # FILE, SKIP, ORPHAN or ERROR
     path: str           # as the user will see it: their root joined with names
     sidecar: str = None
@@ -73,14 +73,14 @@ class Lister:
             if entry.is_file(follow_symlinks=False):
                 return Entry(FILE, entry.path, store.sidecar_path(entry.path, self.store_dir))
             return Entry(SKIP, entry.path,
-                         reason=worker.describe_kind(entry.stat(follow_symlinks=False).st_mode))
+                         reason=describe_kind(entry.stat(follow_symlinks=False).st_mode))
         except OSError as exc:
             return Entry(ERROR, entry.path, reason=exc.strerror)
 
     def classify_single(self, path, st):
         if os.path.isfile(path) and not os.path.islink(path):
             return Entry(FILE, path, store.sidecar_path(path, self.store_dir))
-        return Entry(SKIP, path, reason=worker.describe_kind(st.st_mode))
+        return Entry(SKIP, path, reason=describe_kind(st.st_mode))
 
     def store_orphans(self, directory, files):
         """With --store, sidecars in the mirror directory whose file is gone."""
@@ -108,3 +108,13 @@ def _is_dir(entry):
         return entry.is_dir(follow_symlinks=False)
     except OSError:
         return False
+
+
+def describe_kind(mode):
+    """Name the kind of a file that is not regular, for SKIPPED."""
+    for test, name in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "not a regular file"

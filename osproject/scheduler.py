@@ -24,12 +24,9 @@ class Job:
     stale: list = field(default_factory=list)   # pids that may have left temp files
     write_error: str = None
 
-    def excluded(self):
-        """Workers that may not give this file another opinion."""
-        wids = {v.wid for v in self.opinions}
-        if self.reverify_of is not None:
-            wids.add(self.reverify_of)
-        return wids
+    def allows(self, wid):
+        """May worker `wid` give this file an opinion? Not a second one of its own."""
+        return wid != self.reverify_of and all(v.wid != wid for v in self.opinions)
 
     def write_mode(self):
         """How the next worker treats the sidecar: new, replace or keep.
@@ -83,7 +80,7 @@ class Scheduler:
         batch, passed = [], []
         while self.pending and len(batch) < limit:
             job = self.pending.popleft()
-            (passed if worker.wid in job.excluded() else batch).append(job)
+            (batch if job.allows(worker.wid) else passed).append(job)
         self.pending.extendleft(reversed(passed))
         if not batch:
             return None

@@ -142,6 +142,7 @@ class Server:
         if not self.stopping:
             self.supervisor.start_due()
         self.dispatch()
+        self.send_replies()
         self.close_finished_sessions()
 
     def interest(self):
@@ -283,9 +284,8 @@ class Server:
         if not job.opinions and job.reverify_of is None:
             job.cross_check = verifier.wants_cross_check(
                 worker, self.config.cross_check, self.rng)
-        job.opinions.append(Vote(worker.wid, result["md5"],
-                                 (result["size"], result["mtime"], result["ctime"],
-                                  result["ino"]), bool(result.get("racy")), worker.pid))
+        job.opinions.append(Vote(worker.wid, result["md5"], result["stat"],
+                                 bool(result.get("racy")), worker.pid))
         verdict = verifier.judge(job.expected, job.opinions, job.cross_check,
                                  min(verifier.MAX_OPINIONS, self.config.workers))
         if verdict is None:
@@ -319,10 +319,7 @@ class Server:
     def answer(self, session, reply, status):
         session.outstanding -= 1
         session.count(status)
-        try:
-            session.send({k: v for k, v in reply.items() if v is not None})
-        except Refused as exc:
-            self.drop_session(session, str(exc))
+        session.reply({k: v for k, v in reply.items() if v is not None})
 
     def finish_reverify(self, job, verdict):
         """A re-checked hash: correct the client and log it when it was a lie."""
@@ -429,6 +426,16 @@ class Server:
             session.close()
             self.log.warning("session.dropped", session=session.sid, reason=reason)
 
+    def send_replies(self):
+        """Send each client this pass's verdicts, batched, and start writing them."""
+        for session in list(self.sessions):
+            try:
+                session.pack()
+            except Refused as exc:
+                self.drop_session(session, str(exc))
+                continue
+            session.flush()
+
     def close_finished_sessions(self):
         for session in list(self.sessions):
             if (session.eof or session.dead) and session.outstanding <= 0 \
@@ -464,9 +471,11 @@ def check_results(frame, assignment):
         if "md5" in result:
             if not (isinstance(result["md5"], str) and _MD5.fullmatch(result["md5"])):
                 raise Fault("malformed md5")
-            if not all(isinstance(result.get(k), int)
-                       for k in ("size", "mtime", "ctime", "ino")):
+            stat = (result.get("size"), result.get("mtime"), result.get("ctime"),
+                    result.get("ino"))
+            if not all(type(v) is int for v in stat):
                 raise Fault("malformed stat")
+            result["stat"] = stat
     return results
 
 

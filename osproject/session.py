@@ -8,6 +8,7 @@ import stat
 from . import protocol
 
 MAX_OUTPUT = 4 * 1024 * 1024   # a client that stops reading is dropped past this
+REPLIES_PER_FRAME = 50         # verdicts are ~150 bytes: a frame stays far below MAX_FRAME
 READ_SIZE = 64 * 1024
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
@@ -64,6 +65,7 @@ class Session:
         self.eof = False          # the client closed its request FIFO
         self.dead = False         # gone or dropped: replies go nowhere
         self.outstanding = 0      # jobs whose verdict is not sent yet
+        self.replies = []         # verdicts of this loop pass, sent together by pack()
         self.said_bye = False
         self.files = 0
         self.counts = {}
@@ -101,6 +103,18 @@ class Session:
             self.dead = True
             self.outbuf.clear()
             raise Refused(f"client read nothing of {MAX_OUTPUT} bytes of replies")
+
+    def reply(self, verdict):
+        """Queue one file's verdict; a loop pass's verdicts leave as one frame."""
+        if not self.dead:
+            self.replies.append(verdict)
+
+    def pack(self):
+        """Frame the queued verdicts (raises Refused like send)."""
+        while self.replies:
+            batch = self.replies[:REPLIES_PER_FRAME]
+            del self.replies[:REPLIES_PER_FRAME]
+            self.send({"replies": batch})
 
     def flush(self):
         """Write what the reply FIFO takes now; mark the session dead on EPIPE."""

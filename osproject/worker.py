@@ -16,6 +16,7 @@ import sys
 import time
 
 from . import protocol, store
+from .lister import describe_kind
 
 CHUNK = 128 * 1024          # measured: larger reads are no faster, and cost RSS
 PROGRESS_INTERVAL = 0.25    # seconds between "still alive" frames on a big file
@@ -197,7 +198,7 @@ def hash_file(path, progress=lambda: None):
         if not stat.S_ISREG(before.st_mode):
             return {"skipped": describe_kind(before.st_mode)}
         started = time.time_ns()
-        digest = _digest(fd, progress)
+        digest = _digest(fd, before.st_size, progress)
         after = os.fstat(fd)
     except OSError as exc:
         return {"error": _strerror(exc)}
@@ -229,16 +230,20 @@ def is_racy(st, started_ns):
     return started_ns - changed < window
 
 
-def _digest(fd, progress):
+def _digest(fd, size, progress):
+    """MD5 of the first `size` bytes (fewer if it shrank); growth shows in fstat."""
     md5 = hashlib.md5()
-    buf = bytearray(CHUNK)
+    buf = bytearray(min(CHUNK, max(size, 1)))
     view = memoryview(buf)
-    while True:
+    left = size
+    while left > 0:
         n = os.readv(fd, [buf])
         if not n:
-            return md5.hexdigest()
+            break
         md5.update(view[:n])
+        left -= n
         progress()
+    return md5.hexdigest()
 
 
 def _fingerprint(st):
@@ -254,16 +259,6 @@ def _open_failure(path, exc):
         except OSError:
             pass
     return {"error": _strerror(exc)}
-
-
-def describe_kind(mode):
-    """Name the kind of a file that is not regular, for SKIPPED."""
-    for test, name in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 def remove_stale_temps(sidecar, pid):
