@@ -23,24 +23,31 @@ class Job:
     retried: bool = False       # a worker died holding this job
     stale: list = field(default_factory=list)   # pids that may have left temp files
     write_error: str = None
+    written: str = None         # the hash its sidecar now holds, as its writer said
+    repairs: int = 0            # sidecar rewrites asked for after the verdict
+    warned: set = field(default_factory=set)    # wids already warned over this file
 
     def allows(self, wid):
         """May worker `wid` give this file an opinion? Not a second one of its own."""
         return wid != self.reverify_of and all(v.wid != wid for v in self.opinions)
 
+    @property
+    def keeps_sidecar(self):
+        """True when the sidecar must hold the file's agreed hash when done."""
+        return self.expected is None or self.update
+
     def write_mode(self):
         """How the next worker treats the sidecar: new, replace or keep.
 
-        The opinion that settles a file is always in the majority, so letting
-        each later opinion rewrite the sidecar leaves the agreed hash on disk.
+        The first reading of a file without a baseline writes it; second
+        opinions only read.  A repair (the agreed hash differs from the one
+        written) rewrites it.
         """
-        if self.expected is not None and not self.update:
+        if self.repairs:
+            return "replace"
+        if self.opinions or self.expected is not None or self.reverify_of is not None:
             return "keep"
-        if not self.opinions and self.reverify_of is None:
-            if self.expected is not None:
-                return "keep"           # --update: rewrite only once it changed
-            return "replace" if self.retried else "new"
-        return "replace"
+        return "replace" if self.retried else "new"
 
     def item(self):
         """The assignment entry a worker sees: no expected hash."""

@@ -27,6 +27,7 @@ HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 MAX_SESSIONS = 100        # two fds each: select() cannot watch fds >= FD_SETSIZE
 MAX_OUTSTANDING = 100     # files a client may have in the server before we stop reading
 STOP_GRACE = 2.0          # seconds workers get to leave after SIGTERM
+MAX_REPAIRS = 3           # rewrites of a sidecar a liar wrote, before giving up
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
 
@@ -281,6 +282,8 @@ class Server:
             return self.finish(job, outcome_without_hash(result))
         if result.get("error"):
             job.write_error = result["error"]
+        if result.get("wrote"):
+            job.written = result["md5"]
         if not job.opinions and job.reverify_of is None:
             job.cross_check = verifier.wants_cross_check(
                 worker, self.config.cross_check, self.rng)
@@ -292,16 +295,30 @@ class Server:
             self.log.info("crosscheck", path=job.path, opinions=len(job.opinions),
                           slot=worker.slot, pid=worker.pid)
             self.scheduler.submit(job, urgent=True)
+            return
+        for wid in set(verdict.liars) - job.warned:
+            job.warned.add(wid)
+            self.penalize(wid, job, verdict)
+        if self.needs_repair(job, verdict):
+            job.repairs += 1
+            self.log.warning("sidecar.repair", path=job.path, written=job.written,
+                             agreed=verdict.md5)
+            self.scheduler.submit(job, urgent=True)
         else:
             self.finish(job, verdict)
 
+    def needs_repair(self, job, verdict):
+        """Must a worker of the majority (re)write the sidecar?"""
+        return sidecar_is_wrong(job, verdict) and job.repairs < MAX_REPAIRS
+
     # -- verdicts ---------------------------------------------------------
     def finish(self, job, verdict):
-        """Act on a file's verdict: warn the liars, answer the client."""
-        for wid in verdict.liars:
-            self.penalize(wid, job, verdict)
+        """Answer the client with a file's verdict (the liars are warned already)."""
+        if sidecar_is_wrong(job, verdict):
+            verdict = Verdict(verifier.ERROR, verdict.md5,
+                              reason="its sidecar could not be repaired")
         if not verdict.checked:
-            job.session.unchecked.setdefault(job.opinions[0].wid, []).append(job)
+            job.session.unchecked.add(job.path, job.sidecar, job.opinions[0])
         if job.reverify_of is not None:
             return self.finish_reverify(job, verdict)
         status, error = verdict.status, verdict.reason
@@ -359,17 +376,18 @@ class Server:
 
     def reverify(self, worker):
         """Have other workers re-check every hash this worker gave unchecked."""
-        jobs = [job for session in self.sessions
-                for job in session.unchecked.pop(worker.wid, ())]
-        for old in jobs:
-            job = Job(session=old.session, rid=old.rid, index=old.index,
-                      path=old.path, sidecar=old.sidecar, opinions=old.opinions[:1],
-                      cross_check=True, reverify_of=worker.wid)
-            old.session.outstanding += 1
-            self.scheduler.submit(job, urgent=True)
-        if jobs:
+        count = 0
+        for session in self.sessions:
+            for path, sidecar, vote in session.unchecked.pop(worker.wid):
+                session.outstanding += 1
+                self.scheduler.submit(Job(session=session, rid=None, index=None,
+                                          path=path, sidecar=sidecar, opinions=[vote],
+                                          written=vote.md5, cross_check=True,
+                                          reverify_of=worker.wid), urgent=True)
+                count += 1
+        if count:
             self.log.warning("worker.reverify", slot=worker.slot, pid=worker.pid,
-                             files=len(jobs))
+                             files=count)
 
     # -- clients ----------------------------------------------------------
     def on_entrance(self):
@@ -477,6 +495,17 @@ def check_results(frame, assignment):
                 raise Fault("malformed stat")
             result["stat"] = stat
     return results
+
+
+def sidecar_is_wrong(job, verdict):
+    """Does the sidecar lack the agreed hash it should now hold?
+
+    A liar that read first wrote its lie; under --update, a changed file's
+    baseline is rewritten only once the change is agreed.
+    """
+    return (job.keeps_sidecar and not job.write_error
+            and verdict.status in (verifier.NEW, verifier.CHANGED)
+            and job.written != verdict.md5)
 
 
 def outcome_without_hash(result):

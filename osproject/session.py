@@ -1,11 +1,13 @@
 """A client's session on the server side: its two private FIFOs and their buffers."""
 
 import errno
+import json
 import os
 import re
 import stat
 
 from . import protocol
+from .verifier import Vote
 
 MAX_OUTPUT = 4 * 1024 * 1024   # a client that stops reading is dropped past this
 REPLIES_PER_FRAME = 50         # verdicts are ~150 bytes: a frame stays far below MAX_FRAME
@@ -69,9 +71,7 @@ class Session:
         self.said_bye = False
         self.files = 0
         self.counts = {}
-        # wid -> jobs whose hash that worker gave and nobody cross-checked: if
-        # it is caught lying during this session, they are checked again.
-        self.unchecked = {}
+        self.unchecked = Unchecked()
 
     def read(self):
         """Return the request frames now readable; set eof when the client is done.
@@ -136,6 +136,34 @@ class Session:
     def close(self):
         for fd in (self.request_fd, self.reply_fd):
             os.close(fd)
+
+
+class Unchecked:
+    """Hashes a worker gave that nobody cross-checked, kept for re-verification.
+
+    If that worker is caught lying during the session, they are checked
+    again.  Packed as one JSON line each in a bytearray per worker (~150
+    bytes a file, not a kilobyte of objects): on a first run this is the only
+    server state that grows with the tree.
+    """
+
+    def __init__(self):
+        self._by_wid = {}
+
+    def add(self, path, sidecar, vote):
+        packed = self._by_wid.setdefault(vote.wid, bytearray())
+        packed += protocol.encode([path, sidecar, vote.md5, *vote.stat, vote.racy,
+                                   vote.pid])
+
+    def pop(self, wid):
+        """Return and forget [(path, sidecar, Vote)] of worker `wid`."""
+        packed = self._by_wid.pop(wid, b"")
+        entries = []
+        for line in packed.splitlines():
+            path, sidecar, md5, size, mtime, ctime, ino, racy, pid = json.loads(line)
+            entries.append((path, sidecar, Vote(wid, md5, (size, mtime, ctime, ino),
+                                                racy, pid)))
+        return entries
 
 
 def validate_request(frame):

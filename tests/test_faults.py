@@ -36,7 +36,7 @@ def assert_complete(result, files, status="NEW"):
 
 def test_workers_killed_many_times_a_second_lose_nothing(server, tmp_path):
     tree = tmp_path / "tree"
-    files = make_tree(tree, files=2500, dirs=25, size=6000)
+    files = make_tree(tree, files=4000, dirs=25, size=6000)
     stop = threading.Event()
     kills = []
 
@@ -59,7 +59,7 @@ def test_workers_killed_many_times_a_second_lose_nothing(server, tmp_path):
     finally:
         stop.set()
         thread.join()
-    assert len(kills) > 20
+    assert len(kills) >= 10, "the run ended before the storm got going"
     assert_complete(result, files)
     assert md5sum_check(sidecars_under(tree)) == []
     assert temp_files_under(tree) == [], "a killed worker's temp file was left"

@@ -54,6 +54,9 @@ def test_a_liar_that_always_lies_is_banned_after_exactly_three_lies(start_server
     assert others == [], "an honest worker was warned"
     exits = [e for e in server.events("worker.exited") if e["pid"] == liar]
     assert exits and exits[0]["signal"] == "SIGKILL"
+    repairs = server.events("sidecar.repair")
+    assert repairs, "the liar's first sidecars were written with its lies, then repaired"
+    assert all(e["agreed"] == true_md5(e["path"]) != e["written"] for e in repairs)
     slot0 = [e for e in server.events("worker.forked") if e["slot"] == "0"]
     assert len(slot0) == 2, "the banned worker's slot was refilled once"
     server.wait_workers(5)
