@@ -117,7 +117,9 @@ class Server:
         deadline = self.clock() + STOP_GRACE
         while self.supervisor.by_pid and self.clock() < deadline:
             self.reap()
-            time.sleep(0.01)    # shutting down: nothing else to serve
+            if self._wake_r >= 0 and self.supervisor.by_pid:   # wait for SIGCHLD
+                select.select([self._wake_r], [], [], max(0.0, deadline - self.clock()))
+                self.drain_wakeups()
         for pid in list(self.supervisor.by_pid):
             kill_group(pid, signal.SIGKILL)
             try:
@@ -171,12 +173,15 @@ class Server:
         return min(max(0.0, deadline - self.clock()), 3600.0)
 
     # -- signals and children --------------------------------------------
-    def on_signals(self):
+    def drain_wakeups(self):
+        """Return the signal numbers the wakeup pipe holds."""
         try:
-            data = os.read(self._wake_r, 512)
+            return os.read(self._wake_r, 512)
         except BlockingIOError:
-            return
-        for signum in data:
+            return b""
+
+    def on_signals(self):
+        for signum in self.drain_wakeups():
             if signum == signal.SIGCHLD:
                 self._reap_needed = True
             elif signum in (signal.SIGTERM, signal.SIGINT):
@@ -204,6 +209,7 @@ class Server:
         for fd in (worker.to_worker, worker.from_worker):
             if fd >= 0:
                 os.close(fd)
+        worker.to_worker = worker.from_worker = -1
         if worker.assignment is not None:
             self.scheduler.requeue(worker.assignment, pid)
             self.log.info("assignment.requeued", slot=worker.slot, pid=pid,
@@ -240,6 +246,8 @@ class Server:
         del worker.outbuf[:sent]
 
     def on_worker_readable(self, worker):
+        if worker.from_worker < 0:
+            return
         try:
             data = os.read(worker.from_worker, 65536)
         except BlockingIOError:

@@ -78,6 +78,8 @@ class Session:
 
         Raises Refused for a frame that is not a valid request.
         """
+        if self.dead:
+            return []
         try:
             data = os.read(self.request_fd, READ_SIZE)
         except BlockingIOError:
@@ -134,8 +136,12 @@ class Session:
         self.counts[status] = self.counts.get(status, 0) + 1
 
     def close(self):
+        """Close both FIFOs; a handler still queued for them in this pass sees dead."""
+        self.dead = True
         for fd in (self.request_fd, self.reply_fd):
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+        self.request_fd = self.reply_fd = -1
 
 
 class Unchecked:
