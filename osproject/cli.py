@@ -148,3 +148,8 @@ def client_main(argv=None):
         return EXIT_TROUBLE
     except KeyboardInterrupt:
         return 130
+    except Exception:  # noqa: BLE001 - a crash must not read as "something changed"
+        import traceback
+        traceback.print_exc()
+        print("integrity-client: internal error; the check was not done", file=sys.stderr)
+        return EXIT_TROUBLE

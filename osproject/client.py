@@ -44,10 +44,17 @@ class Connection:
 
     def open(self):
         """Say hello and wait for the welcome; raise ClientError if nobody answers."""
-        private = tempfile.mkdtemp(prefix="osp-")          # mode 0700
+        try:
+            private = tempfile.mkdtemp(prefix="osp-")      # mode 0700
+        except OSError as exc:
+            raise ClientError(f"cannot make a private directory: {exc}") from None
         try:
             self._handshake(os.path.join(private, "request"),
                             os.path.join(private, "reply"))
+        except protocol.ProtocolError as exc:
+            raise ClientError(str(exc)) from None
+        except OSError as exc:
+            raise ClientError(f"cannot set up the session FIFOs: {exc}") from None
         finally:
             shutil.rmtree(private, ignore_errors=True)     # the open fds live on
 

@@ -8,6 +8,7 @@ os.fsencode() restores the original bytes on the other side.
 """
 
 import json
+import os
 import select
 
 # POSIX guarantees atomic writes up to PIPE_BUF: 4096 on Linux, 512 on macOS.
@@ -15,7 +16,9 @@ PIPE_BUF = getattr(select, "PIPE_BUF", 512)
 # A hello must never interleave with another client's, on any system: keep it
 # within _POSIX_PIPE_BUF, the least PIPE_BUF POSIX allows.
 HELLO_MAX = min(PIPE_BUF, 512)
-MAX_FRAME = 64 * 1024  # a frame holds at most 5 paths of PATH_MAX bytes
+# A frame holds at most 5 files, each a path and a sidecar path of up to
+# PATH_MAX bytes, and JSON spells a byte that is not UTF-8 in 6 characters.
+MAX_FRAME = 512 * 1024
 MAX_PATHS = 5          # files per worker assignment, and per client request
 HELLO_VERSION = 1
 
@@ -34,8 +37,8 @@ def decode(line):
     """Parse one frame (without its newline) into a dict, or raise ProtocolError."""
     try:
         obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"not a JSON frame: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"not a JSON frame: {type(exc).__name__}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("frame is not a JSON object")
     return obj
@@ -65,7 +68,7 @@ class LineBuffer:
             if self._skipping:
                 self._skipping = False
             else:
-                lines.append(bytes(self._buf[:end]))
+                lines.append(bytes(self._buf[:end]) if end <= self.limit else None)
             del self._buf[:end + 1]
         if len(self._buf) > self.limit:
             if not self._skipping:
@@ -100,7 +103,17 @@ def parse_hello(line):
     if frame.get("hello") != HELLO_VERSION:
         raise ProtocolError("not a hello of protocol version 1")
     paths = frame.get("request"), frame.get("reply")
-    for path in paths:
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise ProtocolError("hello must name two absolute FIFO paths")
+    if not all(is_absolute_path(p) for p in paths):
+        raise ProtocolError("hello must name two absolute FIFO paths")
     return paths
+
+
+def is_absolute_path(value):
+    """An absolute path that the OS can take: a str, no NUL, encodable."""
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        return False
+    try:
+        os.fsencode(value)           # a lone surrogate from JSON is not a path
+    except UnicodeEncodeError:
+        return False
+    return True

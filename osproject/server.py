@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from . import protocol, verifier
 from .entrance import Entrance
 from .scheduler import Job, Scheduler
-from .session import Refused, Session
-from .supervisor import ForkSpawner, State, Supervisor, kill_group
+from .session import Refused, Session, Unchecked
+from .supervisor import ForkSpawner, State, Supervisor, Worker, kill_group
 from .verifier import Verdict, Vote
 
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -135,9 +135,9 @@ class Server:
         ready_r, ready_w, _ = select.select(list(readers), list(writers), [],
                                             self.timeout())
         for fd in ready_r:
-            readers[fd]()
+            self.contained(*readers[fd])
         for fd in ready_w:
-            writers[fd]()
+            self.contained(*writers[fd])
         if self._reap_needed:
             self._reap_needed = False
             self.reap()
@@ -149,22 +149,35 @@ class Server:
         self.close_finished_sessions()
 
     def interest(self):
-        """Map each fd to watch to its handler: {fd: fn} for reading, for writing."""
-        readers = {self._wake_r: self.on_signals, self.entrance.fd: self.on_entrance}
+        """Map each fd to watch to (handler, owner), for reading and for writing."""
+        readers = {self._wake_r: (self.on_signals, None),
+                   self.entrance.fd: (self.on_entrance, None)}
         writers = {}
         for w in self.supervisor.workers():
             if w.from_worker >= 0:
-                readers[w.from_worker] = lambda w=w: self.on_worker_readable(w)
+                readers[w.from_worker] = (lambda w=w: self.on_worker_readable(w), w)
             if w.outbuf:
-                writers[w.to_worker] = lambda w=w: self.flush_worker(w)
+                writers[w.to_worker] = (lambda w=w: self.flush_worker(w), w)
         for s in self.sessions:
             # A client with many files in flight waits: its writes block in
             # the FIFO, and our queue stays bounded however fast it asks.
             if not s.eof and not s.dead and s.outstanding < MAX_OUTSTANDING:
-                readers[s.request_fd] = lambda s=s: self.on_session_readable(s)
+                readers[s.request_fd] = (lambda s=s: self.on_session_readable(s), s)
             if s.outbuf and not s.dead:
-                writers[s.reply_fd] = s.flush
+                writers[s.reply_fd] = (s.flush, s)
         return readers, writers
+
+    def contained(self, handler, owner):
+        """Run a handler; a bug it hits costs its one client or worker, not the server."""
+        try:
+            handler()
+        except Exception as exc:  # noqa: BLE001 - the server must outlive any one peer
+            self.log.error("server.error", error=repr(exc)[:500],
+                           peer=type(owner).__name__ if owner else "server")
+            if isinstance(owner, Session):
+                self.drop_session(owner, f"internal error: {exc!r}")
+            elif isinstance(owner, Worker):
+                self.supervisor.kill(owner, "internal error")
 
     def timeout(self):
         deadline = self.supervisor.next_deadline()
@@ -188,8 +201,13 @@ class Server:
                 self.log.info("server.stopping", signal=signal.Signals(signum).name)
                 self.stopping = True
             elif signum == signal.SIGHUP:
-                self.log.reopen()
-                self.log.info("log.reopened", path=self.log.path)
+                try:
+                    self.log.reopen()
+                except OSError as exc:
+                    self.log.error("log.reopen_failed", path=self.log.path,
+                                   reason=exc.strerror)
+                else:
+                    self.log.info("log.reopened", path=self.log.path)
 
     def reap(self):
         """Collect every child that has exited, until none is left to reap."""
@@ -386,6 +404,8 @@ class Server:
         """Have other workers re-check every hash this worker gave unchecked."""
         count = 0
         for session in self.sessions:
+            if session.said_bye:
+                continue
             for path, sidecar, vote in session.unchecked.pop(worker.wid):
                 session.outstanding += 1
                 self.scheduler.submit(Job(session=session, rid=None, index=None,
@@ -467,8 +487,13 @@ class Server:
             if (session.eof or session.dead) and session.outstanding <= 0 \
                     and not session.said_bye:
                 session.said_bye = True
+                session.unchecked = Unchecked()   # free it: no re-checks after the bye
                 if not session.dead:
-                    session.send({"bye": session.counts})
+                    try:
+                        session.send({"bye": session.counts})
+                    except Refused as exc:
+                        self.drop_session(session, str(exc))
+                        continue
                     session.flush()
             if session.said_bye and (session.dead or not session.outbuf):
                 self.sessions.remove(session)

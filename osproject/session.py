@@ -182,8 +182,7 @@ def validate_request(frame):
         if not isinstance(item, dict) or item.get("kind") not in ("check", "missing"):
             raise Refused("a file entry needs kind check or missing")
         for key in ("path", "sidecar"):
-            value = item.get(key)
-            if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+            if not protocol.is_absolute_path(item.get(key)):
                 raise Refused(f"a file entry needs an absolute {key}")
         expected = item.get("expected")
         if expected is not None and not (isinstance(expected, str)

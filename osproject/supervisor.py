@@ -274,8 +274,9 @@ class ForkSpawner:
         chaos = self.chaos_for(slot)
         to_r, to_w = os.pipe()          # assignments: server -> worker
         from_r, from_w = os.pipe()      # results:     worker -> server
-        sys.stdout.flush()              # or the child would flush our buffers again
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):   # or the child flushes them again
+            if stream is not None:                # None: started with it closed
+                stream.flush()
         pid = os.fork()
         if pid == 0:
             worker_mod.child_main(to_r, from_w, chaos)   # never returns

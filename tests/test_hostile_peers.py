@@ -1,0 +1,115 @@
+"""Regressions: clients and environments that once killed or stalled the server."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CLIENT, SERVER, make_tree, run_client, wait_until
+from osproject import protocol
+from osproject.client import Connection
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def hostile_session(server, payload):
+    """Handshake like a real client, then send raw bytes as requests."""
+    conn = Connection(server.fifo)
+    conn.open()
+    try:
+        os.write(conn.request_fd, payload)
+        wait_until(lambda: server.events("request.refused") or server.events("session.dropped"),
+                   what="the server's refusal")
+    finally:
+        conn.close()
+
+
+def still_serves(server, tmp_path, name="ok"):
+    tree = tmp_path / name
+    make_tree(tree, files=10)
+    result = run_client(server, tree)
+    assert result.status == 0, result.stderr
+    assert server.proc.poll() is None
+
+
+def test_frames_that_once_crashed_the_server_cost_only_their_session(server, tmp_path):
+    nested = b"[" * 60000 + b"\n"
+    lone = b'{"id":1,"files":[{"kind":"missing","path":"/x\\ud800","sidecar":"/x.md5"}]}\n'
+    nul = b'{"id":1,"files":[{"kind":"check","path":"/x\\u0000y","sidecar":"/x.md5"}]}\n'
+    for payload in (nested, lone, nul):
+        hostile_session(server, payload)
+    for reply in ("/tmp/x\\u0000", "/tmp/\\ud800"):
+        hello = b'{"hello":1,"request":"/tmp/r","reply":"%s"}\n' % reply.encode()
+        fd = os.open(server.fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, hello)
+        os.close(fd)
+    wait_until(lambda: len(server.events("request.refused")) >= 5, what="five refusals")
+    still_serves(server, tmp_path)
+    assert server.events("server.error") == [], "a refusal must not need the safety net"
+
+
+def test_long_paths_of_non_utf8_names_fit_the_frames(server, tmp_path):
+    deep = os.fsencode(tmp_path / "tree")
+    for level in range(12):                      # ~2.9 KB of bytes that JSON escapes
+        deep = os.path.join(deep, b"\xe9" * 240 + b"%d" % level)
+    os.makedirs(deep)
+    for i in range(5):
+        with open(os.path.join(deep, b"\xe9f%d" % i), "wb") as f:
+            f.write(b"x")
+    result = run_client(server, "--json", tmp_path / "tree")
+    assert result.status == 0, result.stderr
+    assert result.records()[1] == {"NEW": 5}
+
+
+def test_sighup_after_the_log_dir_vanished_keeps_the_server_alive(server, tmp_path):
+    os.rename(server.log_dir, server.log_dir + ".gone")
+    server.proc.send_signal(signal.SIGHUP)
+    server.log_path = os.path.join(server.log_dir + ".gone", "integrity-server.log")
+    server.wait_event("log.reopen_failed")
+    still_serves(server, tmp_path)
+    os.rename(server.log_dir + ".gone", server.log_dir)
+    server.log_path = os.path.join(server.log_dir, "integrity-server.log")
+
+
+def test_a_stderr_nobody_reads_never_stalls_the_loop(tmp_path):
+    fifo = str(tmp_path / "fifo")
+    proc = subprocess.Popen([sys.executable, SERVER, "--fifo", fifo, "--log-dir",
+                             str(tmp_path / "logs"), "--cross-check", "1.0"],
+                            stderr=subprocess.PIPE)   # a pipe we never read
+    try:
+        wait_until(lambda: os.path.exists(fifo), what="the server")
+        tree = tmp_path / "tree"
+        make_tree(tree, files=2000, size=100)          # thousands of log lines
+        assert run_client(fifo, tree, timeout=60).status == 0
+        assert run_client(fifo, tree, timeout=60).status == 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stderr.close()
+    assert proc.returncode == 0
+
+
+def test_started_with_stdout_and_stderr_closed(tmp_path):
+    fifo = str(tmp_path / "fifo")
+    proc = subprocess.Popen(["sh", "-c", 'exec "$@" >&- 2>&-', "sh", sys.executable,
+                             SERVER, "--fifo", fifo, "--log-dir", str(tmp_path / "logs")])
+    try:
+        wait_until(lambda: os.path.exists(fifo) or proc.poll() is not None,
+                   what="the server")
+        tree = tmp_path / "tree"
+        make_tree(tree, files=10)
+        assert run_client(fifo, tree).status == 0
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
+def test_client_with_a_tmpdir_too_long_for_a_hello_exits_2(server, tmp_path):
+    long_tmp = tmp_path / ("t" * 200) / ("u" * 200)
+    long_tmp.mkdir(parents=True)
+    env = dict(os.environ, TMPDIR=str(long_tmp))
+    result = run_client(server, tmp_path / ("t" * 200), env=env)
+    assert result.status == 2
+    assert "TMPDIR" in result.stderr and "Traceback" not in result.stderr
