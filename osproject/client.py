@@ -175,9 +175,11 @@ class Client:
     def run(self, roots):
         """Check every root; return the exit status."""
         reader = threading.Thread(target=self.read_replies, name="reader", daemon=True)
-        lister = threading.Thread(target=self.list_all, args=(roots,), name="lister")
-        checkers = [threading.Thread(target=Checker(self).run, name=f"checker-{i}")
-                    for i in range(CHECKERS)]
+        # Daemons, so that Ctrl-C in the main thread ends the client at once.
+        lister = threading.Thread(target=self.list_all, args=(roots,), name="lister",
+                                  daemon=True)
+        checkers = [threading.Thread(target=Checker(self).run, name=f"checker-{i}",
+                                     daemon=True) for i in range(CHECKERS)]
         reader.start()
         lister.start()
         for t in checkers:

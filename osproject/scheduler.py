@@ -26,10 +26,20 @@ class Job:
     written: str = None         # the hash its sidecar now holds, as its writer said
     repairs: int = 0            # sidecar rewrites asked for after the verdict
     warned: set = field(default_factory=set)    # wids already warned over this file
+    declined: set = field(default_factory=set)  # wids that read no hash (error...)
+    deaths: int = 0             # workers that died holding it: a poison file?
 
     def allows(self, wid):
-        """May worker `wid` give this file an opinion? Not a second one of its own."""
-        return wid != self.reverify_of and all(v.wid != wid for v in self.opinions)
+        """May worker `wid` take this file now?
+
+        An opinion must come from a worker that has not given one (nor
+        declined to); a repair, which writes the agreed hash, from any worker
+        not caught lying over this file.
+        """
+        if self.repairs:
+            return wid not in self.warned and wid != self.reverify_of
+        return (wid != self.reverify_of and wid not in self.declined
+                and all(v.wid != wid for v in self.opinions))
 
     @property
     def keeps_sidecar(self):
@@ -82,23 +92,30 @@ class Scheduler:
 
     def take(self, worker, limit=MAX_PATHS):
         """Return an Assignment of up to `limit` (at most five) jobs this worker
-        may do, or None."""
+        may do, or None.  A job that was with a worker when it died goes
+        alone, so that a file that kills workers takes no neighbour along."""
         limit = min(limit, MAX_PATHS)
         batch, passed = [], []
         while self.pending and len(batch) < limit:
             job = self.pending.popleft()
-            (batch if job.allows(worker.wid) else passed).append(job)
+            if not job.allows(worker.wid) or (job.deaths and batch):
+                passed.append(job)
+            elif job.deaths:            # it may kill workers: it goes alone
+                batch.append(job)
+                break
+            else:
+                batch.append(job)
         self.pending.extendleft(reversed(passed))
         if not batch:
             return None
         return Assignment(next(self._aids), worker, batch)
 
-    def requeue(self, assignment, dead_pid):
-        """Put a lost assignment's jobs first in line for another worker."""
-        for job in reversed(assignment.jobs):
-            job.retried = True
-            job.stale.append(dead_pid)
-            self.pending.appendleft(job)
+    def requeue(self, job, dead_pid):
+        """Put a job a dying worker held first in line for another worker."""
+        job.retried = True
+        job.deaths += 1
+        job.stale.append(dead_pid)
+        self.pending.appendleft(job)
 
     def drop_session(self, session):
         """Forget the waiting jobs of a client that went away."""

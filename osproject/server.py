@@ -28,6 +28,7 @@ MAX_SESSIONS = 100        # two fds each: select() cannot watch fds >= FD_SETSIZ
 MAX_OUTSTANDING = 100     # files a client may have in the server before we stop reading
 STOP_GRACE = 2.0          # seconds workers get to leave after SIGTERM
 MAX_REPAIRS = 3           # rewrites of a sidecar a liar wrote, before giving up
+MAX_DEATHS = 3            # workers a file may kill or hang before it is an ERROR
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
 
@@ -229,12 +230,22 @@ class Server:
                 os.close(fd)
         worker.to_worker = worker.from_worker = -1
         if worker.assignment is not None:
-            self.scheduler.requeue(worker.assignment, pid)
-            self.log.info("assignment.requeued", slot=worker.slot, pid=pid,
-                          files=len(worker.assignment.jobs))
+            self.requeue(worker.assignment, pid)
         if not self.stopping and self.supervisor.hopeless():
             self.log.error("server.failed", reason="workers die before they can start")
             self.stopping, self.status = True, 1
+
+    def requeue(self, assignment, pid):
+        """Hand a dead worker's files to others; give up on one that kills them all."""
+        self.log.info("assignment.requeued", slot=assignment.worker.slot, pid=pid,
+                      files=len(assignment.jobs))
+        for job in reversed(assignment.jobs):
+            if job.deaths + 1 < MAX_DEATHS:
+                self.scheduler.requeue(job, pid)
+                continue
+            self.log.error("file.abandoned", path=job.path, deaths=job.deaths + 1)
+            self.finish(job, Verdict(verifier.ERROR, reason=f"{job.deaths + 1} workers "
+                                     "died or hung reading it"))
 
     # -- workers ----------------------------------------------------------
     def dispatch(self):
@@ -305,7 +316,7 @@ class Server:
         """Record one worker's reading of a file; settle it or ask another worker."""
         worker.results += 1
         if "md5" not in result or "unstable" in result:
-            return self.finish(job, outcome_without_hash(result))
+            return self.on_no_hash(worker, job, outcome_without_hash(result))
         if result.get("error"):
             job.write_error = result["error"]
         if result.get("wrote"):
@@ -332,6 +343,21 @@ class Server:
             self.scheduler.submit(job, urgent=True)
         else:
             self.finish(job, verdict)
+
+    def on_no_hash(self, worker, job, outcome):
+        """A reading without a usable hash (error, skipped, in motion).
+
+        Against a baseline one worker's word is not enough: a liar could hide
+        a change behind an error, so a second worker must read no hash too.
+        """
+        if job.expected is not None and not job.declined and not job.repairs \
+                and job.reverify_of is None:
+            job.declined.add(worker.wid)
+            self.log.info("crosscheck", path=job.path, slot=worker.slot, pid=worker.pid,
+                          first=outcome.status)
+            self.scheduler.submit(job, urgent=True)
+            return
+        self.finish(job, outcome)
 
     def needs_repair(self, job, verdict):
         """Must a worker of the majority (re)write the sidecar?"""
@@ -368,13 +394,13 @@ class Server:
         """A re-checked hash: correct the client and log it when it was a lie."""
         original = job.opinions[0].md5
         session = job.session
-        if verdict.md5 is not None and verdict.md5 != original:
+        if verdict.md5 == original:
+            reply = {"confirmed": job.path}
+        else:       # a lie, or no hash could be read again: never pass it on
             self.log.warning("file.repaired", path=job.path, got=original,
-                             agreed=verdict.md5)
+                             agreed=verdict.md5, status=verdict.status)
             reply = {"correct": {"path": job.path, "status": verdict.status,
                                  "md5": verdict.md5}}
-        else:
-            reply = {"confirmed": job.path}
         session.outstanding -= 1
         try:
             session.send(reply)
@@ -387,35 +413,39 @@ class Server:
         got = vote.md5
         worker = self.supervisor.by_wid.get(wid)
         if worker is None or self.supervisor.state_of(worker) is State.KILLED:
-            # Dead or being killed already: log the lie, there is nobody to punish.
+            # Dead or being killed already: nobody to punish, but its other
+            # unchecked hashes are as suspect as if it were alive.
             self.log.warning("worker.warned", pid=vote.pid, path=job.path, got=got,
                              agreed=verdict.md5, gone=True)
+            self.reverify(wid, pid=vote.pid)
             return
         banned = self.supervisor.warn(worker)
         self.log.warning("worker.warned", slot=worker.slot, pid=worker.pid,
                          path=job.path, got=got, agreed=verdict.md5,
                          warnings=worker.warnings)
-        if worker.warnings == 1:
-            self.reverify(worker)
+        self.reverify(wid, slot=worker.slot, pid=worker.pid)
         if banned:
             self.supervisor.ban(worker)
 
-    def reverify(self, worker):
-        """Have other workers re-check every hash this worker gave unchecked."""
+    def reverify(self, wid, **who):
+        """Have other workers re-check every hash worker `wid` gave unchecked.
+
+        After its first warning none of its results goes unchecked, so later
+        calls find nothing left to do.
+        """
         count = 0
         for session in self.sessions:
             if session.said_bye:
                 continue
-            for path, sidecar, vote in session.unchecked.pop(worker.wid):
+            for path, sidecar, vote in session.unchecked.pop(wid):
                 session.outstanding += 1
                 self.scheduler.submit(Job(session=session, rid=None, index=None,
                                           path=path, sidecar=sidecar, opinions=[vote],
                                           written=vote.md5, cross_check=True,
-                                          reverify_of=worker.wid), urgent=True)
+                                          reverify_of=wid), urgent=True)
                 count += 1
         if count:
-            self.log.warning("worker.reverify", slot=worker.slot, pid=worker.pid,
-                             files=count)
+            self.log.warning("worker.reverify", files=count, **who)
 
     # -- clients ----------------------------------------------------------
     def on_entrance(self):
@@ -543,8 +573,8 @@ def sidecar_is_wrong(job, verdict):
 
 def outcome_without_hash(result):
     """The verdict for a reading that produced no usable hash."""
-    if "unstable" in result:
-        return Verdict(verifier.UNSTABLE, result.get("md5"), reason=str(result["unstable"]))
+    if "unstable" in result:     # its md5 is of no version of the file: not shown
+        return Verdict(verifier.UNSTABLE, reason=str(result["unstable"]))
     if "skipped" in result:
         return Verdict(verifier.SKIPPED, reason=str(result["skipped"]))
     return Verdict(verifier.ERROR, reason=str(result.get("error", "no hash")))

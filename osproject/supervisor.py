@@ -113,7 +113,14 @@ class Supervisor:
         return self.recent_forks[0] + 1.0
 
     def start(self, slot, now):
-        worker = self.spawn(slot)
+        try:
+            worker = self.spawn(slot)
+        except OSError as exc:          # EMFILE, EAGAIN: out of fds or processes
+            self.log.error("worker.spawn_failed", slot=slot.index, reason=exc.strerror)
+            slot.stillborn += 1
+            slot.failures += 1
+            slot.restart_at = now + backoff(slot.failures)
+            return
         worker.heard_at = now
         self.recent_forks.append(now)       # every fork counts toward the cap
         slot.forks += 1
@@ -210,7 +217,7 @@ class Supervisor:
             slot.restart_at = now
             return
         slot.failures += 1
-        delay = min(BACKOFF_FIRST * 2 ** (slot.failures - 1), BACKOFF_MAX)
+        delay = backoff(slot.failures)
         slot.restart_at = now + delay
         self.log.warning("worker.backoff", slot=slot.index, failures=slot.failures,
                          delay=round(delay, 2))
@@ -239,6 +246,11 @@ class Supervisor:
         times += [s.worker.heard_at + self.hang_timeout for s in self.slots
                   if s.state in (State.STARTING, State.BUSY)]
         return min(times, default=None)
+
+
+def backoff(failures):
+    """Seconds to wait before the next fork after `failures` deaths in a row."""
+    return min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
 
 
 def describe_status(status):
@@ -273,11 +285,19 @@ class ForkSpawner:
     def __call__(self, slot):
         chaos = self.chaos_for(slot)
         to_r, to_w = os.pipe()          # assignments: server -> worker
-        from_r, from_w = os.pipe()      # results:     worker -> server
+        try:
+            from_r, from_w = os.pipe()  # results:     worker -> server
+        except OSError:
+            _close(to_r, to_w)
+            raise
         for stream in (sys.stdout, sys.stderr):   # or the child flushes them again
             if stream is not None:                # None: started with it closed
                 stream.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            _close(to_r, to_w, from_r, from_w)
+            raise
         if pid == 0:
             worker_mod.child_main(to_r, from_w, chaos)   # never returns
         os.close(to_r)
@@ -291,3 +311,8 @@ class ForkSpawner:
             os.set_inheritable(fd, False)
         return Worker(slot=slot.index, pid=pid, wid=next(self._wids),
                       to_worker=to_w, from_worker=from_r)
+
+
+def _close(*fds):
+    for fd in fds:
+        os.close(fd)

@@ -67,10 +67,14 @@ def _sanitize(keep):
 
 
 def _max_fd():
+    """Where to stop closing: Linux closes any range in one syscall, macOS loops
+    fd by fd, so a huge or unlimited RLIMIT_NOFILE is capped (the server
+    never holds anywhere near 65536 fds: select() stops at FD_SETSIZE)."""
     try:
-        return os.sysconf("SC_OPEN_MAX")
+        limit = os.sysconf("SC_OPEN_MAX")
     except (ValueError, OSError):
-        return 4096
+        limit = -1
+    return 65536 if limit <= 0 else min(limit, 65536)
 
 
 def _exit_on_term(signum, frame):

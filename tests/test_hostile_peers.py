@@ -113,3 +113,52 @@ def test_client_with_a_tmpdir_too_long_for_a_hello_exits_2(server, tmp_path):
     result = run_client(server, tmp_path / ("t" * 200), env=env)
     assert result.status == 2
     assert "TMPDIR" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_repair_finds_a_worker_even_when_every_worker_has_voted(start_server, tmp_path):
+    server = start_server("--workers", "3", "--chaos", "liar:0", workers=3)
+    tree = tmp_path / "tree"
+    files = make_tree(tree, files=40)
+    result = run_client(server, "--json", tree, timeout=60)
+    assert result.status == 0 and result.records()[1] == {"NEW": 40}
+    assert server.events("sidecar.repair")
+    from conftest import md5sum_check, sidecars_under
+    assert md5sum_check(sidecars_under(tree)) == []
+
+
+def test_a_file_that_kills_every_worker_becomes_an_error_not_a_loop(start_server, tmp_path):
+    server = start_server("--chaos", "crash:1.0", ready=False)
+    tree = tmp_path / "tree"
+    files = make_tree(tree, files=6)
+    result = run_client(server, "--json", tree, timeout=60)
+    records, summary = result.records()
+    assert summary == {"ERROR": 6}
+    assert all("died or hung reading it" in r["error"] for r in records.values())
+    assert len(server.events("file.abandoned")) == 6
+    assert server.proc.poll() is None
+
+
+def test_one_worker_cannot_turn_a_checked_file_into_an_error_alone(server, tmp_path):
+    conn = Connection(server.fifo)
+    conn.open()
+    gone = str(tmp_path / "gone")
+    try:
+        conn.send({"id": 1, "files": [{"kind": "check", "path": gone,
+                                       "sidecar": gone + ".md5", "expected": "0" * 32}]})
+        frame = next(conn.frames())
+    finally:
+        conn.close()
+    assert frame["replies"][0]["status"] == "ERROR"
+    second = [e for e in server.events("crosscheck") if e["path"] == gone]
+    assert [e.get("first") for e in second] == ["ERROR"], "a second worker had to agree"
+
+
+def test_ctrl_c_stops_the_client_at_once(start_server, tmp_path):
+    server = start_server("--chaos", "hang:1.0", "--hang-timeout", "60")
+    tree = tmp_path / "tree"
+    make_tree(tree, files=20)
+    client = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, str(tree)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: server.events("session.opened"), what="the session")
+    client.send_signal(signal.SIGINT)
+    assert client.wait(5) == 130
