@@ -264,7 +264,8 @@ class Client:
             self.report.add(entry.path, "ERROR", error=str(exc))
             return entry, None
         item = {"kind": "check", "path": os.path.abspath(entry.path),
-                "sidecar": os.path.abspath(entry.sidecar), "expected": expected}
+                "sidecar": os.path.abspath(entry.sidecar), "expected": expected,
+                "size": entry.size}
         if self.update:
             item["update"] = True
         return entry, item

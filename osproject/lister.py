@@ -20,6 +20,7 @@ class Entry(NamedTuple):
     path: str           # as the user will see it: their root joined with names
     sidecar: str = None
     reason: str = None
+    size: int = 0       # lstat size of a FILE: lets the server balance big files
 
 
 class Lister:
@@ -71,15 +72,17 @@ class Lister:
     def classify(self, entry):
         try:
             if entry.is_file(follow_symlinks=False):
-                return Entry(FILE, entry.path, store.sidecar_path(entry.path, self.store_dir))
+                return Entry(FILE, entry.path, store.sidecar_path(entry.path, self.store_dir),
+                             size=entry.stat(follow_symlinks=False).st_size)
             return Entry(SKIP, entry.path,
                          reason=describe_kind(entry.stat(follow_symlinks=False).st_mode))
         except OSError as exc:
             return Entry(ERROR, entry.path, reason=exc.strerror)
 
     def classify_single(self, path, st):
-        if os.path.isfile(path) and not os.path.islink(path):
-            return Entry(FILE, path, store.sidecar_path(path, self.store_dir))
+        if stat.S_ISREG(st.st_mode):
+            return Entry(FILE, path, store.sidecar_path(path, self.store_dir),
+                         size=st.st_size)
         return Entry(SKIP, path, reason=describe_kind(st.st_mode))
 
     def store_orphans(self, directory, files):

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from .protocol import MAX_PATHS
 
+BATCH_BYTES = 4 * 1024 * 1024   # an assignment stops growing past this many bytes
+
 
 @dataclass(eq=False)
 class Job:
@@ -17,6 +19,7 @@ class Job:
     sidecar: str
     expected: str = None        # baseline hash from the client; never sent to a worker
     update: bool = False        # the user asked to rewrite changed baselines
+    size: int = 0               # as the client's lister saw it: only for batching
     opinions: list = field(default_factory=list)
     cross_check: bool = False
     reverify_of: int = None     # wid whose unchecked hash this job re-checks
@@ -90,21 +93,24 @@ class Scheduler:
         else:
             self.pending.append(job)
 
-    def take(self, worker, limit=MAX_PATHS):
-        """Return an Assignment of up to `limit` (at most five) jobs this worker
-        may do, or None.  A job that was with a worker when it died goes
-        alone, so that a file that kills workers takes no neighbour along."""
-        limit = min(limit, MAX_PATHS)
-        batch, passed = [], []
-        while self.pending and len(batch) < limit:
+    def take(self, worker):
+        """Return an Assignment of the jobs this worker may do next, or None.
+
+        Up to five files and about BATCH_BYTES: small files travel five to a
+        frame, big ones one each, so eight big files keep five workers busy
+        instead of queueing behind one.  A job that was with a worker when it
+        died goes alone: a file that kills workers takes no neighbour along.
+        """
+        batch, passed, size = [], [], 0
+        while self.pending and len(batch) < MAX_PATHS and size < BATCH_BYTES:
             job = self.pending.popleft()
             if not job.allows(worker.wid) or (job.deaths and batch):
                 passed.append(job)
-            elif job.deaths:            # it may kill workers: it goes alone
-                batch.append(job)
+                continue
+            batch.append(job)
+            size += job.size
+            if job.deaths:
                 break
-            else:
-                batch.append(job)
         self.pending.extendleft(reversed(passed))
         if not batch:
             return None

@@ -249,15 +249,9 @@ class Server:
 
     # -- workers ----------------------------------------------------------
     def dispatch(self):
-        """Share the waiting files among the idle workers, five at most each.
-
-        An even share keeps every worker busy when few files wait (eight big
-        files go 2-2-2-1-1, not 5-3); a full queue still gives five each.
-        """
-        idle = self.supervisor.idle()
-        for n, worker in enumerate(idle):
-            share = -(-len(self.scheduler.pending) // (len(idle) - n))
-            assignment = self.scheduler.take(worker, limit=share)
+        """Give every idle worker up to five waiting files (see Scheduler.take)."""
+        for worker in self.supervisor.idle():
+            assignment = self.scheduler.take(worker)
             if assignment is None:
                 continue
             worker.outbuf += protocol.encode(assignment.frame())
@@ -488,7 +482,7 @@ class Server:
             self.scheduler.submit(Job(
                 session=session, rid=frame["id"], index=index, path=item["path"],
                 sidecar=item["sidecar"], expected=item.get("expected"),
-                update=bool(item.get("update"))))
+                update=bool(item.get("update")), size=item.get("size") or 0))
 
     def drop_session(self, session, reason):
         """Stop serving a client; its queued files are forgotten."""

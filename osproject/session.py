@@ -184,6 +184,8 @@ def validate_request(frame):
         for key in ("path", "sidecar"):
             if not protocol.is_absolute_path(item.get(key)):
                 raise Refused(f"a file entry needs an absolute {key}")
+        if not isinstance(item.get("size", 0), int):
+            raise Refused("size must be an integer")
         expected = item.get("expected")
         if expected is not None and not (isinstance(expected, str)
                                          and _MD5.fullmatch(expected)):
