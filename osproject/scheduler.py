@@ -116,10 +116,10 @@ class Scheduler:
             return None
         return Assignment(next(self._aids), worker, batch)
 
-    def requeue(self, job, dead_pid):
+    def requeue(self, job, dead_pid, blame=True):
         """Put a job a dying worker held first in line for another worker."""
         job.retried = True
-        job.deaths += 1
+        job.deaths += blame
         job.stale.append(dead_pid)
         self.pending.appendleft(job)
 

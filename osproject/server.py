@@ -230,18 +230,21 @@ class Server:
                 os.close(fd)
         worker.to_worker = worker.from_worker = -1
         if worker.assignment is not None:
-            self.requeue(worker.assignment, pid)
+            # A worker we killed for lying or garbling says nothing about its
+            # files; one that crashed or hung on them might have met a poison.
+            blame = worker.killed_for in (None, "hung")
+            self.requeue(worker.assignment, pid, blame)
         if not self.stopping and self.supervisor.hopeless():
             self.log.error("server.failed", reason="workers die before they can start")
             self.stopping, self.status = True, 1
 
-    def requeue(self, assignment, pid):
+    def requeue(self, assignment, pid, blame):
         """Hand a dead worker's files to others; give up on one that kills them all."""
         self.log.info("assignment.requeued", slot=assignment.worker.slot, pid=pid,
                       files=len(assignment.jobs))
         for job in reversed(assignment.jobs):
-            if job.deaths + 1 < MAX_DEATHS:
-                self.scheduler.requeue(job, pid)
+            if not blame or job.deaths + 1 < MAX_DEATHS:
+                self.scheduler.requeue(job, pid, blame)
                 continue
             self.log.error("file.abandoned", path=job.path, deaths=job.deaths + 1)
             self.finish(job, Verdict(verifier.ERROR, reason=f"{job.deaths + 1} workers "

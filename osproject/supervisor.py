@@ -54,6 +54,7 @@ class Worker:
     warnings: int = 0
     results: int = 0                # files answered: a fresh worker earns trust
     completed: int = 0              # assignments answered
+    killed_for: str = None          # why we killed it, if we did
     lines: protocol.LineBuffer = field(default_factory=protocol.LineBuffer)
     outbuf: bytearray = field(default_factory=bytearray)
 
@@ -161,6 +162,7 @@ class Supervisor:
         if slot.worker is not worker or slot.state is State.KILLED:
             return
         slot.enter(State.KILLED)                    # STARTING|IDLE|BUSY -> KILLED
+        worker.killed_for = reason
         kill_group(worker.pid, signal.SIGKILL)
         self.log.warning("worker.killed", slot=slot.index, pid=worker.pid,
                          reason=reason)
