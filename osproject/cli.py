@@ -110,7 +110,7 @@ def client_parser():
         description="Check files against their MD5 sidecars through an integrity-server. "
                     "Exit status: 0 nothing altered, 1 something CHANGED or MISSING, "
                     "2 the check could not be done.")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="file or directory to check")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="file or directory to check")
     p.add_argument("--fifo", help=f"server's entrance FIFO (default $INTEGRITY_FIFO or "
                                   f"{default_fifo()})")
     p.add_argument("--json", action="store_true",
@@ -121,6 +121,8 @@ def client_parser():
                    help="keep sidecars mirrored under DIR instead of beside the files")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="skip names or paths matching GLOB (repeatable)")
+    p.add_argument("--status", action="store_true",
+                   help="show the server's workers (state, pid, warnings) and clients")
     p.add_argument("--version", action="version", version=__version__)
     return p
 
@@ -131,8 +133,12 @@ def client_main(argv=None):
     parser = client_parser()
     try:
         args = parser.parse_args(argv)
+        if not args.paths and not args.status:
+            parser.error("give at least one PATH, or --status")
     except SystemExit as exc:
         return EXIT_TROUBLE if exc.code else 0
+    if args.status:
+        return show_status(args)
     for path in args.paths:
         if not os.path.lexists(path):
             print(f"integrity-client: {path}: no such file or directory", file=sys.stderr)
@@ -153,3 +159,19 @@ def client_main(argv=None):
         traceback.print_exc()
         print("integrity-client: internal error; the check was not done", file=sys.stderr)
         return EXIT_TROUBLE
+
+
+def show_status(args):
+    from .client import ClientError, server_status
+    from .report import format_status
+    try:
+        status = server_status(args.fifo or default_fifo())
+    except ClientError as exc:
+        print(f"integrity-client: {exc}", file=sys.stderr)
+        return EXIT_TROUBLE
+    if args.json:
+        import json
+        print(json.dumps(status))
+    else:
+        sys.stdout.write(format_status(status))
+    return 0

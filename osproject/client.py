@@ -387,6 +387,22 @@ class Checker:
             self.client.unregister(rid)
 
 
+def server_status(fifo):
+    """Ask a server how its workers and clients are doing; return the report."""
+    conn = Connection(fifo)
+    conn.open()
+    try:
+        conn.send({"status": True})
+        for frame in conn.frames():
+            if "status" in frame:
+                return frame["status"]
+        raise ClientError("the server closed the session without a status")
+    except (OSError, protocol.ProtocolError) as exc:
+        raise ClientError(f"lost the server: {exc}") from None
+    finally:
+        conn.close()
+
+
 def check(roots, fifo, report, **options):
     """Connect, check the roots, and return the exit status (2 on failure)."""
     conn = Connection(fifo)

@@ -108,3 +108,16 @@ def format_human(record):
     elif record.get("error"):
         line += f"  ({record['error']})"
     return line
+
+
+def format_status(status):
+    """The --status table, like supervisorctl status."""
+    lines = [f"server pid {status['pid']}: {status['clients']} client(s), "
+             f"{status['waiting']} file(s) waiting"]
+    for w in status["workers"]:
+        line = f"slot {w['slot']}  {w['state']:<8}"
+        if "pid" in w:
+            line += (f" pid {w['pid']:<7} up {w['uptime']:>7}s  files {w['files']:<8}"
+                     f" warnings {w['warnings']}")
+        lines.append(line + f"  forks {w['forks']}")
+    return "\n".join(lines) + "\n"

@@ -471,6 +471,9 @@ class Server:
             self.drop_session(session, str(exc))
 
     def accept_request(self, session, frame):
+        if frame.get("status"):
+            session.send({"status": self.status_report(asker=session)})
+            return
         for index, item in enumerate(frame["files"]):
             session.outstanding += 1
             session.files += 1
@@ -486,6 +489,19 @@ class Server:
                 session=session, rid=frame["id"], index=index, path=item["path"],
                 sidecar=item["sidecar"], expected=item.get("expected"),
                 update=bool(item.get("update")), size=item.get("size") or 0))
+
+    def status_report(self, asker=None):
+        """What `integrity-client --status` shows: workers and (other) clients."""
+        now = self.clock()
+        slots = [{"slot": slot.index, "state": slot.state.value, "forks": slot.forks,
+                  **({"pid": slot.worker.pid, "warnings": slot.worker.warnings,
+                      "files": slot.worker.results,
+                      "uptime": round(now - slot.worker.started, 1)}
+                     if slot.worker else {})}
+                 for slot in self.supervisor.slots]
+        clients = [s for s in self.sessions if s is not asker]
+        return {"pid": os.getpid(), "workers": slots, "clients": len(clients),
+                "waiting": len(self.scheduler.pending)}
 
     def drop_session(self, session, reason):
         """Stop serving a client; its queued files are forgotten."""

@@ -50,6 +50,7 @@ class Worker:
     to_worker: int = -1             # we write assignments here (non-blocking)
     from_worker: int = -1           # we read results here (non-blocking)
     heard_at: float = 0.0           # last frame or fork time: the hang clock
+    started: float = 0.0
     assignment: object = None       # the Assignment in flight, if any
     warnings: int = 0
     results: int = 0                # files answered: a fresh worker earns trust
@@ -122,7 +123,7 @@ class Supervisor:
             slot.failures += 1
             slot.restart_at = now + backoff(slot.failures)
             return
-        worker.heard_at = now
+        worker.heard_at = worker.started = now
         self.recent_forks.append(now)       # every fork counts toward the cap
         slot.forks += 1
         slot.worker = worker

@@ -248,3 +248,22 @@ def test_sighup_reopens_the_log(server):
     server.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: os.path.exists(server.log_path), what="a new log file")
     assert server.wait_event("log.reopened")
+
+
+def test_status_shows_workers_and_their_warnings(start_server, tmp_path):
+    import json as _json
+    server = start_server("--chaos", "liar:2")
+    tree = tmp_path / "tree"
+    make_tree(tree, files=60)
+    run_client(server, tree)
+    result = run_client(server, "--status", "--json")
+    assert result.status == 0, result.stderr
+    status = _json.loads(result.stdout)
+    assert status["pid"] == server.proc.pid
+    workers = {w["slot"]: w for w in status["workers"]}
+    assert sorted(workers) == [0, 1, 2, 3, 4]
+    assert {w["pid"] for w in workers.values()} == {p.pid for p in server.workers()}
+    assert workers[2]["forks"] == 2, "the liar in slot 2 was banned and replaced"
+    human = run_client(server, "--status")
+    assert human.stdout.splitlines()[0].startswith(f"server pid {server.proc.pid}")
+    assert len(human.stdout.splitlines()) == 6
