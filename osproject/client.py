@@ -307,8 +307,6 @@ class Client:
         elif "correct" in frame:
             fix = frame["correct"]
             self.report.correct(fix["path"], fix["status"], fix["md5"])
-        elif "confirmed" in frame:
-            self.report.confirm(frame["confirmed"])
         elif "bye" in frame:
             self.bye = frame["bye"]
 

@@ -29,7 +29,7 @@ class Report:
         self.as_json = as_json
         self.counts = dict.fromkeys(STATUSES, 0)
         self._held = None           # temp file of records awaiting the bye
-        self._verdicts = {}         # key -> corrected record, or None: confirmed
+        self._verdicts = {}         # key -> the corrected status and md5
         self._lock = threading.Lock()
 
     def add(self, path, status, md5=None, expected=None, error=None,
@@ -37,7 +37,7 @@ class Report:
         """Record one file's result; called from any checker thread.
 
         An unchecked result is held under `key` (the absolute path the server
-        knows it by) until correct() or confirm() or finish().
+        knows it by) until finish(), corrected if correct() was called.
         """
         record = {"path": path, "status": status, "md5": md5,
                   "expected": expected, "error": error}
@@ -57,9 +57,6 @@ class Report:
         """The server re-checked a held result and found the first hash wrong."""
         with self._lock:
             self._verdicts[key] = {"status": status, "md5": md5}
-
-    def confirm(self, key):
-        """The server re-checked a held result and found it right."""
 
     def release(self):
         """Emit the held results, corrected where the server said so."""

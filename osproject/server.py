@@ -388,19 +388,18 @@ class Server:
         session.reply({k: v for k, v in reply.items() if v is not None})
 
     def finish_reverify(self, job, verdict):
-        """A re-checked hash: correct the client and log it when it was a lie."""
-        original = job.opinions[0].md5
+        """A re-checked hash: when it was a lie (or cannot be read again),
+        correct the client, which holds unchecked results until the bye."""
         session = job.session
-        if verdict.md5 == original:
-            reply = {"confirmed": job.path}
-        else:       # a lie, or no hash could be read again: never pass it on
-            self.log.warning("file.repaired", path=job.path, got=original,
-                             agreed=verdict.md5, status=verdict.status)
-            reply = {"correct": {"path": job.path, "status": verdict.status,
-                                 "md5": verdict.md5}}
         session.outstanding -= 1
+        original = job.opinions[0].md5
+        if verdict.md5 == original:
+            return
+        self.log.warning("file.repaired", path=job.path, got=original,
+                         agreed=verdict.md5, status=verdict.status)
         try:
-            session.send(reply)
+            session.send({"correct": {"path": job.path, "status": verdict.status,
+                                      "md5": verdict.md5}})
         except Refused as exc:
             self.drop_session(session, str(exc))
 
