@@ -9,7 +9,6 @@ it forks, and fork in a threaded process can deadlock.
 
 import itertools
 import os
-import random
 import re
 import select
 import signal
@@ -21,13 +20,13 @@ from .entrance import Entrance
 from .scheduler import Job, Scheduler
 from .session import Refused, Session, Unchecked
 from .supervisor import ForkSpawner, State, Supervisor, Worker, kill_group
-from .verifier import Verdict, Vote
+from .trust import Trust
+from .verifier import Verdict
 
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 MAX_SESSIONS = 100        # two fds each: select() cannot watch fds >= FD_SETSIZE
 MAX_OUTSTANDING = 100     # files a client may have in the server before we stop reading
 STOP_GRACE = 2.0          # seconds workers get to leave after SIGTERM
-MAX_REPAIRS = 3           # rewrites of a sidecar a liar wrote, before giving up
 MAX_DEATHS = 3            # workers a file may kill or hang before it is an ERROR
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
@@ -60,8 +59,9 @@ class Server:
         self.supervisor = Supervisor(config.workers, spawner or ForkSpawner(self.chaos_for),
                                      clock, log, config.hang_timeout)
         self.sessions = []
+        self.trust = Trust(config, log, self.scheduler, self.supervisor, self.sessions,
+                           self.drop_session)
         self._sids = itertools.count(1)
-        self.rng = random.Random()
         self.stopping = False
         self.status = 0
         self._wake_r = self._wake_w = -1
@@ -247,8 +247,8 @@ class Server:
                 self.scheduler.requeue(job, pid, blame)
                 continue
             self.log.error("file.abandoned", path=job.path, deaths=job.deaths + 1)
-            self.finish(job, Verdict(verifier.ERROR, reason=f"{job.deaths + 1} workers "
-                                     "died or hung reading it"))
+            self.trust.finish(job, Verdict(verifier.ERROR, reason=f"{job.deaths + 1} "
+                                           "workers died or hung reading it"))
 
     # -- workers ----------------------------------------------------------
     def dispatch(self):
@@ -305,143 +305,9 @@ class Server:
             results = check_results(frame, worker.assignment)
             self.supervisor.answered(worker)
             for job, result in zip(jobs, results):
-                self.on_result(worker, job, result)
+                self.trust.on_result(worker, job, result)
         else:
             raise Fault(f"unexpected frame in state {state.name}")
-
-    def on_result(self, worker, job, result):
-        """Record one worker's reading of a file; settle it or ask another worker."""
-        worker.results += 1
-        if "md5" not in result or "unstable" in result:
-            return self.on_no_hash(worker, job, outcome_without_hash(result))
-        if result.get("error"):
-            job.write_error = result["error"]
-        if result.get("wrote"):
-            job.written = result["md5"]
-        if not job.opinions and job.reverify_of is None:
-            job.cross_check = verifier.wants_cross_check(
-                worker, self.config.cross_check, self.rng)
-        job.opinions.append(Vote(worker.wid, result["md5"], result["stat"],
-                                 bool(result.get("racy")), worker.pid))
-        verdict = verifier.judge(job.expected, job.opinions, job.cross_check,
-                                 min(verifier.MAX_OPINIONS, self.config.workers))
-        if verdict is None:
-            self.log.info("crosscheck", path=job.path, opinions=len(job.opinions),
-                          slot=worker.slot, pid=worker.pid)
-            self.scheduler.submit(job, urgent=True)
-            return
-        for wid in set(verdict.liars) - job.warned:
-            job.warned.add(wid)
-            self.penalize(wid, job, verdict)
-        if self.needs_repair(job, verdict):
-            job.repairs += 1
-            self.log.warning("sidecar.repair", path=job.path, written=job.written,
-                             agreed=verdict.md5)
-            self.scheduler.submit(job, urgent=True)
-        else:
-            self.finish(job, verdict)
-
-    def on_no_hash(self, worker, job, outcome):
-        """A reading without a usable hash (error, skipped, in motion).
-
-        Against a baseline one worker's word is not enough: a liar could hide
-        a change behind an error, so a second worker must read no hash too.
-        """
-        if job.expected is not None and not job.declined and not job.repairs \
-                and job.reverify_of is None:
-            job.declined.add(worker.wid)
-            self.log.info("crosscheck", path=job.path, slot=worker.slot, pid=worker.pid,
-                          first=outcome.status)
-            self.scheduler.submit(job, urgent=True)
-            return
-        self.finish(job, outcome)
-
-    def needs_repair(self, job, verdict):
-        """Must a worker of the majority (re)write the sidecar?"""
-        return sidecar_is_wrong(job, verdict) and job.repairs < MAX_REPAIRS
-
-    # -- verdicts ---------------------------------------------------------
-    def finish(self, job, verdict):
-        """Answer the client with a file's verdict (the liars are warned already)."""
-        if sidecar_is_wrong(job, verdict):
-            verdict = Verdict(verifier.ERROR, verdict.md5,
-                              reason="its sidecar could not be repaired")
-        if not verdict.checked:
-            job.session.unchecked.add(job.path, job.sidecar, job.opinions[0])
-        if job.reverify_of is not None:
-            return self.finish_reverify(job, verdict)
-        status, error = verdict.status, verdict.reason
-        if job.write_error and status in (verifier.NEW, verifier.CHANGED):
-            status, error = verifier.ERROR, job.write_error
-        if status == verifier.CHANGED:
-            self.log.warning("file.changed", path=job.path, expected=job.expected,
-                             got=verdict.md5, updated=job.update or None)
-        reply = {"id": job.rid, "i": job.index, "status": status, "md5": verdict.md5,
-                 "expected": job.expected, "error": error}
-        if not verdict.checked:
-            reply["unchecked"] = True
-        self.answer(job.session, reply, status)
-
-    def answer(self, session, reply, status):
-        session.outstanding -= 1
-        session.count(status)
-        session.reply({k: v for k, v in reply.items() if v is not None})
-
-    def finish_reverify(self, job, verdict):
-        """A re-checked hash: when it was a lie (or cannot be read again),
-        correct the client, which holds unchecked results until the bye."""
-        session = job.session
-        session.outstanding -= 1
-        original = job.opinions[0].md5
-        if verdict.md5 == original:
-            return
-        self.log.warning("file.repaired", path=job.path, got=original,
-                         agreed=verdict.md5, status=verdict.status)
-        try:
-            session.send({"correct": {"path": job.path, "status": verdict.status,
-                                      "md5": verdict.md5}})
-        except Refused as exc:
-            self.drop_session(session, str(exc))
-
-    def penalize(self, wid, job, verdict):
-        """Warn the worker whose hash was outvoted; ban it past MAX_WARNINGS."""
-        vote = next(v for v in job.opinions if v.wid == wid)
-        got = vote.md5
-        worker = self.supervisor.by_wid.get(wid)
-        if worker is None or self.supervisor.state_of(worker) is State.KILLED:
-            # Dead or being killed already: nobody to punish, but its other
-            # unchecked hashes are as suspect as if it were alive.
-            self.log.warning("worker.warned", pid=vote.pid, path=job.path, got=got,
-                             agreed=verdict.md5, gone=True)
-            self.reverify(wid, pid=vote.pid)
-            return
-        banned = self.supervisor.warn(worker)
-        self.log.warning("worker.warned", slot=worker.slot, pid=worker.pid,
-                         path=job.path, got=got, agreed=verdict.md5,
-                         warnings=worker.warnings)
-        self.reverify(wid, slot=worker.slot, pid=worker.pid)
-        if banned:
-            self.supervisor.ban(worker)
-
-    def reverify(self, wid, **who):
-        """Have other workers re-check every hash worker `wid` gave unchecked.
-
-        After its first warning none of its results goes unchecked, so later
-        calls find nothing left to do.
-        """
-        count = 0
-        for session in self.sessions:
-            if session.said_bye:
-                continue
-            for path, sidecar, vote in session.unchecked.pop(wid):
-                session.outstanding += 1
-                self.scheduler.submit(Job(session=session, rid=None, index=None,
-                                          path=path, sidecar=sidecar, opinions=[vote],
-                                          written=vote.md5, cross_check=True,
-                                          reverify_of=wid), urgent=True)
-                count += 1
-        if count:
-            self.log.warning("worker.reverify", files=count, **who)
 
     # -- clients ----------------------------------------------------------
     def on_entrance(self):
@@ -479,7 +345,7 @@ class Server:
             if item["kind"] == "missing":
                 self.log.warning("file.missing", path=item["path"],
                                  sidecar=item["sidecar"], session=session.sid)
-                self.answer(session, {"id": frame["id"], "i": index,
+                self.trust.answer(session, {"id": frame["id"], "i": index,
                                       "status": verifier.MISSING,
                                       "expected": item.get("expected")},
                             verifier.MISSING)
@@ -570,23 +436,3 @@ def check_results(frame, assignment):
                 raise Fault("malformed stat")
             result["stat"] = stat
     return results
-
-
-def sidecar_is_wrong(job, verdict):
-    """Does the sidecar lack the agreed hash it should now hold?
-
-    A liar that read first wrote its lie; under --update, a changed file's
-    baseline is rewritten only once the change is agreed.
-    """
-    return (job.keeps_sidecar and not job.write_error
-            and verdict.status in (verifier.NEW, verifier.CHANGED)
-            and job.written != verdict.md5)
-
-
-def outcome_without_hash(result):
-    """The verdict for a reading that produced no usable hash."""
-    if "unstable" in result:     # its md5 is of no version of the file: not shown
-        return Verdict(verifier.UNSTABLE, reason=str(result["unstable"]))
-    if "skipped" in result:
-        return Verdict(verifier.SKIPPED, reason=str(result["skipped"]))
-    return Verdict(verifier.ERROR, reason=str(result.get("error", "no hash")))

@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from conftest import CLIENT, SERVER, make_tree, run_client, wait_until
-from osproject import protocol
 from osproject.client import Connection
 
 pytestmark = pytest.mark.timeout(90)
@@ -118,7 +117,7 @@ def test_client_with_a_tmpdir_too_long_for_a_hello_exits_2(server, tmp_path):
 def test_a_repair_finds_a_worker_even_when_every_worker_has_voted(start_server, tmp_path):
     server = start_server("--workers", "3", "--chaos", "liar:0", workers=3)
     tree = tmp_path / "tree"
-    files = make_tree(tree, files=40)
+    make_tree(tree, files=40)
     result = run_client(server, "--json", tree, timeout=60)
     assert result.status == 0 and result.records()[1] == {"NEW": 40}
     assert server.events("sidecar.repair")
@@ -129,7 +128,7 @@ def test_a_repair_finds_a_worker_even_when_every_worker_has_voted(start_server, 
 def test_a_file_that_kills_every_worker_becomes_an_error_not_a_loop(start_server, tmp_path):
     server = start_server("--chaos", "crash:1.0", ready=False)
     tree = tmp_path / "tree"
-    files = make_tree(tree, files=6)
+    make_tree(tree, files=6)
     result = run_client(server, "--json", tree, timeout=60)
     records, summary = result.records()
     assert summary == {"ERROR": 6}

@@ -206,7 +206,7 @@ def test_garbage_on_the_entrance_is_refused_and_the_next_client_served(server, t
         write_entrance(server, line)
     with open(server.fifo, "wb") as entrance:     # blocking: the server drains it
         entrance.write(b"A" * 2_500_000 + b"\n")   # 2.5 MB without a newline
-    refused = server.wait_event("request.refused", count=len(bogus) + 1)
+    server.wait_event("request.refused", count=len(bogus) + 1)
     assert victim.read_text() == "keep"
     assert server.ps.memory_info().rss < 200 * 1024 * 1024
     tree = tmp_path / "tree"

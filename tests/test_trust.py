@@ -1,15 +1,13 @@
 """Untrusted workers, for real: --chaos liars, second opinions, warnings, bans."""
 
 import hashlib
-import os
 import random
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import make_tree, md5sum_check, run_client, sidecars_under, wait_until
+from conftest import make_tree, md5sum_check, run_client, sidecars_under
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -1,0 +1,184 @@
+"""Trust: what the server does with the readings of untrusted workers.
+
+verifier.py decides (pure rules, no state); this module acts on the
+decisions: it records each worker's reading of a file, asks other workers
+when the readings do not settle it, warns and bans liars, has another worker
+re-check a liar's earlier unchecked hashes, has a sidecar a liar wrote
+rewritten, and answers the client.
+"""
+
+import random
+
+from . import verifier
+from .scheduler import Job
+from .session import Refused
+from .supervisor import State
+from .verifier import Verdict, Vote
+
+MAX_REPAIRS = 3           # rewrites of a sidecar a liar wrote, before giving up
+
+
+class Trust:
+    def __init__(self, config, log, scheduler, supervisor, sessions, drop_session):
+        self.log = log
+        self.scheduler = scheduler
+        self.supervisor = supervisor
+        self.sessions = sessions            # the server's own list of live sessions
+        self.drop_session = drop_session
+        self.sample = config.cross_check
+        self.max_opinions = min(verifier.MAX_OPINIONS, config.workers)
+        self.rng = random.Random()
+
+    def on_result(self, worker, job, result):
+        """Record one worker's reading of a file; settle it or ask another worker."""
+        worker.results += 1
+        if "md5" not in result or "unstable" in result:
+            return self.on_no_hash(worker, job, outcome_without_hash(result))
+        if result.get("error"):
+            job.write_error = result["error"]
+        if result.get("wrote"):
+            job.written = result["md5"]
+        if not job.opinions and job.reverify_of is None:
+            job.cross_check = verifier.wants_cross_check(
+                worker, self.sample, self.rng)
+        job.opinions.append(Vote(worker.wid, result["md5"], result["stat"],
+                                 bool(result.get("racy")), worker.pid))
+        verdict = verifier.judge(job.expected, job.opinions, job.cross_check,
+                                 self.max_opinions)
+        if verdict is None:
+            self.log.info("crosscheck", path=job.path, opinions=len(job.opinions),
+                          slot=worker.slot, pid=worker.pid)
+            self.scheduler.submit(job, urgent=True)
+            return
+        for wid in set(verdict.liars) - job.warned:
+            job.warned.add(wid)
+            self.penalize(wid, job, verdict)
+        if self.needs_repair(job, verdict):
+            job.repairs += 1
+            self.log.warning("sidecar.repair", path=job.path, written=job.written,
+                             agreed=verdict.md5)
+            self.scheduler.submit(job, urgent=True)
+        else:
+            self.finish(job, verdict)
+
+    def on_no_hash(self, worker, job, outcome):
+        """A reading without a usable hash (error, skipped, in motion).
+
+        Against a baseline one worker's word is not enough: a liar could hide
+        a change behind an error, so a second worker must read no hash too.
+        """
+        if job.expected is not None and not job.declined and not job.repairs \
+                and job.reverify_of is None:
+            job.declined.add(worker.wid)
+            self.log.info("crosscheck", path=job.path, slot=worker.slot, pid=worker.pid,
+                          first=outcome.status)
+            self.scheduler.submit(job, urgent=True)
+            return
+        self.finish(job, outcome)
+
+    def needs_repair(self, job, verdict):
+        """Must a worker of the majority (re)write the sidecar?"""
+        return sidecar_is_wrong(job, verdict) and job.repairs < MAX_REPAIRS
+
+    # -- verdicts ---------------------------------------------------------
+    def finish(self, job, verdict):
+        """Answer the client with a file's verdict (the liars are warned already)."""
+        if sidecar_is_wrong(job, verdict):
+            verdict = Verdict(verifier.ERROR, verdict.md5,
+                              reason="its sidecar could not be repaired")
+        if not verdict.checked:
+            job.session.unchecked.add(job.path, job.sidecar, job.opinions[0])
+        if job.reverify_of is not None:
+            return self.finish_reverify(job, verdict)
+        status, error = verdict.status, verdict.reason
+        if job.write_error and status in (verifier.NEW, verifier.CHANGED):
+            status, error = verifier.ERROR, job.write_error
+        if status == verifier.CHANGED:
+            self.log.warning("file.changed", path=job.path, expected=job.expected,
+                             got=verdict.md5, updated=job.update or None)
+        reply = {"id": job.rid, "i": job.index, "status": status, "md5": verdict.md5,
+                 "expected": job.expected, "error": error}
+        if not verdict.checked:
+            reply["unchecked"] = True
+        self.answer(job.session, reply, status)
+
+    def answer(self, session, reply, status):
+        session.outstanding -= 1
+        session.count(status)
+        session.reply({k: v for k, v in reply.items() if v is not None})
+
+    def finish_reverify(self, job, verdict):
+        """A re-checked hash: when it was a lie (or cannot be read again),
+        correct the client, which holds unchecked results until the bye."""
+        session = job.session
+        session.outstanding -= 1
+        original = job.opinions[0].md5
+        if verdict.md5 == original:
+            return
+        self.log.warning("file.repaired", path=job.path, got=original,
+                         agreed=verdict.md5, status=verdict.status)
+        try:
+            session.send({"correct": {"path": job.path, "status": verdict.status,
+                                      "md5": verdict.md5}})
+        except Refused as exc:
+            self.drop_session(session, str(exc))
+
+    def penalize(self, wid, job, verdict):
+        """Warn the worker whose hash was outvoted; ban it past MAX_WARNINGS."""
+        vote = next(v for v in job.opinions if v.wid == wid)
+        got = vote.md5
+        worker = self.supervisor.by_wid.get(wid)
+        if worker is None or self.supervisor.state_of(worker) is State.KILLED:
+            # Dead or being killed already: nobody to punish, but its other
+            # unchecked hashes are as suspect as if it were alive.
+            self.log.warning("worker.warned", pid=vote.pid, path=job.path, got=got,
+                             agreed=verdict.md5, gone=True)
+            self.reverify(wid, pid=vote.pid)
+            return
+        banned = self.supervisor.warn(worker)
+        self.log.warning("worker.warned", slot=worker.slot, pid=worker.pid,
+                         path=job.path, got=got, agreed=verdict.md5,
+                         warnings=worker.warnings)
+        self.reverify(wid, slot=worker.slot, pid=worker.pid)
+        if banned:
+            self.supervisor.ban(worker)
+
+    def reverify(self, wid, **who):
+        """Have other workers re-check every hash worker `wid` gave unchecked.
+
+        After its first warning none of its results goes unchecked, so later
+        calls find nothing left to do.
+        """
+        count = 0
+        for session in self.sessions:
+            if session.said_bye:
+                continue
+            for path, sidecar, vote in session.unchecked.pop(wid):
+                session.outstanding += 1
+                self.scheduler.submit(Job(session=session, rid=None, index=None,
+                                          path=path, sidecar=sidecar, opinions=[vote],
+                                          written=vote.md5, cross_check=True,
+                                          reverify_of=wid), urgent=True)
+                count += 1
+        if count:
+            self.log.warning("worker.reverify", files=count, **who)
+
+
+def sidecar_is_wrong(job, verdict):
+    """Does the sidecar lack the agreed hash it should now hold?
+
+    A liar that read first wrote its lie; under --update, a changed file's
+    baseline is rewritten only once the change is agreed.
+    """
+    return (job.keeps_sidecar and not job.write_error
+            and verdict.status in (verifier.NEW, verifier.CHANGED)
+            and job.written != verdict.md5)
+
+
+def outcome_without_hash(result):
+    """The verdict for a reading that produced no usable hash."""
+    if "unstable" in result:     # its md5 is of no version of the file: not shown
+        return Verdict(verifier.UNSTABLE, reason=str(result["unstable"]))
+    if "skipped" in result:
+        return Verdict(verifier.SKIPPED, reason=str(result["skipped"]))
+    return Verdict(verifier.ERROR, reason=str(result.get("error", "no hash")))
