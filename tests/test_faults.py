@@ -371,7 +371,7 @@ def test_a_client_that_never_reads_is_dropped_and_others_are_served(server, tmp_
     import select
     import time
     from osproject import protocol
-    from osproject.client import Connection
+    from osproject.connection import Connection
     small = tmp_path / "small"
     small.write_bytes(b"tiny")
     item = {"kind": "check", "path": str(small), "sidecar": str(small) + ".md5",

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import CLIENT, SERVER, make_tree, run_client, wait_until
-from osproject.client import Connection
+from osproject.connection import Connection
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -1,0 +1,145 @@
+"""The client's end of a session: a hello on the entrance, then two private FIFOs.
+
+The client makes both FIFOs in a fresh 0700 directory and holds the far end
+of each until the server's welcome arrives, so that the server's non-blocking
+opens succeed and neither side sees an EOF before the other has arrived.
+Then the names are removed: nothing is left behind whatever happens next.
+"""
+
+import errno
+import os
+import select
+import shutil
+import tempfile
+import threading
+import time
+
+from . import protocol
+
+CONNECT_TIMEOUT = 5.0
+
+
+class ClientError(Exception):
+    """The client cannot do its job (exit status 2); str() says why."""
+
+
+class Connection:
+    """The client's end of a session: a hello, then two private FIFOs."""
+
+    def __init__(self, entrance, timeout=CONNECT_TIMEOUT):
+        self.entrance = entrance
+        self.timeout = timeout
+        self.request_fd = self.reply_fd = -1
+        self.lines = protocol.LineBuffer()
+        self.send_lock = threading.Lock()
+
+    def open(self):
+        """Say hello and wait for the welcome; raise ClientError if nobody answers."""
+        try:
+            private = tempfile.mkdtemp(prefix="osp-")      # mode 0700
+        except OSError as exc:
+            raise ClientError(f"cannot make a private directory: {exc}") from None
+        try:
+            self._handshake(os.path.join(private, "request"),
+                            os.path.join(private, "reply"))
+        except protocol.ProtocolError as exc:
+            raise ClientError(str(exc)) from None
+        except OSError as exc:
+            raise ClientError(f"cannot set up the session FIFOs: {exc}") from None
+        finally:
+            shutil.rmtree(private, ignore_errors=True)     # the open fds live on
+
+    def _handshake(self, request, reply):
+        os.mkfifo(request, 0o600)
+        os.mkfifo(reply, 0o600)
+        # Hold the far end of each FIFO ourselves until the server has opened
+        # them: the server's non-blocking opens then succeed, and neither side
+        # sees a spurious EOF before the other has arrived.
+        self.reply_fd = os.open(reply, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        hold_reply = os.open(reply, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        hold_request = os.open(request, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.request_fd = os.open(request, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._say_hello(protocol.encode_hello(request, reply))
+            self._await_welcome()
+        finally:
+            os.close(hold_reply)
+            os.close(hold_request)
+        os.set_blocking(self.reply_fd, True)
+        os.set_blocking(self.request_fd, True)
+
+    def _say_hello(self, hello):
+        try:
+            fd = os.open(self.entrance, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENXIO):
+                raise ClientError(f"no integrity-server is listening on {self.entrance}; "
+                                  "start one with: integrity-server"
+                                  + ("" if self.entrance == _default() else
+                                     f" --fifo {self.entrance}")) from None
+            raise ClientError(f"cannot open {self.entrance}: {exc.strerror}") from None
+        try:
+            deadline = time.monotonic() + self.timeout
+            while True:
+                try:
+                    os.write(fd, hello)     # <= PIPE_BUF: all or nothing
+                    return
+                except BlockingIOError:     # the entrance is full of hellos
+                    if time.monotonic() > deadline:
+                        raise ClientError("the server's entrance stays full") from None
+                    select.select([], [fd], [], 0.05)
+        finally:
+            os.close(fd)
+
+    def _await_welcome(self):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.reply_fd], [], [], left)[0]:
+                raise ClientError(f"the server at {self.entrance} did not answer "
+                                  f"within {self.timeout:g}s")
+            lines = self.lines.feed(os.read(self.reply_fd, 65536))
+            if lines:
+                frame = protocol.decode(lines[0]) if lines[0] else {}
+                if frame.get("welcome") != protocol.HELLO_VERSION:
+                    raise ClientError("the server answered with something else than welcome")
+                self.leftover = lines[1:]
+                return
+
+    def send(self, frame):
+        """Write one request; the lock keeps frames from different checkers whole."""
+        data = protocol.encode(frame)
+        with self.send_lock:
+            while data:
+                data = data[os.write(self.request_fd, data):]
+
+    def frames(self):
+        """Yield reply frames until the server closes the reply FIFO."""
+        for line in self.leftover:
+            yield protocol.decode(line)
+        while True:
+            data = os.read(self.reply_fd, 65536)
+            if not data:
+                return
+            for line in self.lines.feed(data):
+                if line is None:
+                    raise protocol.ProtocolError("oversized reply")
+                yield protocol.decode(line)
+
+    def finish_requests(self):
+        """Tell the server we have nothing more to ask (EOF on the request FIFO)."""
+        with self.send_lock:
+            if self.request_fd >= 0:
+                os.close(self.request_fd)
+                self.request_fd = -1
+
+    def close(self):
+        self.finish_requests()
+        if self.reply_fd >= 0:
+            os.close(self.reply_fd)
+            self.reply_fd = -1
+
+
+def _default():
+    from .entrance import default_fifo
+    return default_fifo()
