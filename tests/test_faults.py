@@ -13,7 +13,7 @@ import threading
 import psutil
 import pytest
 
-from conftest import (CLIENT, SERVER, ROOT, make_tree, md5sum_check, run_client,
+from conftest import (CLIENT, ROOT, make_tree, md5sum_check, run_client,
                       sidecars_under, wait_until)
 
 pytestmark = pytest.mark.timeout(120)
@@ -302,15 +302,15 @@ def test_a_tree_churning_under_the_run_costs_neither_files_nor_the_server(server
 
 # -- permissions, as another user ---------------------------------------------
 
-def interpreter_for(uid):
-    """A Python >= 3.11 that `uid` may run, with our checkout importable, or None."""
+def interpreter_for(uid, pythonpath):
+    """A Python >= 3.11 that `uid` may run and that imports our package, or None."""
     for python in (sys.executable, "/usr/bin/python3", shutil.which("python3")):
         if not python:
             continue
         try:
             probe = subprocess.run(
                 [python, "-c", "import sys, osproject; assert sys.version_info >= (3, 11)"],
-                user=uid, group=uid, extra_groups=[], env={"PYTHONPATH": ROOT},
+                user=uid, group=uid, extra_groups=[], env={"PYTHONPATH": pythonpath},
                 capture_output=True)
         except OSError:                                # not even executable for uid
             continue
@@ -319,34 +319,54 @@ def interpreter_for(uid):
     return None
 
 
+def copy_checkout(base):
+    """Our package and launchers, readable by anyone wherever the checkout lives."""
+    pkg = os.path.join(base, "pkg")
+    shutil.copytree(os.path.join(ROOT, "osproject"), os.path.join(pkg, "osproject"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(os.path.join(ROOT, "bin"), os.path.join(pkg, "bin"))
+    for directory, dirs, files in os.walk(pkg):
+        os.chmod(directory, 0o755)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o755)
+    return pkg
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
 def test_permission_denied_is_an_error_and_the_run_goes_on():
     nobody = 65534
-    python = interpreter_for(nobody)
-    if python is None:
-        pytest.skip("no Python >= 3.11 with this checkout is runnable by uid 65534")
     base = tempfile.mkdtemp(prefix="osp-perm-")
     try:
         os.chmod(base, 0o755)
+        pkg = copy_checkout(base)
+        python = interpreter_for(nobody, pkg)
+        if python is None:
+            pytest.skip("no Python >= 3.11 is runnable by uid 65534")
         tree = os.path.join(base, "tree")
         os.mkdir(tree)
         for name in ("open", "secret"):
             with open(os.path.join(tree, name), "w") as f:
                 f.write(name)
         os.mkdir(os.path.join(tree, "closed"))
-        for path in (base, tree, *(os.path.join(tree, n) for n in os.listdir(tree))):
+        for path in (tree, *(os.path.join(tree, n) for n in os.listdir(tree))):
             os.chown(path, nobody, nobody)
         os.chmod(os.path.join(tree, "secret"), 0)
         os.chmod(os.path.join(tree, "closed"), 0)
+        private = os.path.join(base, "private")       # the FIFOs, the log, TMPDIR
+        os.mkdir(private)
+        os.chown(private, nobody, nobody)
         as_nobody = dict(user=nobody, group=nobody, extra_groups=[],
-                         env={"PYTHONPATH": ROOT, "TMPDIR": base})
-        fifo = os.path.join(base, "server.fifo")
-        server = subprocess.Popen([python, SERVER, "--fifo", fifo, "--log-dir",
-                                   os.path.join(base, "logs")],
+                         env={"PYTHONPATH": pkg, "TMPDIR": private})
+        fifo = os.path.join(private, "server.fifo")
+        server = subprocess.Popen([python, os.path.join(pkg, "bin", "integrity-server"),
+                                   "--fifo", fifo, "--log-dir",
+                                   os.path.join(private, "logs")],
                                   stderr=subprocess.DEVNULL, **as_nobody)
         try:
-            wait_until(lambda: os.path.exists(fifo), what="the server")
-            client = subprocess.run([python, CLIENT, "--fifo", fifo, "--json", tree],
+            wait_until(lambda: os.path.exists(fifo) or server.poll() is not None,
+                       what="the server")
+            client = subprocess.run([python, os.path.join(pkg, "bin", "integrity-client"),
+                                     "--fifo", fifo, "--json", tree],
                                     capture_output=True, text=True, timeout=60,
                                     **as_nobody)
         finally:
@@ -355,7 +375,7 @@ def test_permission_denied_is_an_error_and_the_run_goes_on():
         import json
         records = {r["path"]: r for r in map(json.loads, client.stdout.splitlines())
                    if "path" in r}
-        assert records[os.path.join(tree, "open")]["status"] == "NEW"
+        assert records[os.path.join(tree, "open")]["status"] == "NEW", client.stderr
         assert records[os.path.join(tree, "secret")]["status"] == "ERROR"
         assert records[os.path.join(tree, "secret")]["error"] == "Permission denied"
         assert "Permission denied" in records[os.path.join(tree, "closed")]["error"]
