@@ -267,3 +267,26 @@ def test_status_shows_workers_and_their_warnings(start_server, tmp_path):
     human = run_client(server, "--status")
     assert human.stdout.splitlines()[0].startswith(f"server pid {server.proc.pid}")
     assert len(human.stdout.splitlines()) == 6
+
+
+def test_default_entrance_is_private_and_found_by_the_client(tmp_path):
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if k != "INTEGRITY_FIFO"}
+    env["XDG_RUNTIME_DIR"] = str(runtime)
+    proc = subprocess.Popen([sys.executable, SERVER, "--log-dir", str(tmp_path / "logs")],
+                            env=env, stderr=subprocess.DEVNULL)
+    fifo = runtime / "osproject" / "server.fifo"
+    try:
+        wait_until(lambda: fifo.exists() or proc.poll() is not None, what="the FIFO")
+        assert stat.S_IMODE(os.stat(runtime / "osproject").st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(fifo).st_mode) == 0o600
+        tree = tmp_path / "tree"
+        make_tree(tree, files=3)
+        client = subprocess.run([sys.executable, CLIENT, str(tree)], env=env,
+                                capture_output=True, text=True, timeout=30)
+        assert client.returncode == 0, client.stderr
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    assert not fifo.exists()
