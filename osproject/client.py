@@ -174,7 +174,7 @@ class Client:
                         replies.put(reply)
         elif "correct" in frame:
             fix = frame["correct"]
-            self.report.correct(fix["path"], fix["status"], fix["md5"])
+            self.report.correct(fix["path"], fix["status"], fix.get("md5"), fix.get("error"))
         elif "bye" in frame:
             self.bye = frame["bye"]
 

@@ -53,10 +53,10 @@ class Report:
                                                 errors="surrogateescape")
         self._held.write(json.dumps([key, record]) + "\n")
 
-    def correct(self, key, status, md5):
+    def correct(self, key, status, md5, error=None):
         """The server re-checked a held result and found the first hash wrong."""
         with self._lock:
-            self._verdicts[key] = {"status": status, "md5": md5}
+            self._verdicts[key] = {"status": status, "md5": md5, "error": error}
 
     def release(self):
         """Emit the held results, corrected where the server said so."""

@@ -29,8 +29,10 @@ class Job:
     written: str = None         # the hash its sidecar now holds, as its writer said
     repairs: int = 0            # sidecar rewrites asked for after the verdict
     warned: set = field(default_factory=set)    # wids already warned over this file
+    losers: set = field(default_factory=set)    # wids whose hash lost, warned or not
     declined: set = field(default_factory=set)  # wids that read no hash (error...)
-    deaths: int = 0             # workers that died holding it: a poison file?
+    deaths: int = 0             # workers that died holding it alone: a poison file?
+    suspect: bool = False       # was in a batch whose worker died: goes alone now
 
     def allows(self, wid):
         """May worker `wid` take this file now?
@@ -39,8 +41,8 @@ class Job:
         declined to); a repair, which writes the agreed hash, from any worker
         not caught lying over this file.
         """
-        if self.repairs:
-            return wid not in self.warned and wid != self.reverify_of
+        if self.repairs:            # never the worker whose lie is being repaired
+            return wid not in self.losers and wid != self.reverify_of
         return (wid != self.reverify_of and wid not in self.declined
                 and all(v.wid != wid for v in self.opinions))
 
@@ -104,22 +106,28 @@ class Scheduler:
         batch, passed, size = [], [], 0
         while self.pending and len(batch) < MAX_PATHS and size < BATCH_BYTES:
             job = self.pending.popleft()
-            if not job.allows(worker.wid) or (job.deaths and batch):
+            if not job.allows(worker.wid) or (job.suspect and batch):
                 passed.append(job)
                 continue
             batch.append(job)
             size += job.size
-            if job.deaths:
+            if job.suspect:
                 break
         self.pending.extendleft(reversed(passed))
         if not batch:
             return None
         return Assignment(next(self._aids), worker, batch)
 
-    def requeue(self, job, dead_pid, blame=True):
-        """Put a job a dying worker held first in line for another worker."""
+    def requeue(self, job, dead_pid, blame=True, alone=False):
+        """Put a job a dying worker held first in line for another worker.
+
+        Only a death while the file was alone counts against it; a death in
+        a batch just makes each of its files go alone from now on.
+        """
         job.retried = True
-        job.deaths += blame
+        if blame:
+            job.deaths += alone
+            job.suspect = True
         job.stale.append(dead_pid)
         self.pending.appendleft(job)
 

@@ -242,13 +242,14 @@ class Server:
         """Hand a dead worker's files to others; give up on one that kills them all."""
         self.log.info("assignment.requeued", slot=assignment.worker.slot, pid=pid,
                       files=len(assignment.jobs))
+        alone = len(assignment.jobs) == 1
         for job in reversed(assignment.jobs):
-            if not blame or job.deaths + 1 < MAX_DEATHS:
-                self.scheduler.requeue(job, pid, blame)
-                continue
-            self.log.error("file.abandoned", path=job.path, deaths=job.deaths + 1)
-            self.trust.finish(job, Verdict(verifier.ERROR, reason=f"{job.deaths + 1} "
-                                           "workers died or hung reading it"))
+            self.scheduler.requeue(job, pid, blame, alone)
+            if job.deaths >= MAX_DEATHS:
+                self.scheduler.pending.remove(job)
+                self.log.error("file.abandoned", path=job.path, deaths=job.deaths)
+                self.trust.finish(job, Verdict(verifier.ERROR, reason=f"{job.deaths} "
+                                               "workers died or hung reading it"))
 
     # -- workers ----------------------------------------------------------
     def dispatch(self):

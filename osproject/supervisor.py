@@ -53,7 +53,8 @@ class Worker:
     started: float = 0.0
     assignment: object = None       # the Assignment in flight, if any
     warnings: int = 0
-    results: int = 0                # files answered: a fresh worker earns trust
+    results: int = 0                # files answered
+    confirmed: int = 0              # answers another reading agreed with: trust
     completed: int = 0              # assignments answered
     killed_for: str = None          # why we killed it, if we did
     lines: protocol.LineBuffer = field(default_factory=protocol.LineBuffer)

@@ -43,8 +43,9 @@ class Trust:
                 worker, self.sample, self.rng)
         job.opinions.append(Vote(worker.wid, result["md5"], result["stat"],
                                  bool(result.get("racy")), worker.pid))
+        # A worker that read no hash (declined) can give no opinion either.
         verdict = verifier.judge(job.expected, job.opinions, job.cross_check,
-                                 self.max_opinions)
+                                 self.max_opinions - len(job.declined))
         if verdict is None:
             self.log.info("crosscheck", path=job.path, opinions=len(job.opinions),
                           slot=worker.slot, pid=worker.pid)
@@ -53,6 +54,8 @@ class Trust:
         for wid in set(verdict.liars) - job.warned:
             job.warned.add(wid)
             self.penalize(wid, job, verdict)
+        if verdict.md5 is not None:
+            job.losers |= {v.wid for v in job.opinions if v.md5 != verdict.md5}
         if self.needs_repair(job, verdict):
             job.repairs += 1
             self.log.warning("sidecar.repair", path=job.path, written=job.written,
@@ -83,24 +86,36 @@ class Trust:
     # -- verdicts ---------------------------------------------------------
     def finish(self, job, verdict):
         """Answer the client with a file's verdict (the liars are warned already)."""
-        if sidecar_is_wrong(job, verdict):
-            verdict = Verdict(verifier.ERROR, verdict.md5,
-                              reason="its sidecar could not be repaired")
-        if not verdict.checked:
+        self.credit(job, verdict)
+        if job.write_error is None and sidecar_is_wrong(job, verdict):
+            job.write_error = "its sidecar could not be repaired"
+        if not verdict.checked and job.write_error is None:
             job.session.unchecked.add(job.path, job.sidecar, job.opinions[0])
         if job.reverify_of is not None:
             return self.finish_reverify(job, verdict)
         status, error = verdict.status, verdict.reason
-        if job.write_error and status in (verifier.NEW, verifier.CHANGED):
+        if job.write_error and status == verifier.NEW:
             status, error = verifier.ERROR, job.write_error
+        elif job.write_error and status == verifier.CHANGED:   # still exit 1
+            error = f"baseline not updated: {job.write_error}"
         if status == verifier.CHANGED:
             self.log.warning("file.changed", path=job.path, expected=job.expected,
                              got=verdict.md5, updated=job.update or None)
-        reply = {"id": job.rid, "i": job.index, "status": status, "md5": verdict.md5,
+        md5 = None if status == verifier.ERROR and not verdict.checked else verdict.md5
+        reply = {"id": job.rid, "i": job.index, "status": status, "md5": md5,
                  "expected": job.expected, "error": error}
         if not verdict.checked:
             reply["unchecked"] = True
         self.answer(job.session, reply, status)
+
+    def credit(self, job, verdict):
+        """Workers whose hash the verdict confirmed earn trust."""
+        if not verdict.checked or verdict.md5 is None:
+            return
+        for vote in job.opinions:
+            worker = self.supervisor.by_wid.get(vote.wid)
+            if worker is not None and vote.md5 == verdict.md5:
+                worker.confirmed += 1
 
     def answer(self, session, reply, status):
         session.outstanding -= 1
@@ -113,13 +128,14 @@ class Trust:
         session = job.session
         session.outstanding -= 1
         original = job.opinions[0].md5
-        if verdict.md5 == original:
+        if verdict.md5 == original and not job.write_error:
             return
+        status = verifier.ERROR if job.write_error else verdict.status
         self.log.warning("file.repaired", path=job.path, got=original,
-                         agreed=verdict.md5, status=verdict.status)
+                         agreed=verdict.md5, status=status, error=job.write_error)
         try:
-            session.send({"correct": {"path": job.path, "status": verdict.status,
-                                      "md5": verdict.md5}})
+            session.send({"correct": {"path": job.path, "status": status,
+                                      "md5": verdict.md5, "error": job.write_error}})
         except Refused as exc:
             self.drop_session(session, str(exc))
 

@@ -16,7 +16,7 @@ STATUSES = (OK, NEW, CHANGED, MISSING, UNSTABLE, ERROR, SKIPPED)
 # Honest workers always agree, so with at most two faulty workers of five a
 # majority appears by the fifth opinion; random lies never agree.
 MAX_OPINIONS = 5
-TRUST_AFTER = 10   # a fresh worker's first results are all cross-checked
+TRUST_AFTER = 10   # confirmed results a worker needs before it is only sampled
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,10 @@ def _liars(opinions, agreed):
 
 
 def wants_cross_check(worker, sample, rng):
-    """Should this worker's hash of a file with no baseline be checked by another?"""
-    return (worker.warnings > 0 or worker.results <= TRUST_AFTER
+    """Should this worker's hash of a file with no baseline be checked by another?
+
+    Trust is earned only by results another reading confirmed: a worker whose
+    lies go unpunished because the files were in motion earns none.
+    """
+    return (worker.warnings > 0 or worker.confirmed < TRUST_AFTER
             or rng.random() < sample)

@@ -90,9 +90,9 @@ def test_new_file_cross_check_agrees_or_outvotes():
 
 def test_fresh_and_warned_workers_are_always_cross_checked():
     rng = random.Random(1)
-    fresh = SimpleNamespace(warnings=0, results=1)
-    trusted = SimpleNamespace(warnings=0, results=TRUST_AFTER + 1)
-    warned = SimpleNamespace(warnings=1, results=10_000)
+    fresh = SimpleNamespace(warnings=0, confirmed=TRUST_AFTER - 1)
+    trusted = SimpleNamespace(warnings=0, confirmed=TRUST_AFTER)
+    warned = SimpleNamespace(warnings=1, confirmed=10_000)
     assert all(wants_cross_check(fresh, 0.0, rng) for _ in range(100))
     assert all(wants_cross_check(warned, 0.0, rng) for _ in range(100))
     assert not any(wants_cross_check(trusted, 0.0, rng) for _ in range(100))
