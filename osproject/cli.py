@@ -6,8 +6,7 @@ import sys
 
 from . import __version__
 from .entrance import default_fifo
-
-EXIT_TROUBLE = 2
+from .report import EXIT_TROUBLE
 
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Run from a checkout, the log goes to its logs/; installed, to ./logs.

@@ -11,7 +11,6 @@ import time
 
 from .protocol import PIPE_BUF
 
-LEVELS = ("debug", "info", "warning", "error")
 LOG_NAME = "integrity-server.log"
 
 

@@ -108,7 +108,8 @@ class Server:
             signal.set_wakeup_fd(-1)
             os.close(self._wake_r)
             os.close(self._wake_w)
-        self.log.info("server.stopped", pid=os.getpid(), status=self.status)
+        self.log.info("server.stopped", pid=os.getpid(), status=self.status,
+                      unlogged=self.log.lost or None)
 
     def stop_workers(self):
         """SIGTERM every worker, wait a little, SIGKILL the rest; reap them all."""
