@@ -167,11 +167,14 @@ class Client:
 
     def route(self, frame):
         if "replies" in frame:
+            by_checker = {}         # one hand-off per checker per frame, not per file
             with self.waiting_lock:
                 for reply in frame["replies"]:
                     replies = self.waiting.get(reply["id"])
                     if replies is not None:
-                        replies.put(reply)
+                        by_checker.setdefault(id(replies), (replies, []))[1].append(reply)
+            for replies, batch in by_checker.values():
+                replies.put(batch)
         elif "correct" in frame:
             fix = frame["correct"]
             self.report.correct(fix["path"], fix["status"], fix.get("md5"), fix.get("error"))
@@ -189,7 +192,7 @@ class Checker:
 
     def __init__(self, client):
         self.client = client
-        self.replies = queue.SimpleQueue()  # filled by the reader thread
+        self.replies = queue.SimpleQueue()  # lists of replies, from the reader thread
         self.inflight = {}                  # rid -> [[(entry, item)...], replies due]
 
     def run(self):
@@ -229,15 +232,16 @@ class Checker:
         self.client.conn.send({"id": rid, "files": [item for _, item in asked]})
 
     def collect(self, block):
-        """Report the replies that have arrived; with block, wait for one first."""
+        """Report the replies that have arrived; with block, wait for some first."""
         while True:
             try:
-                reply = self.replies.get(block=block)
+                batch = self.replies.get(block=block)
             except queue.Empty:
                 return
-            if reply is None:
+            if batch is None:
                 raise ClientError(self.client.failure or "the server went away")
-            self.record(reply)
+            for reply in batch:
+                self.record(reply)
             block = False
 
     def record(self, reply):
