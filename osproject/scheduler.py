@@ -33,6 +33,7 @@ class Job:
     declined: set = field(default_factory=set)  # wids that read no hash (error...)
     deaths: int = 0             # workers that died holding it alone: a poison file?
     suspect: bool = False       # was in a batch whose worker died: goes alone now
+    settled: object = None      # the verdict, kept while its sidecar is discarded
 
     def allows(self, wid):
         """May worker `wid` take this file now?
@@ -41,6 +42,8 @@ class Job:
         declined to); a repair, which writes the agreed hash, from any worker
         not caught lying over this file.
         """
+        if self.settled is not None:
+            return True             # a discard is no opinion: any worker will do
         if self.repairs:            # never the worker whose lie is being repaired
             return wid not in self.losers and wid != self.reverify_of
         return (wid != self.reverify_of and wid not in self.declined
@@ -58,6 +61,8 @@ class Job:
         opinions only read.  A repair (the agreed hash differs from the one
         written) rewrites it.
         """
+        if self.settled is not None:
+            return "discard"
         if self.repairs:
             return "replace"
         if self.opinions or self.expected is not None or self.reverify_of is not None:

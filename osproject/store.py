@@ -113,6 +113,21 @@ def write_sidecar(sidecar, md5, name, replace):
         _unlink_quietly(tmp)  # gone already after a successful os.replace
 
 
+def discard_sidecar(sidecar, name):
+    """Remove a sidecar we wrote for `name`; return True if removed.
+
+    Only a regular file holding one md5sum line for this very name is ours:
+    anything else (a link, a user's file) is left alone.
+    """
+    try:
+        if read_baseline(sidecar, name) is None:
+            return False
+        os.unlink(sidecar)
+    except (SidecarError, OSError):
+        return False
+    return True
+
+
 def ensure_store_dir(sidecar):
     """Create the mirrored directory of a --store sidecar (mode 0700 parents)."""
     os.makedirs(os.path.dirname(sidecar), mode=0o700, exist_ok=True)

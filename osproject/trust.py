@@ -31,6 +31,8 @@ class Trust:
 
     def on_result(self, worker, job, result):
         """Record one worker's reading of a file; settle it or ask another worker."""
+        if job.settled is not None:             # the discard is done
+            return self.finish(job, job.settled)
         worker.results += 1
         if "md5" not in result or "unstable" in result:
             return self.on_no_hash(worker, job, outcome_without_hash(result))
@@ -79,6 +81,15 @@ class Trust:
             return
         self.finish(job, outcome)
 
+    def needs_discard(self, job, verdict):
+        """Did we write a new file's sidecar, and then agree on no hash at all?
+
+        No reading can vouch for that sidecar (its writer may have lied), so
+        it goes: the next run records the file as NEW rather than CHANGED.
+        """
+        return (job.settled is None and job.written is not None and not job.write_error
+                and job.expected is None and verdict.md5 is None)
+
     def needs_repair(self, job, verdict):
         """Must a worker of the majority (re)write the sidecar?"""
         return sidecar_is_wrong(job, verdict) and job.repairs < MAX_REPAIRS
@@ -86,6 +97,12 @@ class Trust:
     # -- verdicts ---------------------------------------------------------
     def finish(self, job, verdict):
         """Answer the client with a file's verdict (the liars are warned already)."""
+        if self.needs_discard(job, verdict):
+            job.settled = verdict
+            self.log.warning("sidecar.discard", path=job.path, written=job.written,
+                             status=verdict.status)
+            self.scheduler.submit(job, urgent=True)
+            return
         self.credit(job, verdict)
         if job.write_error is None and sidecar_is_wrong(job, verdict):
             job.write_error = "its sidecar could not be repaired"

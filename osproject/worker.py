@@ -142,6 +142,9 @@ class Worker:
     def do_file(self, item):
         """Hash one file and, if asked, write its sidecar; return the result dict."""
         path = item["path"]
+        if item.get("write") == "discard":       # no hash was agreed: no baseline
+            return {"path": path, "discarded": store.discard_sidecar(
+                item["sidecar"], os.path.basename(path))}
         for pid in item.get("stale", ()):
             remove_stale_temps(item["sidecar"], pid)
         result = hash_file(path, self.progress)

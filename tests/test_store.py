@@ -85,3 +85,15 @@ def test_a_name_too_long_for_its_sidecar_is_an_error_not_a_crash(tmp_path):
     with pytest.raises(OSError):
         store.write_sidecar(str(tmp_path / (name + ".md5")), "e" * 32, name, replace=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_discard_removes_only_a_sidecar_of_ours(tmp_path):
+    ours = tmp_path / "f.md5"
+    store.write_sidecar(str(ours), "a" * 32, "f", replace=False)
+    (tmp_path / "g.md5").write_text("a user's notes\n")
+    (tmp_path / "h.md5").symlink_to(ours)
+    assert not store.discard_sidecar(str(tmp_path / "g.md5"), "g")
+    assert not store.discard_sidecar(str(tmp_path / "h.md5"), "h")
+    assert not store.discard_sidecar(str(ours), "other-name")
+    assert store.discard_sidecar(str(ours), "f")
+    assert sorted(os.listdir(tmp_path)) == ["g.md5", "h.md5"]

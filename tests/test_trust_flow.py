@@ -1,0 +1,64 @@
+"""The trust actions driven directly, for races a process test cannot time:
+here, a new file that vanishes between its first and its second reading."""
+
+from types import SimpleNamespace
+
+from osproject.scheduler import Job, Scheduler
+from osproject.session import Unchecked
+from osproject.supervisor import State
+from osproject.trust import Trust
+
+
+class Log:
+    def __init__(self):
+        self.events = []
+
+    def info(self, event, **fields):
+        self.events.append(event)
+
+    warning = error = info
+
+
+class Session:
+    def __init__(self):
+        self.outstanding, self.replies, self.unchecked = 1, [], Unchecked()
+
+    def reply(self, verdict):
+        self.replies.append(verdict)
+
+    def count(self, status):
+        pass
+
+
+def worker(wid):
+    return SimpleNamespace(wid=wid, pid=1000 + wid, slot=wid, warnings=0, results=0,
+                           confirmed=0)
+
+
+def reading(path, md5=None, **extra):
+    result = {"path": path, **extra}
+    if md5:
+        result.update(md5=md5, stat=(1, 2, 3, 4), wrote=True)
+    return result
+
+
+def test_a_new_file_whose_second_reading_fails_loses_the_sidecar_nobody_vouches_for():
+    workers = {1: worker(1), 2: worker(2), 3: worker(3)}
+    supervisor = SimpleNamespace(by_wid=workers, state_of=lambda w: State.BUSY)
+    scheduler, log, session = Scheduler(), Log(), Session()
+    trust = Trust(SimpleNamespace(cross_check=0.1, workers=3), log, scheduler,
+                  supervisor, [session], drop_session=None)
+    job = Job(session=session, rid=1, index=0, path="/t/f", sidecar="/t/f.md5")
+
+    assert job.write_mode() == "new"
+    trust.on_result(workers[1], job, reading("/t/f", "a" * 32))  # fresh: cross-checked
+    assert scheduler.take(workers[1]) is None, "not a second opinion of its own"
+    assert scheduler.take(workers[2]).jobs == [job] and job.write_mode() == "keep"
+    trust.on_result(workers[2], job, reading("/t/f", error="No such file or directory"))
+
+    assert "sidecar.discard" in log.events and session.replies == []
+    assert scheduler.take(workers[1]).jobs == [job] and job.write_mode() == "discard"
+    trust.on_result(workers[1], job, {"path": "/t/f", "discarded": True})
+    assert [r["status"] for r in session.replies] == ["ERROR"]
+    assert "md5" not in session.replies[0]
+    assert session.outstanding == 0
