@@ -69,6 +69,18 @@ class Job:
             return "keep"
         return "replace" if self.retried else "new"
 
+    def held_by_dead(self, pid, blame, alone):
+        """Note that worker `pid` died holding this file.
+
+        Only a death while the file was alone counts against it; a death in
+        a batch just makes each of its files go alone from now on.
+        """
+        self.retried = True
+        self.stale.append(pid)           # it may have left a temp file beside us
+        if blame:
+            self.deaths += alone
+            self.suspect = True
+
     def item(self):
         """The assignment entry a worker sees: no expected hash."""
         entry = {"path": self.path, "sidecar": self.sidecar, "write": self.write_mode()}
@@ -123,17 +135,8 @@ class Scheduler:
             return None
         return Assignment(next(self._aids), worker, batch)
 
-    def requeue(self, job, dead_pid, blame=True, alone=False):
-        """Put a job a dying worker held first in line for another worker.
-
-        Only a death while the file was alone counts against it; a death in
-        a batch just makes each of its files go alone from now on.
-        """
-        job.retried = True
-        if blame:
-            job.deaths += alone
-            job.suspect = True
-        job.stale.append(dead_pid)
+    def requeue(self, job):
+        """Put a job a dying worker held first in line for another worker."""
         self.pending.appendleft(job)
 
     def drop_session(self, session):

@@ -245,12 +245,13 @@ class Server:
                       files=len(assignment.jobs))
         alone = len(assignment.jobs) == 1
         for job in reversed(assignment.jobs):
-            self.scheduler.requeue(job, pid, blame, alone)
-            if job.deaths >= MAX_DEATHS:
-                self.scheduler.pending.remove(job)
-                self.log.error("file.abandoned", path=job.path, deaths=job.deaths)
-                self.trust.finish(job, Verdict(verifier.ERROR, reason=f"{job.deaths} "
-                                               "workers died or hung reading it"))
+            job.held_by_dead(pid, blame, alone)
+            if job.deaths < MAX_DEATHS:
+                self.scheduler.requeue(job)
+                continue
+            self.log.error("file.abandoned", path=job.path, deaths=job.deaths)
+            self.trust.finish(job, Verdict(verifier.ERROR, reason=f"{job.deaths} "
+                                           "workers died or hung reading it"))
 
     # -- workers ----------------------------------------------------------
     def dispatch(self):

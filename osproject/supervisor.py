@@ -146,13 +146,12 @@ class Supervisor:
         self.slots[worker.slot].enter(State.BUSY)   # IDLE -> BUSY
 
     def answered(self, worker):
-        """The worker answered its assignment; return that assignment."""
-        assignment, worker.assignment = worker.assignment, None
+        """The worker answered its assignment: it may take the next."""
+        worker.assignment = None
         worker.completed += 1
         slot = self.slots[worker.slot]
         slot.failures = 0
         slot.enter(State.IDLE)                      # BUSY -> IDLE
-        return assignment
 
     def heard_from(self, worker):
         worker.heard_at = self.clock()

@@ -24,6 +24,16 @@ def assert_client_saw_only_true_hashes(result, files):
     assert not wrong, f"{len(wrong)} wrong hashes reached the client, e.g. {wrong[:3]}"
 
 
+def assert_first_run_true(server, tree, files):
+    """A first run reports NEW for every file, with true hashes, and every
+    sidecar passes md5sum -c, whatever the workers said."""
+    result = run_client(server, "--json", tree)
+    assert result.status == 0, result.stderr
+    assert result.records()[1] == {"NEW": len(files)}, result.stdout[-500:]
+    assert_client_saw_only_true_hashes(result, files)
+    assert md5sum_check(sidecars_under(tree)) == []
+
+
 def liar_pid(server, slot):
     first = [e for e in server.events("worker.forked") if e["slot"] == str(slot)][0]
     return first["pid"]
@@ -33,11 +43,7 @@ def test_a_liar_that_always_lies_is_banned_after_exactly_three_lies(start_server
     server = start_server("--chaos", "liar:0")
     tree = tmp_path / "tree"
     files = make_tree(tree, files=200)
-    result = run_client(server, "--json", tree)
-    assert result.status == 0, result.stderr
-    assert result.records()[1] == {"NEW": 200}
-    assert_client_saw_only_true_hashes(result, files)
-    assert md5sum_check(sidecars_under(tree)) == []
+    assert_first_run_true(server, tree, files)
 
     liar = liar_pid(server, 0)
     events = server.events()
@@ -85,11 +91,7 @@ def test_a_20_percent_liar_is_caught_banned_and_its_work_repaired(start_server, 
     server = start_server("--chaos", "liar:1:0.2", "--cross-check", "0.05")
     tree = tmp_path / "tree"
     files = make_tree(tree, files=3000, dirs=60, size=1500)
-    result = run_client(server, "--json", tree)
-    assert result.status == 0, result.stderr
-    assert result.records()[1] == {"NEW": 3000}
-    assert_client_saw_only_true_hashes(result, files)
-    assert md5sum_check(sidecars_under(tree)) == []
+    assert_first_run_true(server, tree, files)
     liar = liar_pid(server, 1)
     assert [e["pid"] for e in server.events("worker.banned")] == [liar]
     assert {e["pid"] for e in server.events("worker.warned")} == {liar}
