@@ -127,7 +127,10 @@ class Client:
         if entry.kind == ORPHAN:
             return self.prepare_orphan(entry)
         try:
-            expected = store.read_baseline(entry.sidecar, os.path.basename(entry.path))
+            # Not in the listing: a new file (a sidecar made since then is
+            # never overwritten: the worker's link(2) refuses).
+            expected = None if entry.listed is False else \
+                store.read_baseline(entry.sidecar, os.path.basename(entry.path))
         except store.SidecarError as exc:
             self.report.add(entry.path, "ERROR", error=str(exc))
             return entry, None

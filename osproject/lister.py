@@ -3,6 +3,8 @@
 It yields what the checkers must do with each entry.  Sidecars of files that
 exist are skipped here (each checker reads its own file's sidecar); a
 sidecar whose file is gone comes out as an orphan for a checker to confirm.
+The listing also tells whether a file has a sidecar at all, so that a first
+run does not try (and fail) to open one per file.
 """
 
 import fnmatch
@@ -21,6 +23,7 @@ class Entry(NamedTuple):
     sidecar: str = None
     reason: str = None
     size: int = 0       # lstat size of a FILE: lets the server balance big files
+    listed: bool = None  # was its sidecar in the listing? None: not looked
 
 
 class Lister:
@@ -53,27 +56,40 @@ class Lister:
             yield Entry(ERROR, directory, reason=f"cannot list directory: {exc.strerror}")
             return []
         files = {e.name for e in entries if not _is_dir(e)}
+        mirror, sidecars = self.sidecars_of(directory, entries)
         subdirs = []
         for e in entries:
             if self.excluded(e.path):
                 continue
             if _is_dir(e):
                 subdirs.append(e.path)
-            elif self.store_dir is None and e.name.endswith(store.SUFFIX):
+            elif mirror is None and e.name.endswith(store.SUFFIX):
                 stem = e.name[:-len(store.SUFFIX)]
                 if stem not in files:
                     yield Entry(ORPHAN, os.path.join(directory, stem), e.path)
             else:
-                yield self.classify(e)
-        if self.store_dir is not None:
-            yield from self.store_orphans(directory, files)
+                yield self.classify(e, e.name + store.SUFFIX in sidecars)
+        if mirror is not None:
+            yield from self.store_orphans(directory, mirror, sidecars, files)
         return subdirs
 
-    def classify(self, entry):
+    def sidecars_of(self, directory, entries):
+        """Return (the --store mirror directory or None, the sidecar names there)."""
+        if self.store_dir is None:
+            return None, {e.name for e in entries if e.name.endswith(store.SUFFIX)}
+        mirror = os.path.dirname(store.sidecar_path(os.path.join(directory, "x"),
+                                                    self.store_dir))
+        try:
+            names = os.listdir(mirror)
+        except OSError:
+            names = []
+        return mirror, {n for n in names if n.endswith(store.SUFFIX)}
+
+    def classify(self, entry, listed=None):
         try:
             if entry.is_file(follow_symlinks=False):
                 return Entry(FILE, entry.path, store.sidecar_path(entry.path, self.store_dir),
-                             size=entry.stat(follow_symlinks=False).st_size)
+                             size=entry.stat(follow_symlinks=False).st_size, listed=listed)
             return Entry(SKIP, entry.path,
                          reason=describe_kind(entry.stat(follow_symlinks=False).st_mode))
         except OSError as exc:
@@ -85,17 +101,11 @@ class Lister:
                          size=st.st_size)
         return Entry(SKIP, path, reason=describe_kind(st.st_mode))
 
-    def store_orphans(self, directory, files):
+    def store_orphans(self, directory, mirror, sidecars, files):
         """With --store, sidecars in the mirror directory whose file is gone."""
-        mirror = os.path.dirname(store.sidecar_path(os.path.join(directory, "x"),
-                                                    self.store_dir))
-        try:
-            names = sorted(os.listdir(mirror))
-        except OSError:
-            return
-        for name in names:
+        for name in sorted(sidecars):
             stem = name[:-len(store.SUFFIX)]
-            if name.endswith(store.SUFFIX) and stem not in files:
+            if stem not in files:
                 path = os.path.join(directory, stem)
                 if not self.excluded(path) and not os.path.isdir(path):
                     yield Entry(ORPHAN, path, os.path.join(mirror, name))
