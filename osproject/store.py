@@ -7,6 +7,7 @@ is escaped (\\\\, \\n, \\r) and the line then starts with a backslash, so
 """
 
 import errno
+import itertools
 import os
 import re
 import stat
@@ -16,6 +17,28 @@ MAX_SIDECAR = 64 * 1024  # a real sidecar is one line: hash, two spaces, a name
 _LINE = re.compile(rb"(\\?)([0-9a-fA-F]{32}) [ *](.*)", re.DOTALL)
 _ESCAPES = {b"\\": b"\\\\", b"\n": b"\\n", b"\r": b"\\r"}
 _UNESCAPE = re.compile(rb"\\(.)", re.DOTALL)
+TEMP_ATTEMPTS = 100      # names taken by a dead process of the same pid: skip on
+
+
+class _TempNames:
+    """`.osp-PID-N.tmp`: unique per process without a syscall per name.
+
+    The pid is what the server's clean-up of a killed worker's temps goes
+    by; it is re-read in a forked child.
+    """
+
+    def __init__(self):
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self):
+        self.pid, self.numbers = os.getpid(), itertools.count()
+
+    def next(self, directory):
+        return os.path.join(directory, f".osp-{self.pid}-{next(self.numbers)}.tmp")
+
+
+_temp_names = _TempNames()
 
 
 class SidecarError(Exception):
@@ -94,8 +117,7 @@ def write_sidecar(sidecar, md5, name, replace):
     (link(2) refuses to clobber) and False is returned.
     """
     directory = os.path.dirname(sidecar) or "."
-    tmp = os.path.join(directory, f".osp-{os.getpid()}-{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    tmp, fd = _create_temp(directory)
     try:
         try:
             os.write(fd, format_line(md5, name))
@@ -111,6 +133,18 @@ def write_sidecar(sidecar, md5, name, replace):
         return True
     finally:
         _unlink_quietly(tmp)  # gone already after a successful os.replace
+
+
+def _create_temp(directory):
+    """Create a fresh temp file in directory, O_EXCL|O_NOFOLLOW; return (path, fd)."""
+    for _ in range(TEMP_ATTEMPTS):
+        tmp = _temp_names.next(directory)
+        try:
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                                0o644)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temp file name", directory)
 
 
 def discard_sidecar(sidecar, name):
