@@ -1,7 +1,6 @@
 """A client's session on the server side: its two private FIFOs and their buffers."""
 
 import errno
-import json
 import os
 import re
 import stat
@@ -148,27 +147,35 @@ class Unchecked:
     """Hashes a worker gave that nobody cross-checked, kept for re-verification.
 
     If that worker is caught lying during the session, they are checked
-    again.  Packed as one JSON line each in a bytearray per worker (~150
-    bytes a file, not a kilobyte of objects): on a first run this is the only
-    server state that grows with the tree.
+    again.  Packed into one bytearray per worker, NUL-terminated fields (a
+    path never holds a NUL), about 150 bytes a file instead of a kilobyte of
+    objects: on a first run this is the only server state that grows with
+    the tree.
     """
+
+    FIELDS = 9
 
     def __init__(self):
         self._by_wid = {}
 
     def add(self, path, sidecar, vote):
         packed = self._by_wid.setdefault(vote.wid, bytearray())
-        packed += protocol.encode([path, sidecar, vote.md5, *vote.stat, vote.racy,
-                                   vote.pid])
+        size, mtime, ctime, ino = vote.stat
+        for field in (path, sidecar, vote.md5):
+            packed += os.fsencode(field) + b"\0"
+        packed += b"%d\0%d\0%d\0%d\0%d\0%d\0" % (size, mtime, ctime, ino, vote.racy,
+                                                     vote.pid)
 
     def pop(self, wid):
         """Return and forget [(path, sidecar, Vote)] of worker `wid`."""
-        packed = self._by_wid.pop(wid, b"")
+        fields = bytes(self._by_wid.pop(wid, b"")).split(b"\0")[:-1]
         entries = []
-        for line in packed.splitlines():
-            path, sidecar, md5, size, mtime, ctime, ino, racy, pid = json.loads(line)
-            entries.append((path, sidecar, Vote(wid, md5, (size, mtime, ctime, ino),
-                                                racy, pid)))
+        for i in range(0, len(fields), self.FIELDS):
+            path, sidecar, md5, *numbers = fields[i:i + self.FIELDS]
+            size, mtime, ctime, ino, racy, pid = map(int, numbers)
+            entries.append((os.fsdecode(path), os.fsdecode(sidecar),
+                            Vote(wid, md5.decode("ascii"), (size, mtime, ctime, ino),
+                                 bool(racy), pid)))
         return entries
 
 
