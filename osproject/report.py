@@ -4,11 +4,14 @@ Results a single worker gave with nobody cross-checking them are held back
 until the server has said bye: if that worker is caught lying later in the
 session, the server re-checks them and sends corrections, so no wrong hash
 reaches the user.  Held results wait in an unlinked temp file, not in
-memory, so a first run on millions of files costs disk, not RSS.
+memory, so a first run on millions of files costs disk, not RSS.  They are
+pickled there: the file is our own, and pickle is several times faster than
+JSON at this, which shows on a first run, where nearly every result is held.
 """
 
 import json
 import os
+import pickle
 import tempfile
 import threading
 
@@ -49,9 +52,8 @@ class Report:
 
     def _hold(self, key, record):
         if self._held is None:
-            self._held = tempfile.TemporaryFile("w+", encoding="utf-8",
-                                                errors="surrogateescape")
-        self._held.write(json.dumps([key, record]) + "\n")
+            self._held = tempfile.TemporaryFile()
+        pickle.dump((key, record), self._held)
 
     def correct(self, key, status, md5, error=None):
         """The server re-checked a held result and found the first hash wrong."""
@@ -63,8 +65,12 @@ class Report:
         if self._held is None:
             return
         self._held.seek(0)
-        for line in self._held:
-            key, record = json.loads(line)
+        unpickler = pickle.Unpickler(self._held)
+        while True:
+            try:
+                key, record = unpickler.load()
+            except EOFError:
+                break
             record.update(self._verdicts.get(key, {}))
             self._emit(record)
         self._held.close()
