@@ -115,11 +115,16 @@ def client_parser():
     p.add_argument("--json", action="store_true",
                    help="one JSON object per file, then one with the summary")
     p.add_argument("--update", action="store_true",
-                   help="rewrite the sidecars of CHANGED files with their new hash")
+                   help="accept the tree as it is: CHANGED files get a new baseline, "
+                        "the sidecars of MISSING files are removed (still exits 1)")
     p.add_argument("--store", metavar="DIR",
                    help="keep sidecars mirrored under DIR instead of beside the files")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="skip names or paths matching GLOB (repeatable)")
+                   help="skip files and directories whose name, or path relative to "
+                        "the PATH given, matches GLOB (repeatable)")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress line on the terminal (there is none unless stderr "
+                        "is a terminal)")
     p.add_argument("--status", action="store_true",
                    help="show the server's workers (state, pid, warnings) and clients")
     p.add_argument("--version", action="version", version=__version__)
@@ -128,6 +133,7 @@ def client_parser():
 
 def client_main(argv=None):
     from .client import ClientError, check
+    from .progress import Progress
     from .report import Report
     parser = client_parser()
     try:
@@ -143,7 +149,8 @@ def client_main(argv=None):
             print(f"integrity-client: {path}: no such file or directory", file=sys.stderr)
             return EXIT_TROUBLE
     store_dir = os.path.abspath(args.store) if args.store else None
-    report = Report(sys.stdout, as_json=args.json)
+    report = Report(sys.stdout, as_json=args.json,
+                    progress=Progress.for_terminal(sys.stderr, args.quiet))
     try:
         return check(args.paths, args.fifo or default_fifo(), report, store_dir=store_dir,
                      excludes=args.exclude, update=args.update)

@@ -15,7 +15,8 @@ import threading
 from . import protocol, store
 from .connection import ClientError, Connection
 from .lister import ERROR, FILE, ORPHAN, SKIP, Entry, Lister
-from .verifier import SKIPPED
+from .progress import INTERVAL as PROGRESS_INTERVAL
+from .verifier import CHANGED, MISSING, SKIPPED
 
 CHECKERS = 5
 WINDOW = 3              # requests each checker keeps in flight: 75 files in all
@@ -36,6 +37,7 @@ class Client:
         self.waiting_lock = threading.Lock()
         self.reader_done = False            # no more replies will be routed
         self.rids = itertools.count(1)
+        self.listed = 0                     # entries listed: for the progress line
         self.failure = None                 # the first reason we cannot go on
         self.stop = threading.Event()
         self.bye = None
@@ -52,9 +54,10 @@ class Client:
         lister.start()
         for t in checkers:
             t.start()
-        lister.join()
-        for t in checkers:
-            t.join()
+        for t in [lister, *checkers]:
+            while t.is_alive():
+                self.report.show_progress(self.listed)
+                t.join(PROGRESS_INTERVAL)
         self.conn.finish_requests()
         reader.join()
         self.conn.close()
@@ -74,6 +77,7 @@ class Client:
         try:
             for root in roots:
                 for entry in self.lister.walk(root):
+                    self.listed += 1
                     batch.append(entry)
                     if len(batch) == protocol.MAX_PATHS:
                         if not self.put(batch):
@@ -152,6 +156,12 @@ class Client:
             return self.prepare(Entry(FILE, own, store.sidecar_path(own, self.store_dir)))
         return entry, {"kind": "missing", "path": os.path.abspath(entry.path),
                        "sidecar": os.path.abspath(entry.sidecar), "expected": recorded}
+
+    def forget(self, entry):
+        """--update: remove the sidecar of a MISSING file; return why not, or None."""
+        if store.discard_sidecar(entry.sidecar, os.path.basename(entry.path)):
+            return None
+        return "its sidecar could not be removed"
 
     # -- the reader thread --------------------------------------------------
     def read_replies(self):
@@ -251,8 +261,12 @@ class Checker:
         rid = reply["id"]
         state = self.inflight[rid]
         entry, item = state[0][reply["i"]]
-        self.client.report.add(entry.path, reply["status"], reply.get("md5"),
-                               reply.get("expected"), reply.get("error"),
+        status, error = reply["status"], reply.get("error")
+        if status == MISSING and self.client.update:
+            error = self.client.forget(entry)
+        updated = self.client.update and status in (CHANGED, MISSING) and not error
+        self.client.report.add(entry.path, status, reply.get("md5"),
+                               reply.get("expected"), error, updated=updated,
                                unchecked=reply.get("unchecked", False), key=item["path"])
         state[1] -= 1
         if not state[1]:

@@ -41,13 +41,14 @@ class Lister:
         if not os.path.isdir(root) or os.path.islink(root):
             yield self.classify_single(root, st)
             return
+        prefix = root if root.endswith("/") else root + "/"   # of every path below
         stack = [root]
         while stack:
             directory = stack.pop()
-            subdirs = yield from self.list_dir(directory)
+            subdirs = yield from self.list_dir(directory, prefix)
             stack.extend(reversed(subdirs))
 
-    def list_dir(self, directory):
+    def list_dir(self, directory, prefix):
         """Yield the entries of one directory; return its subdirectories."""
         try:
             with os.scandir(directory) as it:
@@ -59,7 +60,7 @@ class Lister:
         mirror, sidecars = self.sidecars_of(directory, entries)
         subdirs = []
         for e in entries:
-            if self.excluded(e.path):
+            if self.excluded(e.path, prefix):
                 continue
             if _is_dir(e):
                 subdirs.append(e.path)
@@ -70,7 +71,7 @@ class Lister:
             else:
                 yield self.classify(e, e.name + store.SUFFIX in sidecars)
         if mirror is not None:
-            yield from self.store_orphans(directory, mirror, sidecars, files)
+            yield from self.store_orphans(directory, prefix, mirror, sidecars, files)
         return subdirs
 
     def sidecars_of(self, directory, entries):
@@ -101,18 +102,21 @@ class Lister:
                          size=st.st_size)
         return Entry(SKIP, path, reason=describe_kind(st.st_mode))
 
-    def store_orphans(self, directory, mirror, sidecars, files):
+    def store_orphans(self, directory, prefix, mirror, sidecars, files):
         """With --store, sidecars in the mirror directory whose file is gone."""
         for name in sorted(sidecars):
             stem = name[:-len(store.SUFFIX)]
             if stem not in files:
                 path = os.path.join(directory, stem)
-                if not self.excluded(path) and not os.path.isdir(path):
+                if not self.excluded(path, prefix) and not os.path.isdir(path):
                     yield Entry(ORPHAN, path, os.path.join(mirror, name))
 
-    def excluded(self, path):
-        name = os.path.basename(path)
-        return any(fnmatch.fnmatch(name, pat) or fnmatch.fnmatch(path, pat)
+    def excluded(self, path, prefix):
+        """Does a pattern match the name, or the path below the root (`prefix`)?"""
+        if not self.excludes:
+            return False
+        name, relative = os.path.basename(path), path[len(prefix):]
+        return any(fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(relative, pat)
                    for pat in self.excludes)
 
 

@@ -27,15 +27,17 @@ def show_path(path):
 
 
 class Report:
-    def __init__(self, out, as_json=False):
+    def __init__(self, out, as_json=False, progress=None):
         self.out = out
         self.as_json = as_json
+        self.progress = progress    # a Progress line to clear before printing, or None
         self.counts = dict.fromkeys(STATUSES, 0)
+        self.received = 0           # results in, held or not
         self._held = None           # temp file of records awaiting the bye
         self._verdicts = {}         # key -> the corrected status and md5
         self._lock = threading.Lock()
 
-    def add(self, path, status, md5=None, expected=None, error=None,
+    def add(self, path, status, md5=None, expected=None, error=None, updated=False,
             unchecked=False, key=None):
         """Record one file's result; called from any checker thread.
 
@@ -43,8 +45,9 @@ class Report:
         knows it by) until finish(), corrected if correct() was called.
         """
         record = {"path": path, "status": status, "md5": md5,
-                  "expected": expected, "error": error}
+                  "expected": expected, "error": error, "updated": updated or None}
         with self._lock:
+            self.received += 1
             if unchecked:
                 self._hold(key or path, record)
             else:
@@ -76,9 +79,18 @@ class Report:
         self._held.close()
         self._held = None
 
+    def show_progress(self, listed):
+        """Redraw the progress line, if there is one."""
+        if self.progress is not None:
+            with self._lock:
+                self.progress.draw(listed, self.received)
+
     def finish(self):
         """Emit what is still held, then the summary; return the exit status."""
         with self._lock:
+            if self.progress is not None:
+                self.progress.clear()
+                self.progress = None
             self.release()
             counts = {k: v for k, v in self.counts.items() if v}
             if self.as_json:
@@ -93,6 +105,8 @@ class Report:
 
     def _emit(self, record):
         self.counts[record["status"]] += 1
+        if self.progress is not None and (self.as_json or record["status"] != OK):
+            self.progress.clear()
         if self.as_json:
             self.out.write(json.dumps({k: v for k, v in record.items()
                                        if v is not None}) + "\n")
@@ -101,16 +115,22 @@ class Report:
 
     def flush(self):
         with self._lock:
+            if self.progress is not None:
+                self.progress.clear()
             self.out.flush()
 
 
 def format_human(record):
     line = f"{record['status']:<8} {show_path(record['path'])}"
+    notes = []
     if record["status"] == CHANGED:
-        line += f"  (expected {record['expected']}, got {record['md5']})"
-    elif record.get("error"):
-        line += f"  ({record['error']})"
-    return line
+        notes.append(f"expected {record['expected']}, got {record['md5']}")
+    if record.get("error"):
+        notes.append(record["error"])
+    if record.get("updated"):
+        notes.append("baseline removed" if record["status"] == MISSING
+                     else "baseline updated")
+    return line + (f"  ({'; '.join(notes)})" if notes else "")
 
 
 def format_status(status):
