@@ -111,7 +111,7 @@ class Server:
             os.close(self._wake_r)
             os.close(self._wake_w)
         self.log.info("server.stopped", pid=os.getpid(), status=self.status,
-                      unlogged=self.log.lost or None)
+                      unlogged=self.log.lost or None, unsent=self.log.unsent or None)
 
     def stop_workers(self):
         """SIGTERM every worker, wait a little, SIGKILL the rest; reap them all."""
