@@ -55,10 +55,10 @@ class SyslogError(Exception):
 class Syslog:
     """Send lines to the local syslog daemon as facility daemon, never waiting.
 
-    Not the `syslog` module: it calls the C library's syslog(), which sends
-    on a blocking socket connected to /dev/log, and a send blocks while the
-    daemon's queue is full (journald or rsyslog busy, stopped, wedged): the
-    whole select() loop would stall with it.  Our own socket is non-blocking,
+    Not the `syslog` module: it calls the C library's syslog(), which (glibc)
+    sends on a blocking socket connected to /dev/log, and a send blocks while
+    the daemon's queue is full (journald or rsyslog busy, stopped, wedged):
+    the whole select() loop would stall with it.  Our own socket is non-blocking,
     so a line that does not fit is dropped and counted (the log file still
     has it).  It is not connected either: each line is sent to the path, so a
     restarted daemon's new socket is found without reconnecting.

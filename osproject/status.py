@@ -1,9 +1,9 @@
 """What `integrity-client --status` shows, gathered by the server.
 
 RSS and CPU come from psutil.  For the server and its own children that is
-a read of /proc/PID/stat and /proc/PID/statm (Linux) or a proc_pidinfo()
-call (macOS): no disk, no peer that could stall, a few microseconds a
-process, so the loop may ask in the middle of serving.
+a read of /proc/PID/stat and /proc/PID/statm (Linux) or a sysctl() and a
+proc_pidinfo() call (macOS): kernel state, no disk, no peer that could
+stall, some microseconds a process, so the loop may ask while it serves.
 """
 
 import os
