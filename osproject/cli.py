@@ -86,9 +86,10 @@ def open_log(args):
     it cannot be had."""
     from .log import EventLog, Syslog, SyslogError
     to_syslog = None
+    socket_path = os.path.abspath(args.syslog_socket) if args.syslog_socket else None
     try:
-        if args.syslog or args.syslog_socket:
-            to_syslog = Syslog(args.syslog_socket and os.path.abspath(args.syslog_socket))
+        if args.syslog or socket_path:
+            to_syslog = Syslog(socket_path)     # None: this system's own socket
         return EventLog(args.log_dir, syslog=to_syslog)
     except SyslogError as exc:
         print(f"integrity-server: --syslog: {exc}", file=sys.stderr)
