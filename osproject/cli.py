@@ -69,14 +69,40 @@ def server_parser():
     p.add_argument("--cross-check", type=fraction, default=0.1, metavar="P",
                    help="share of new files a trusted worker hashes that another "
                         "worker re-checks (default 0.1)")
+    p.add_argument("--syslog", action="store_true",
+                   help="send each event line to the local syslog too (ident "
+                        "integrity-server, facility daemon); fail at start if no "
+                        "syslog daemon listens")
+    p.add_argument("--syslog-socket", metavar="PATH",
+                   help="the syslog daemon's datagram socket (default /dev/log, on "
+                        "macOS /var/run/syslog); implies --syslog")
     p.add_argument("--chaos", action="append", default=[], metavar="SPEC", help=CHAOS_HELP)
     p.add_argument("--version", action="version", version=__version__)
     return p
 
 
+def open_log(args):
+    """Return the EventLog the command line asks for; None, having said why, if
+    it cannot be had."""
+    from .log import EventLog, Syslog, SyslogError
+    to_syslog = None
+    socket_path = os.path.abspath(args.syslog_socket) if args.syslog_socket else None
+    try:
+        if args.syslog or socket_path:
+            to_syslog = Syslog(socket_path)     # None: this system's own socket
+        return EventLog(args.log_dir, syslog=to_syslog)
+    except SyslogError as exc:
+        print(f"integrity-server: --syslog: {exc}", file=sys.stderr)
+    except OSError as exc:
+        if to_syslog is not None:
+            to_syslog.close()
+        print(f"integrity-server: cannot open log in {args.log_dir}: {exc.strerror}",
+              file=sys.stderr)
+    return None
+
+
 def server_main(argv=None):
     from .entrance import EntranceError
-    from .log import EventLog
     from .server import Config, Server
     args = server_parser().parse_args(argv)
     if args.workers < 3:
@@ -88,11 +114,8 @@ def server_main(argv=None):
                     private_dir=not args.fifo and "INTEGRITY_FIFO" not in os.environ,
                     workers=args.workers, hang_timeout=args.hang_timeout,
                     cross_check=args.cross_check, **parse_chaos(args.chaos, args.workers))
-    try:
-        log = EventLog(args.log_dir)
-    except OSError as exc:
-        print(f"integrity-server: cannot open log in {args.log_dir}: {exc.strerror}",
-              file=sys.stderr)
+    log = open_log(args)
+    if log is None:
         return EXIT_TROUBLE
     try:
         return Server(config, log).run()

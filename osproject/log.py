@@ -1,4 +1,5 @@
-"""Event log: one logfmt line per event, to a file and to stderr.
+"""Event log: one logfmt line per event, to a file, to stderr, and with
+--syslog to the local syslog daemon.
 
 Only the server writes it.  SIGHUP makes the loop call reopen(), so
 logrotate can move the file away and the next line starts a new one.
@@ -6,12 +7,17 @@ logrotate can move the file away and the next line starts a new one.
 
 import os
 import select
+import socket
 import sys
 import time
+from syslog import LOG_DAEMON, LOG_ERR, LOG_INFO, LOG_WARNING
 
 from .protocol import PIPE_BUF
 
 LOG_NAME = "integrity-server.log"
+SYSLOG_IDENT = "integrity-server"
+SYSLOG_SOCKETS = ("/dev/log", "/var/run/syslog")     # Linux, macOS
+SYSLOG_LEVELS = {"info": LOG_INFO, "warning": LOG_WARNING, "error": LOG_ERR}
 
 
 def format_value(value):
@@ -42,12 +48,69 @@ def format_event(level, event, fields, now=None):
     return " ".join(parts)
 
 
-class EventLog:
-    """Append logfmt events to `<log_dir>/integrity-server.log` and stderr."""
+class SyslogError(Exception):
+    """--syslog cannot work: no syslog daemon listens where we would send."""
 
-    def __init__(self, log_dir, stream=None):
+
+class Syslog:
+    """Send lines to the local syslog daemon as facility daemon, never waiting.
+
+    Not the `syslog` module: it calls the C library's syslog(), which (glibc)
+    sends on a blocking socket connected to /dev/log, and a send blocks while
+    the daemon's queue is full (journald or rsyslog busy, stopped, wedged):
+    the whole select() loop would stall with it.  Our own socket is non-blocking,
+    so a line that does not fit is dropped and counted (the log file still
+    has it).  It is not connected either: each line is sent to the path, so a
+    restarted daemon's new socket is found without reconnecting.
+    """
+
+    def __init__(self, path=None):
+        self.path = path or find_syslog_socket()
+        probe(self.path)
+        self.prefix = f"{SYSLOG_IDENT}[{os.getpid()}]: "
+        self.dropped = 0
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # close-on-exec
+        self._sock.setblocking(False)
+
+    def send(self, level, line):
+        """Send one line as `<PRI>integrity-server[PID]: line`, or count it dropped."""
+        priority = LOG_DAEMON | SYSLOG_LEVELS[level]
+        data = f"<{priority}>{self.prefix}{line}".encode("utf-8", "backslashreplace")
+        try:
+            self._sock.sendto(data, self.path)
+        except OSError:                 # EAGAIN/ENOBUFS: queue full; ECONNREFUSED: gone
+            self.dropped += 1
+
+    def close(self):
+        self._sock.close()
+
+
+def find_syslog_socket():
+    """The local syslog socket of this system; raise SyslogError if there is none."""
+    for path in SYSLOG_SOCKETS:
+        if os.path.exists(path):
+            return path
+    raise SyslogError(f"no syslog socket ({' or '.join(SYSLOG_SOCKETS)}); is a syslog "
+                      "daemon running? --syslog-socket PATH names another")
+
+
+def probe(path):
+    """Raise SyslogError unless a datagram socket at `path` has a reader."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise SyslogError(f"cannot send to {path}: {exc.strerror or exc}") from None
+
+
+class EventLog:
+    """Append logfmt events to `<log_dir>/integrity-server.log`, stderr and,
+    if given a Syslog, to syslog."""
+
+    def __init__(self, log_dir, stream=None, syslog=None):
         self.path = os.path.join(log_dir, LOG_NAME)
         self.stream = sys.stderr if stream is None else stream
+        self.syslog = syslog
         os.makedirs(log_dir, exist_ok=True)
         self._file = None
         self.lost = 0                   # lines that could not be written
@@ -66,13 +129,20 @@ class EventLog:
             old.close()
 
     def emit(self, level, event, **fields):
-        """Write one event line to the file and to stderr."""
-        line = format_event(level, event, fields) + "\n"
+        """Write one event line to the file, to stderr and to syslog."""
+        line = format_event(level, event, fields)
         try:
-            self._file.write(line)
+            self._file.write(line + "\n")
         except (OSError, ValueError):
             self.lost += 1              # a full disk must not take the server down
-        self.echo(line)
+        self.echo(line + "\n")
+        if self.syslog is not None:
+            self.syslog.send(level, line)
+
+    @property
+    def unsent(self):
+        """Lines syslog did not take (its queue was full)."""
+        return self.syslog.dropped if self.syslog is not None else 0
 
     def echo(self, line):
         """Copy a line to stderr, unless that would block (nobody reads the pipe).
@@ -105,3 +175,5 @@ class EventLog:
 
     def close(self):
         self._file.close()
+        if self.syslog is not None:
+            self.syslog.close()

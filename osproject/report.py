@@ -133,14 +133,44 @@ def format_human(record):
     return line + (f"  ({'; '.join(notes)})" if notes else "")
 
 
+STATUS_COLUMNS = ("slot", "state", "pid", "uptime", "files", "warnings", "rss", "cpu",
+                  "forks")
+
+
 def format_status(status):
-    """The --status table, like supervisorctl status."""
-    lines = [f"server pid {status['pid']}: {status['clients']} client(s), "
-             f"{status['waiting']} file(s) waiting"]
-    for w in status["workers"]:
-        line = f"slot {w['slot']}  {w['state']:<8}"
-        if "pid" in w:
-            line += (f" pid {w['pid']:<7} up {w['uptime']:>7}s  files {w['files']:<8}"
-                     f" warnings {w['warnings']}")
-        lines.append(line + f"  forks {w['forks']}")
-    return "\n".join(lines) + "\n"
+    """The --status table, like supervisorctl status: a header line, one
+    aligned row per worker slot, and the totals of the server's life."""
+    head = (f"integrity-server pid {status['pid']}, uptime {format_uptime(status['uptime'])}, "
+            f"rss {format_cell('rss', status.get('rss'))}, "
+            f"cpu {format_cell('cpu', status.get('cpu'))}, "
+            f"{status['clients']} other client(s), {status['waiting']} file(s) waiting")
+    rows = [[name.upper() for name in STATUS_COLUMNS]]
+    rows += [[format_cell(name, w.get(name)) for name in STATUS_COLUMNS]
+             for w in status["workers"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(STATUS_COLUMNS))]
+    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in rows]
+    t = status["totals"]
+    tail = (f"totals: {t['files']} files done, {t['warnings']} warnings, "
+            f"{t['bans']} bans, {t['reforks']} re-forks")
+    return "\n".join([head, *table, tail]) + "\n"
+
+
+def format_cell(name, value):
+    """One value of the status table; "-" where there is none (no process)."""
+    if value is None:
+        return "-"
+    if name == "uptime":
+        return format_uptime(value)
+    if name == "rss":
+        return f"{value / 2**20:.1f}M"
+    if name == "cpu":
+        return f"{value:.2f}s"
+    return str(value)
+
+
+def format_uptime(seconds):
+    """H:MM:SS, with days in front past one, as supervisorctl shows uptimes."""
+    days, rest = divmod(int(seconds), 86400)
+    clock = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock

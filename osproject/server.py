@@ -19,6 +19,7 @@ from . import protocol, verifier
 from .entrance import Entrance
 from .scheduler import Job, Scheduler
 from .session import Refused, Session, Unchecked
+from .status import gather_status
 from .supervisor import ForkSpawner, State, Supervisor, Worker, kill_group
 from .trust import Trust
 from .verifier import Verdict
@@ -64,6 +65,7 @@ class Server:
         self._sids = itertools.count(1)
         self.stopping = False
         self.status = 0
+        self.started = clock()
         self._wake_r = self._wake_w = -1
         self._reap_needed = False
 
@@ -109,7 +111,7 @@ class Server:
             os.close(self._wake_r)
             os.close(self._wake_w)
         self.log.info("server.stopped", pid=os.getpid(), status=self.status,
-                      unlogged=self.log.lost or None)
+                      unlogged=self.log.lost or None, unsent=self.log.unsent or None)
 
     def stop_workers(self):
         """SIGTERM every worker, wait a little, SIGKILL the rest; reap them all."""
@@ -359,17 +361,8 @@ class Server:
                 update=bool(item.get("update")), size=item.get("size") or 0))
 
     def status_report(self, asker=None):
-        """What `integrity-client --status` shows: workers and (other) clients."""
-        now = self.clock()
-        slots = [{"slot": slot.index, "state": slot.state.value, "forks": slot.forks,
-                  **({"pid": slot.worker.pid, "warnings": slot.worker.warnings,
-                      "files": slot.worker.results,
-                      "uptime": round(now - slot.worker.started, 1)}
-                     if slot.worker else {})}
-                 for slot in self.supervisor.slots]
-        clients = [s for s in self.sessions if s is not asker]
-        return {"pid": os.getpid(), "workers": slots, "clients": len(clients),
-                "waiting": len(self.scheduler.pending)}
+        """What `integrity-client --status` shows (see status.py)."""
+        return gather_status(self, asker)
 
     def drop_session(self, session, reason):
         """Stop serving a client; its queued files are forgotten."""

@@ -61,6 +61,15 @@ class Worker:
     outbuf: bytearray = field(default_factory=bytearray)
 
 
+@dataclass
+class Totals:
+    """Counts over the server's life, for --status: a dead worker's own go with it."""
+    files: int = 0          # files workers answered, second opinions included
+    warnings: int = 0       # lies detected (worker.warned), the liar alive or not
+    bans: int = 0
+    reforks: int = 0        # forks into a slot that had a worker before
+
+
 @dataclass(eq=False)
 class Slot:
     index: int
@@ -91,6 +100,7 @@ class Supervisor:
         self.by_wid = {}            # live workers, by incarnation id
         self.stopping = False       # shutting down: reap, but do not replace
         self.recent_forks = collections.deque(maxlen=MAX_FORKS_PER_SECOND)
+        self.totals = Totals()
 
     # -- starting -------------------------------------------------------
     def start_due(self):
@@ -127,6 +137,8 @@ class Supervisor:
         worker.heard_at = worker.started = now
         self.recent_forks.append(now)       # every fork counts toward the cap
         slot.forks += 1
+        if slot.forks > 1:
+            self.totals.reforks += 1
         slot.worker = worker
         slot.enter(State.STARTING)           # DOWN -> STARTING
         self.by_pid[worker.pid] = worker
@@ -153,6 +165,11 @@ class Supervisor:
         slot.failures = 0
         slot.enter(State.IDLE)                      # BUSY -> IDLE
 
+    def tally(self, worker):
+        """Count one file a worker answered, for it and for the server's life."""
+        worker.results += 1
+        self.totals.files += 1
+
     def heard_from(self, worker):
         worker.heard_at = self.clock()
 
@@ -176,6 +193,7 @@ class Supervisor:
         return worker.warnings > MAX_WARNINGS
 
     def ban(self, worker):
+        self.totals.bans += 1
         self.log.error("worker.banned", slot=worker.slot, pid=worker.pid,
                        warnings=worker.warnings)
         self.kill(worker, "banned")

@@ -33,7 +33,7 @@ class Trust:
         """Record one worker's reading of a file; settle it or ask another worker."""
         if job.settled is not None:             # the discard is done
             return self.finish(job, job.settled)
-        worker.results += 1
+        self.supervisor.tally(worker)
         if "md5" not in result or "unstable" in result:
             return self.on_no_hash(worker, job, outcome_without_hash(result))
         if result.get("error"):
@@ -160,6 +160,7 @@ class Trust:
         """Warn the worker whose hash was outvoted; ban it past MAX_WARNINGS."""
         vote = next(v for v in job.opinions if v.wid == wid)
         got = vote.md5
+        self.supervisor.totals.warnings += 1
         worker = self.supervisor.by_wid.get(wid)
         if worker is None or self.supervisor.state_of(worker) is State.KILLED:
             # Dead or being killed already: nobody to punish, but its other

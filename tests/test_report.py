@@ -3,7 +3,7 @@
 import io
 import json
 
-from osproject.report import EXIT_ALTERED, EXIT_OK, Report, show_path
+from osproject.report import EXIT_ALTERED, EXIT_OK, Report, format_status, show_path
 
 
 def test_unchecked_results_wait_for_the_end_and_take_corrections():
@@ -33,3 +33,23 @@ def test_changed_or_missing_exit_1_and_human_lines_skip_ok():
 def test_paths_are_shown_escaped_on_a_terminal():
     assert show_path("a\nb") == "a\\nb"
     assert show_path("caf\udce9") == "caf\\xe9"
+
+
+def test_status_table_shows_a_dash_where_a_slot_has_no_process():
+    status = {"pid": 42, "uptime": 93784.2, "rss": 20 * 2**20, "cpu": 1.5, "clients": 1,
+              "waiting": 3, "totals": {"files": 9, "warnings": 3, "bans": 1, "reforks": 2},
+              "workers": [{"slot": 0, "state": "idle", "forks": 1, "pid": 1234,
+                           "uptime": 5.9, "files": 1520, "warnings": 0,
+                           "rss": 15 * 2**20, "cpu": 0.25},
+                          {"slot": 1, "state": "busy", "forks": 1, "pid": 1235,
+                           "uptime": 5.0, "files": 7, "warnings": 1,
+                           "rss": None, "cpu": None},
+                          {"slot": 2, "state": "down", "forks": 3}]}
+    assert format_status(status).splitlines() == [
+        "integrity-server pid 42, uptime 1d 2:03:04, rss 20.0M, cpu 1.50s, "
+        "1 other client(s), 3 file(s) waiting",
+        "SLOT  STATE  PID   UPTIME   FILES  WARNINGS  RSS    CPU    FORKS",
+        "0     idle   1234  0:00:05  1520   0         15.0M  0.25s  1",
+        "1     busy   1235  0:00:05  7      1         -      -      1",
+        "2     down   -     -        -      -         -      -      3",
+        "totals: 9 files done, 3 warnings, 1 bans, 2 re-forks"]

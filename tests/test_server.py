@@ -1,5 +1,6 @@
 """The server as a process: its workers, signals, entrance and clients."""
 
+import json
 import os
 import signal
 import stat
@@ -249,23 +250,67 @@ def test_sighup_reopens_the_log(server):
     assert server.wait_event("log.reopened")
 
 
-def test_status_shows_workers_and_their_warnings(start_server, tmp_path):
-    import json as _json
+def test_status_shows_workers_their_usage_and_the_totals(start_server, tmp_path):
     server = start_server("--chaos", "liar:2")
     tree = tmp_path / "tree"
     make_tree(tree, files=60)
     run_client(server, tree)
-    result = run_client(server, "--status", "--json")
-    assert result.status == 0, result.stderr
-    status = _json.loads(result.stdout)
+    status = json.loads(check_status(server, "--json"))
     assert status["pid"] == server.proc.pid
+    assert 0 < status["uptime"] <= time.time() - server.ps.create_time() + 1
     workers = {w["slot"]: w for w in status["workers"]}
     assert sorted(workers) == [0, 1, 2, 3, 4]
     assert {w["pid"] for w in workers.values()} == {p.pid for p in server.workers()}
+    for w in workers.values():
+        assert_usage_of(w, psutil.Process(w["pid"]))
+        assert w["state"] == "idle" and w["warnings"] == 0
+    assert_usage_of(status, server.ps)
     assert workers[2]["forks"] == 2, "the liar in slot 2 was banned and replaced"
-    human = run_client(server, "--status")
-    assert human.stdout.splitlines()[0].startswith(f"server pid {server.proc.pid}")
-    assert len(human.stdout.splitlines()) == 6
+    totals = status["totals"]
+    assert totals == {"files": totals["files"], **totals_in_the_log(server)}
+    assert totals["bans"] == 1 and totals["warnings"] >= 3
+    # Every file read once, and once more for every second opinion asked for.
+    assert totals["files"] >= 60 + len(server.events("crosscheck"))
+
+
+def test_status_table_has_aligned_columns_and_a_totals_line(start_server, tmp_path):
+    server = start_server()
+    tree = tmp_path / "tree"
+    make_tree(tree, files=20)
+    run_client(server, tree)
+    lines = check_status(server).splitlines()
+    assert lines[0].startswith(f"integrity-server pid {server.proc.pid}, uptime 0:00:")
+    header, rows = lines[1], lines[2:7]
+    assert header.split() == ["SLOT", "STATE", "PID", "UPTIME", "FILES", "WARNINGS",
+                              "RSS", "CPU", "FORKS"]
+    starts = [header.index(name) for name in header.split()]
+    for row in rows:
+        assert [row.index(cell, start) for cell, start in zip(row.split(), starts)] \
+            == starts, f"not aligned with the header:\n{header}\n{row}"
+    assert {int(row.split()[2]) for row in rows} == {p.pid for p in server.workers()}
+    assert sum(int(row.split()[4]) for row in rows) >= 20
+    assert lines[7].startswith("totals: ") and len(lines) == 8
+
+
+def check_status(server, *args):
+    """Run integrity-client --status; return its output, which must be a success."""
+    result = run_client(server, "--status", *args)
+    assert result.status == 0, result.stderr
+    return result.stdout
+
+
+def assert_usage_of(row, proc):
+    """The RSS and CPU a status row reports are those psutil sees, give or take."""
+    cpu = proc.cpu_times()
+    assert 0 <= row["cpu"] <= cpu.user + cpu.system + 0.01
+    assert 0.5 < row["rss"] / proc.memory_info().rss < 2
+
+
+def totals_in_the_log(server):
+    """The totals --status should report, but files, counted from the event log."""
+    return {"warnings": len(server.events("worker.warned")),
+            "bans": len(server.events("worker.banned")),
+            "reforks": sum(1 for e in server.events("worker.forked") if e.get("restart"))}
 
 
 def test_default_entrance_is_private_and_found_by_the_client(tmp_path):

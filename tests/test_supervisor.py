@@ -204,3 +204,19 @@ def test_exit_status_is_described_for_the_log():
     assert sup.describe_status(exited(3)) == {"exit": 3}
     assert sup.describe_status(signal.SIGKILL) == {"signal": "SIGKILL"}
     assert os.WIFSIGNALED(signal.SIGKILL)
+
+
+def test_totals_outlive_the_workers_they_count(world):
+    s, clock, _, _, _ = world
+    w = s.slots[1].worker
+    s.on_ready(w)
+    s.assigned(w, "job")
+    s.tally(w)
+    s.tally(w)
+    s.answered(w)
+    s.ban(w)
+    s.on_exit(w.pid, signal.SIGKILL)
+    s.start_due()
+    assert s.slots[1].worker is not w and s.slots[1].worker.results == 0
+    assert (s.totals.files, s.totals.bans, s.totals.reforks) == (2, 1, 1)
+    assert w.results == 2

@@ -44,7 +44,8 @@ def reading(path, md5=None, **extra):
 
 def test_a_new_file_whose_second_reading_fails_loses_the_sidecar_nobody_vouches_for():
     workers = {1: worker(1), 2: worker(2), 3: worker(3)}
-    supervisor = SimpleNamespace(by_wid=workers, state_of=lambda w: State.BUSY)
+    supervisor = SimpleNamespace(by_wid=workers, state_of=lambda w: State.BUSY,
+                                 tally=lambda w: None)
     scheduler, log, session = Scheduler(), Log(), Session()
     trust = Trust(SimpleNamespace(cross_check=0.1, workers=3), log, scheduler,
                   supervisor, [session], drop_session=None)
