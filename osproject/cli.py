@@ -149,7 +149,8 @@ def client_parser():
                    help="no progress line on the terminal (there is none unless stderr "
                         "is a terminal)")
     p.add_argument("--status", action="store_true",
-                   help="show the server's workers (state, pid, warnings) and clients")
+                   help="show the server's pid and uptime, each worker's state, pid, "
+                        "files, warnings, RSS and CPU, and the totals; no PATH needed")
     p.add_argument("--version", action="version", version=__version__)
     return p
 

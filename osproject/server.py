@@ -80,9 +80,9 @@ class Server:
     # -- life cycle -----------------------------------------------------
     def run(self):
         """Serve until SIGTERM or SIGINT; return the exit status."""
+        self.install_signals()      # first: a SIGTERM from now on stops us cleanly
         self.entrance.open()
         try:
-            self.install_signals()
             self.log.info("server.started", pid=os.getpid(), fifo=self.entrance.path,
                           workers=self.config.workers)
             self.supervisor.start_due()
