@@ -34,6 +34,7 @@ class Job:
     deaths: int = 0             # workers that died holding it alone: a poison file?
     suspect: bool = False       # was in a batch whose worker died: goes alone now
     settled: object = None      # the verdict, kept while its sidecar is discarded
+    answered: bool = False      # its verdict went out (or its re-check is done)
 
     def allows(self, wid):
         """May worker `wid` take this file now?

@@ -310,7 +310,7 @@ class Server:
             results = check_results(frame, worker.assignment)
             self.supervisor.answered(worker)
             for job, result in zip(jobs, results):
-                self.trust.on_result(worker, job, result)
+                self.trust.judge(worker, job, result)
         else:
             raise Fault(f"unexpected frame in state {state.name}")
 

@@ -29,6 +29,17 @@ class Trust:
         self.max_opinions = min(verifier.MAX_OPINIONS, config.workers)
         self.rng = random.Random()
 
+    def judge(self, worker, job, result):
+        """on_result, but a bug of ours it hits costs this one file an ERROR,
+        not the worker, and never leaves the client waiting for the verdict."""
+        try:
+            self.on_result(worker, job, result)
+        except Exception as exc:  # noqa: BLE001 - answered below, and logged
+            self.log.error("server.error", error=repr(exc)[:500], path=job.path,
+                           slot=worker.slot, pid=worker.pid)
+            if not job.answered and job not in self.scheduler.pending:
+                self.finish(job, Verdict(verifier.ERROR, reason="internal error"))
+
     def on_result(self, worker, job, result):
         """Record one worker's reading of a file; settle it or ask another worker."""
         if job.settled is not None:             # the discard is done
@@ -123,6 +134,7 @@ class Trust:
                  "expected": job.expected, "error": error}
         if not verdict.checked:
             reply["unchecked"] = True
+        job.answered = True
         self.answer(job.session, reply, status)
 
     def credit(self, job, verdict):
@@ -143,6 +155,7 @@ class Trust:
         """A re-checked hash: when it was a lie (or cannot be read again),
         correct the client, which holds unchecked results until the bye."""
         session = job.session
+        job.answered = True
         session.outstanding -= 1
         original = job.opinions[0].md5
         if verdict.md5 == original and not job.write_error:

@@ -63,3 +63,23 @@ def test_a_new_file_whose_second_reading_fails_loses_the_sidecar_nobody_vouches_
     assert [r["status"] for r in session.replies] == ["ERROR"]
     assert "md5" not in session.replies[0]
     assert session.outstanding == 0
+
+
+def test_a_bug_of_ours_while_judging_a_file_answers_it_error_instead_of_hanging():
+    workers = {1: worker(1), 2: worker(2)}
+
+    def tally(w):
+        raise KeyError("a bug of ours")          # stands in for any bug in on_result
+    supervisor = SimpleNamespace(by_wid=workers, state_of=lambda w: State.BUSY,
+                                 tally=tally)
+    scheduler, log, session = Scheduler(), Log(), Session()
+    trust = Trust(SimpleNamespace(cross_check=0.1, workers=3), log, scheduler,
+                  supervisor, [session], drop_session=None)
+    job = Job(session=session, rid=1, index=0, path="/t/f", sidecar="/t/f.md5")
+
+    trust.judge(workers[1], job, reading("/t/f", "a" * 32))
+
+    assert "server.error" in log.events
+    assert [(r["status"], r["error"]) for r in session.replies] == [("ERROR",
+                                                                     "internal error")]
+    assert session.outstanding == 0 and not scheduler.pending
