@@ -69,21 +69,28 @@ class Lister:
                 if stem not in files:
                     yield Entry(ORPHAN, os.path.join(directory, stem), e.path)
             else:
-                yield self.classify(e, e.name + store.SUFFIX in sidecars)
-        if mirror is not None:
+                yield self.classify(e, None if sidecars is None
+                                    else e.name + store.SUFFIX in sidecars)
+        if sidecars is not None and mirror is not None:
             yield from self.store_orphans(directory, prefix, mirror, sidecars, files)
         return subdirs
 
     def sidecars_of(self, directory, entries):
-        """Return (the --store mirror directory or None, the sidecar names there)."""
+        """Return (the --store mirror directory or None, the sidecar names there).
+
+        The names are None when the mirror cannot be listed: then each checker
+        opens its sidecar and says why it cannot.
+        """
         if self.store_dir is None:
             return None, {e.name for e in entries if e.name.endswith(store.SUFFIX)}
         mirror = os.path.dirname(store.sidecar_path(os.path.join(directory, "x"),
                                                     self.store_dir))
         try:
             names = os.listdir(mirror)
+        except FileNotFoundError:
+            names = []              # nothing of this directory is in the store yet
         except OSError:
-            names = []
+            return mirror, None
         return mirror, {n for n in names if n.endswith(store.SUFFIX)}
 
     def classify(self, entry, listed=None):
