@@ -233,6 +233,12 @@ def make_tree(root, files=50, dirs=5, size=2000, seed=0, age=10.0):
     return paths
 
 
+def tamper(path, data=b"tampered"):
+    """Alter a file the way an intruder or a careless edit would: append to it."""
+    with open(path, "ab") as f:
+        f.write(data)
+
+
 def md5sum_check(sidecars):
     """Run the real `md5sum -c` on the sidecars, in their directories.
 

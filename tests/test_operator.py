@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from conftest import CLIENT, CLIENT_TIMEOUT, make_tree, md5sum_check, run_client, sidecars_under
+from conftest import (CLIENT, CLIENT_TIMEOUT, make_tree, md5sum_check, run_client,
+                      sidecars_under, tamper)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -75,8 +76,7 @@ def test_results_and_progress_never_share_a_line(server, tmp_path):
     tree = tmp_path / "tree"
     files = make_tree(tree, files=30)
     run_client(server, tree)
-    with open(files[3], "ab") as f:
-        f.write(b"altered")
+    tamper(files[3], b"altered")
     os.unlink(files[7])
     term = Terminal(server, tree, stdout_too=True)
     assert term.proc.returncode == 1
@@ -127,8 +127,7 @@ def test_update_accepts_changes_and_removals_and_the_next_run_is_clean(server, t
     tree = tmp_path / "tree"
     files = make_tree(tree, files=20)
     run_client(server, tree)
-    with open(files[0], "ab") as f:
-        f.write(b"a new release")
+    tamper(files[0], b"a new release")
     os.unlink(files[1])
     updated = run_client(server, "--update", tree)
     assert updated.status == 1, "accepting changes still reports them"

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import make_tree, md5sum_check, run_client, sidecars_under
+from conftest import make_tree, md5sum_check, run_client, sidecars_under, tamper
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -80,8 +80,7 @@ def test_a_liar_against_baselines_cannot_turn_ok_into_changed(start_server, tmp_
     assert server.events("worker.banned")
     assert not server.events("file.changed")
     assert md5sum_check(sidecars_under(tree)) == []
-    with open(files[9], "ab") as f:
-        f.write(b"real change")
+    tamper(files[9], b"real change")
     changed = run_client(server, "--json", tree)
     assert changed.status == 1
     assert changed.statuses()[files[9]] == "CHANGED"
