@@ -131,8 +131,10 @@ class Client:
         if entry.kind == ORPHAN:
             return self.prepare_orphan(entry)
         try:
-            # Not in the listing: a new file (a sidecar made since then is
-            # never overwritten: the worker's link(2) refuses).
+            # Not in the listing: a new file.  A sidecar made since then (by
+            # a second client on this tree) makes the worker's link(2) fail,
+            # an ERROR; if that worker dies first, its successor replaces the
+            # sidecar (it cannot tell it from one the dead worker wrote).
             expected = None if entry.listed is False else \
                 store.read_baseline(entry.sidecar, os.path.basename(entry.path))
         except store.SidecarError as exc:
@@ -158,10 +160,29 @@ class Client:
                        "sidecar": os.path.abspath(entry.sidecar), "expected": recorded}
 
     def forget(self, entry):
-        """--update: remove the sidecar of a MISSING file; return why not, or None."""
-        if store.discard_sidecar(entry.sidecar, os.path.basename(entry.path)):
-            return None
-        return "its sidecar could not be removed"
+        """--update: remove the sidecar of a MISSING file; return why not, or None.
+
+        Only if the file is still missing from the very directory the lister
+        found it missing in: the directory is opened and compared by identity
+        (a directory swapped for a symlink since must not lead us into another
+        tree), and the rest happens relative to it.
+        """
+        name = os.path.basename(entry.path)
+        try:
+            fd = os.open(os.path.dirname(entry.path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            return f"sidecar kept: {exc.strerror}"
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != entry.where:
+                return "sidecar kept: its directory was replaced meanwhile"
+            if _exists(name, fd):
+                return "sidecar kept: the file is back"
+            removed = (store.discard_sidecar(entry.sidecar, name) if self.store_dir
+                       else store.discard_sidecar(name + store.SUFFIX, name, dir_fd=fd))
+        finally:
+            os.close(fd)
+        return None if removed else "its sidecar could not be removed"
 
     # -- the reader thread --------------------------------------------------
     def read_replies(self):
@@ -272,6 +293,17 @@ class Checker:
         if not state[1]:
             del self.inflight[rid]
             self.client.unregister(rid)
+
+
+def _exists(name, dir_fd):
+    """Is there anything called `name` in the directory? (True when unsure.)"""
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def server_status(fifo):

@@ -24,6 +24,7 @@ class Entry(NamedTuple):
     reason: str = None
     size: int = 0       # lstat size of a FILE: lets the server balance big files
     listed: bool = None  # was its sidecar in the listing? None: not looked
+    where: tuple = None  # ORPHAN: (st_dev, st_ino) of the directory it was missed in
 
 
 class Lister:
@@ -60,14 +61,14 @@ class Lister:
         mirror, sidecars = self.sidecars_of(directory, entries)
         subdirs = []
         for e in entries:
-            if self.excluded(e.path, prefix):
+            if self.excluded(e.path, prefix) or store.is_temp_name(e.name):
                 continue
             if _is_dir(e):
                 subdirs.append(e.path)
             elif mirror is None and e.name.endswith(store.SUFFIX):
-                stem = e.name[:-len(store.SUFFIX)]
-                if stem not in files:
-                    yield Entry(ORPHAN, os.path.join(directory, stem), e.path)
+                path = e.path[:-len(store.SUFFIX)]
+                if os.path.basename(path) not in files and not self.excluded(path, prefix):
+                    yield Entry(ORPHAN, path, e.path, where=_identity(directory))
             else:
                 yield self.classify(e, None if sidecars is None
                                     else e.name + store.SUFFIX in sidecars)
@@ -116,7 +117,8 @@ class Lister:
             if stem not in files:
                 path = os.path.join(directory, stem)
                 if not self.excluded(path, prefix) and not os.path.isdir(path):
-                    yield Entry(ORPHAN, path, os.path.join(mirror, name))
+                    yield Entry(ORPHAN, path, os.path.join(mirror, name),
+                                where=_identity(directory))
 
     def excluded(self, path, prefix):
         """Does a pattern match the name, or the path below the root (`prefix`)?"""
@@ -125,6 +127,15 @@ class Lister:
         name, relative = os.path.basename(path), path[len(prefix):]
         return any(fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(relative, pat)
                    for pat in self.excludes)
+
+
+def _identity(directory):
+    """(st_dev, st_ino) of a directory, or None if it cannot be had."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _is_dir(entry):

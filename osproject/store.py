@@ -39,6 +39,12 @@ class _TempNames:
 
 
 _temp_names = _TempNames()
+_TEMP_NAME = re.compile(r"\.osp-\d+-\d+\.tmp")
+
+
+def is_temp_name(name):
+    """Is `name` one of our temp sidecars, in flight or left by a killed worker?"""
+    return _TEMP_NAME.fullmatch(name) is not None
 
 
 class SidecarError(Exception):
@@ -77,14 +83,15 @@ def sidecar_path(path, store=None):
     return os.path.join(store, os.path.abspath(path).lstrip("/")) + SUFFIX
 
 
-def read_baseline(sidecar, name):
+def read_baseline(sidecar, name, dir_fd=None):
     """Return the hash a sidecar records for `name`, or None when there is none.
 
     Raises SidecarError for a sidecar that exists but is not ours to trust:
     a symlink, not a regular file, not one md5sum line naming this file.
+    With dir_fd, `sidecar` is a name in that directory.
     """
     try:
-        fd = os.open(sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -147,16 +154,17 @@ def _create_temp(directory):
     raise FileExistsError(errno.EEXIST, "no free temp file name", directory)
 
 
-def discard_sidecar(sidecar, name):
-    """Remove a sidecar we wrote for `name`; return True if removed.
+def discard_sidecar(sidecar, name, dir_fd=None):
+    """Remove the sidecar of `name`; return True if removed.
 
-    Only a regular file holding one md5sum line for this very name is ours:
-    anything else (a link, a user's file) is left alone.
+    Only a regular file holding one md5sum line for this very name is a
+    sidecar: anything else (a link, a user's other file) is left alone.
+    With dir_fd, `sidecar` is a name in that directory.
     """
     try:
-        if read_baseline(sidecar, name) is None:
+        if read_baseline(sidecar, name, dir_fd) is None:
             return False
-        os.unlink(sidecar)
+        os.unlink(sidecar, dir_fd=dir_fd)
     except (SidecarError, OSError):
         return False
     return True

@@ -164,3 +164,69 @@ def _md5(path):
 def _expected(path):
     with open(path + ".md5") as f:
         return f.read().split()[0]
+
+
+def test_excluded_files_that_are_gone_are_not_missing(server, tmp_path):
+    tree = tmp_path / "tree"
+    make_tree(tree, files=6, dirs=2)
+    (tree / "app.log").write_text("log lines")
+    run_client(server, tree)
+    os.unlink(tree / "app.log")
+    os.unlink(tree / "d1" / "f1.dat")
+    result = run_client(server, "--json", "--update", "--exclude", "*.log",
+                        "--exclude", "d1/f1.dat", tree)
+    assert result.status == 0 and result.records()[1] == {"OK": 5}, result.stdout
+    assert (tree / "app.log.md5").exists(), "an excluded file's sidecar was removed"
+
+
+def test_temp_sidecars_in_flight_are_not_checked(server, tmp_path):
+    tree = tmp_path / "tree"
+    make_tree(tree, files=3, dirs=1)
+    (tree / "d0" / ".osp-4242-7.tmp").write_text("a worker's sidecar being written")
+    records, summary = run_client(server, "--json", tree).records()
+    assert summary == {"NEW": 3}
+    assert not (tree / "d0" / ".osp-4242-7.tmp.md5").exists()
+
+
+class TestForgetOnlyWhatIsStillMissing:
+    """--update removes a MISSING file's sidecar at the end of a round trip
+    through the server: the file may be back by then, or its directory a
+    symlink into another tree. Driven directly: no timing could hit the window."""
+
+    def orphan(self, directory):
+        from osproject.lister import ORPHAN, Lister
+        [entry] = [e for e in Lister().walk(str(directory)) if e.kind == ORPHAN]
+        return entry
+
+    def client(self):
+        from osproject.client import Client
+        from osproject.report import Report
+        return Client(connection=None, report=Report(open(os.devnull, "w")))
+
+    def tree_with_a_missing_file(self, root):
+        root.mkdir()
+        (root / "f").write_text("content")
+        (root / "f.md5").write_text(f"{'0' * 32}  f\n")
+        os.unlink(root / "f")
+        return self.orphan(root)
+
+    def test_a_file_still_missing_loses_its_sidecar(self, tmp_path):
+        entry = self.tree_with_a_missing_file(tmp_path / "a")
+        assert self.client().forget(entry) is None
+        assert not (tmp_path / "a" / "f.md5").exists()
+
+    def test_a_file_back_since_the_listing_keeps_its_sidecar(self, tmp_path):
+        entry = self.tree_with_a_missing_file(tmp_path / "a")
+        (tmp_path / "a" / "f").write_text("back again")
+        assert self.client().forget(entry) == "sidecar kept: the file is back"
+        assert (tmp_path / "a" / "f.md5").exists()
+
+    def test_a_directory_swapped_for_a_symlink_leads_nowhere(self, tmp_path):
+        entry = self.tree_with_a_missing_file(tmp_path / "a")
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "f.md5").write_text(f"{'1' * 32}  f\n")   # another tree's baseline
+        os.rename(tmp_path / "a", tmp_path / "a.old")
+        os.symlink(other, tmp_path / "a")
+        assert "directory was replaced" in self.client().forget(entry)
+        assert (other / "f.md5").exists() and (tmp_path / "a.old" / "f.md5").exists()
