@@ -183,9 +183,11 @@ def client_main(argv=None):
         print(f"integrity-client: {exc}", file=sys.stderr)
         return EXIT_TROUBLE
     except KeyboardInterrupt:
+        report.abandon()
         return 130
     except Exception:  # noqa: BLE001 - a crash must not read as "something changed"
         import traceback
+        report.abandon()
         traceback.print_exc()
         print("integrity-client: internal error; the check was not done", file=sys.stderr)
         return EXIT_TROUBLE

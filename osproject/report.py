@@ -114,6 +114,14 @@ class Report:
         elif record["status"] != OK:
             self.out.write(format_human(record) + "\n")
 
+    def abandon(self):
+        """The run is over without a summary: take the progress line away.
+
+        Without the lock: a checker thread may hold it, and this is the end.
+        """
+        if self.progress is not None:
+            self.progress.clear()
+
     def flush(self):
         with self._lock:
             if self.progress is not None:
