@@ -38,7 +38,18 @@ class Trust:
             self.log.error("server.error", error=repr(exc)[:500], path=job.path,
                            slot=worker.slot, pid=worker.pid)
             if not job.answered and job not in self.scheduler.pending:
-                self.finish(job, Verdict(verifier.ERROR, reason="internal error"))
+                self.abandon(job)
+
+    def abandon(self, job):
+        """Answer a job ERROR by the shortest way there is (no sidecar work, no
+        judging): after a bug, the client must still get every verdict."""
+        job.answered = True
+        if job.reverify_of is not None:     # the client keeps the result it holds
+            job.session.outstanding -= 1
+            return
+        self.answer(job.session, {"id": job.rid, "i": job.index, "status": verifier.ERROR,
+                                  "expected": job.expected, "error": "internal error"},
+                    verifier.ERROR)
 
     def on_result(self, worker, job, result):
         """Record one worker's reading of a file; settle it or ask another worker."""
