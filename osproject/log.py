@@ -18,6 +18,9 @@ LOG_NAME = "integrity-server.log"
 SYSLOG_IDENT = "integrity-server"
 SYSLOG_SOCKETS = ("/dev/log", "/var/run/syslog")     # Linux, macOS
 SYSLOG_LEVELS = {"info": LOG_INFO, "warning": LOG_WARNING, "error": LOG_ERR}
+# macOS refuses local datagrams over 2048 bytes (net.local.dgram.maxdgram);
+# a longer line (a long path, escaped) goes to syslog cut, whole to the file.
+SYSLOG_MAX = 2048
 
 
 def format_value(value):
@@ -76,6 +79,7 @@ class Syslog:
         """Send one line as `<PRI>integrity-server[PID]: line`, or count it dropped."""
         priority = LOG_DAEMON | SYSLOG_LEVELS[level]
         data = f"<{priority}>{self.prefix}{line}".encode("utf-8", "backslashreplace")
+        data = data[:SYSLOG_MAX]
         try:
             self._sock.sendto(data, self.path)
         except OSError:                 # EAGAIN/ENOBUFS: queue full; ECONNREFUSED: gone

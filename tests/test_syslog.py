@@ -138,3 +138,15 @@ def test_an_error_is_daemon_err(listener):
     finally:
         sink.close()
     assert listener.drain() == [(27, os.getpid(), "level=error event=worker.banned")]
+
+
+def test_a_line_too_long_for_a_datagram_goes_cut_not_dropped(listener):
+    sink = log.Syslog(listener.path)
+    try:
+        sink.send("info", "event=file.changed path=/" + "d" * 5000)
+    finally:
+        sink.close()
+    [data] = [line for _, _, line in listener.drain()]
+    assert data.startswith("event=file.changed path=/ddd")
+    assert len(f"<30>integrity-server[{os.getpid()}]: {data}".encode()) == log.SYSLOG_MAX
+    assert sink.dropped == 0
