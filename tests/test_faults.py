@@ -99,12 +99,20 @@ def test_a_big_file_reports_progress_and_is_not_taken_for_a_hang(start_server, t
 
 
 def test_hanging_workers_cost_time_not_files(start_server, tmp_path):
+    # ~220 assignments at 5%: some hang for certain (all but 1 run in 10^4).
     server = start_server("--chaos", "hang:0.05", "--hang-timeout", "1")
     tree = tmp_path / "tree"
-    files = make_tree(tree, files=400)
+    files = make_tree(tree, files=800)
     result = run_client(server, "--json", tree)
-    assert_complete(result, files)
     assert server.events("worker.hung")
+    assert result.status == 0, result.stderr[-2000:]
+    records, _ = result.records()
+    assert set(records) == set(files)
+    # A file that hangs three workers in a row, alone, is a poison file by
+    # design; random hangs make one now and then, never more than a stray.
+    abandoned = {e["path"] for e in server.events("file.abandoned")}
+    assert {p for p, r in records.items() if r["status"] != "NEW"} == abandoned
+    assert len(abandoned) <= 2, abandoned
     assert md5sum_check(sidecars_under(tree)) == []
 
 

@@ -137,18 +137,21 @@ def test_honest_workers_are_never_warned_under_a_busy_file_system(start_server, 
 
 
 def test_after_a_warning_earlier_unchecked_results_are_reverified(start_server, tmp_path):
-    # No sampling: once trusted, the liar's lies on new files go unchecked,
-    # until it reaches zz/, whose baselines catch it for certain (a mismatch
-    # always gets a second opinion). Its earlier lies must then be found.
+    # No sampling: once trusted (60 honest files), the liar's lies on new
+    # files go unchecked, until it reads a file in zz/, whose baselines catch
+    # it for certain (a mismatch always gets a second opinion): it lies on
+    # every file by then, so one zz/ file is enough, however the loaded
+    # machine schedules the workers. Its earlier lies must then be found.
     tree = tmp_path / "tree"
     files = make_tree(tree, files=1500, dirs=30, size=1000)
     late = make_tree(tree / "zz", files=200, dirs=1, size=1000, seed=9)
     honest = start_server()
     assert run_client(honest, tree / "zz").status == 0
     honest.stop()
-    server = start_server("--chaos", "liar:4:0.5:60", "--cross-check", "0")
+    server = start_server("--chaos", "liar:4:1.0:60", "--cross-check", "0")
     result = run_client(server, "--json", tree)
     assert result.status == 0
+    assert server.events("worker.warned"), "the liar read no file of zz/: not caught"
     assert_client_saw_only_true_hashes(result, files + late)
     assert md5sum_check(sidecars_under(tree)) == []
     liar = liar_pid(server, 4)
@@ -179,5 +182,10 @@ def test_crashes_in_a_batch_do_not_make_innocent_files_errors(start_server, tmp_
     tree = tmp_path / "tree"
     files = make_tree(tree, files=400)
     result = run_client(server, "--json", tree)
-    assert result.records()[1] == {"NEW": len(files)}, result.stdout[-500:]
-    assert server.events("file.abandoned") == []
+    records, _ = result.records()
+    assert set(records) == set(files)
+    # Only a file that killed three workers while alone is given up on: the
+    # random crashes make one now and then (1 run in 300), not four a crash.
+    abandoned = {e["path"] for e in server.events("file.abandoned")}
+    assert {p for p, r in records.items() if r["status"] != "NEW"} == abandoned
+    assert len(abandoned) <= 1, abandoned
