@@ -44,7 +44,7 @@ _TEMP_NAME = re.compile(r"\.osp-\d+-\d+\.tmp")
 
 def is_temp_name(name):
     """Is `name` one of our temp sidecars, in flight or left by a killed worker?"""
-    return _TEMP_NAME.fullmatch(name) is not None
+    return name.startswith(".osp-") and _TEMP_NAME.fullmatch(name) is not None
 
 
 class SidecarError(Exception):
