@@ -136,13 +136,12 @@ class Client:
             # an ERROR; if that worker dies first, its successor replaces the
             # sidecar (it cannot tell it from one the dead worker wrote).
             expected = None if entry.listed is False else \
-                store.read_baseline(entry.sidecar, os.path.basename(entry.path))
+                store.read_baseline(entry.sidecar, os.path.basename(entry.key))
         except store.SidecarError as exc:
             self.report.add(entry.path, "ERROR", error=str(exc))
             return entry, None
-        item = {"kind": "check", "path": os.path.abspath(entry.path),
-                "sidecar": os.path.abspath(entry.sidecar), "expected": expected,
-                "size": entry.size}
+        item = {"kind": "check", "path": entry.key, "sidecar": entry.sidecar,
+                "expected": expected, "size": entry.size}
         if self.update:
             item["update"] = True
         return entry, item
@@ -150,14 +149,16 @@ class Client:
     def prepare_orphan(self, entry):
         """A sidecar without its file: MISSING if it is ours, else a file to check."""
         try:
-            recorded = store.read_baseline(entry.sidecar, os.path.basename(entry.path))
+            recorded = store.read_baseline(entry.sidecar, os.path.basename(entry.key))
         except store.SidecarError:
             recorded = None
         if recorded is None:        # not one of ours: someone's file named *.md5
+            shown = entry.path + store.SUFFIX if self.store_dir is None else entry.sidecar
             own = entry.sidecar
-            return self.prepare(Entry(FILE, own, store.sidecar_path(own, self.store_dir)))
-        return entry, {"kind": "missing", "path": os.path.abspath(entry.path),
-                       "sidecar": os.path.abspath(entry.sidecar), "expected": recorded}
+            return self.prepare(Entry(FILE, shown, own,
+                                      store.sidecar_path(own, self.store_dir)))
+        return entry, {"kind": "missing", "path": entry.key, "sidecar": entry.sidecar,
+                       "expected": recorded}
 
     def forget(self, entry):
         """--update: remove the sidecar of a MISSING file; return why not, or None.

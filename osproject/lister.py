@@ -20,7 +20,8 @@ FILE, SKIP, ORPHAN, ERROR = "file", "skip", "orphan", "error"
 class Entry(NamedTuple):
     kind: str           # FILE, SKIP, ORPHAN or ERROR
     path: str           # as the user will see it: their root joined with names
-    sidecar: str = None
+    key: str = None     # FILE, ORPHAN: its absolute path, as the server knows it
+    sidecar: str = None  # FILE, ORPHAN: the absolute path of its sidecar
     reason: str = None
     size: int = 0       # lstat size of a FILE: lets the server balance big files
     listed: bool = None  # was its sidecar in the listing? None: not looked
@@ -46,11 +47,15 @@ class Lister:
         stack = [root]
         while stack:
             directory = stack.pop()
-            subdirs = yield from self.list_dir(directory, prefix)
+            subdirs = yield from self.list_dir(directory, os.path.abspath(directory), prefix)
             stack.extend(reversed(subdirs))
 
-    def list_dir(self, directory, prefix):
-        """Yield the entries of one directory; return its subdirectories."""
+    def list_dir(self, directory, absdir, prefix):
+        """Yield the entries of one directory; return its subdirectories.
+
+        `absdir` is the directory made absolute once, so that no entry needs
+        an os.path.abspath() of its own (a getcwd() each, for a relative root).
+        """
         try:
             with os.scandir(directory) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -66,14 +71,18 @@ class Lister:
             if _is_dir(e):
                 subdirs.append(e.path)
             elif mirror is None and e.name.endswith(store.SUFFIX):
-                path = e.path[:-len(store.SUFFIX)]
-                if os.path.basename(path) not in files and not self.excluded(path, prefix):
-                    yield Entry(ORPHAN, path, e.path, where=_identity(directory))
+                stem = e.name[:-len(store.SUFFIX)]
+                path = os.path.join(directory, stem)
+                if stem not in files and not self.excluded(path, prefix):
+                    yield Entry(ORPHAN, path, os.path.join(absdir, stem),
+                                os.path.join(absdir, e.name), where=_identity(directory))
             else:
-                yield self.classify(e, None if sidecars is None
+                yield self.classify(e, os.path.join(absdir, e.name),
+                                    None if sidecars is None
                                     else e.name + store.SUFFIX in sidecars)
         if sidecars is not None and mirror is not None:
-            yield from self.store_orphans(directory, prefix, mirror, sidecars, files)
+            yield from self.store_orphans(directory, absdir, prefix, mirror, sidecars,
+                                          files)
         return subdirs
 
     def sidecars_of(self, directory, entries):
@@ -94,10 +103,10 @@ class Lister:
             return mirror, None
         return mirror, {n for n in names if n.endswith(store.SUFFIX)}
 
-    def classify(self, entry, listed=None):
+    def classify(self, entry, key, listed=None):
         try:
             if entry.is_file(follow_symlinks=False):
-                return Entry(FILE, entry.path, store.sidecar_path(entry.path, self.store_dir),
+                return Entry(FILE, entry.path, key, store.sidecar_path(key, self.store_dir),
                              size=entry.stat(follow_symlinks=False).st_size, listed=listed)
             return Entry(SKIP, entry.path,
                          reason=describe_kind(entry.stat(follow_symlinks=False).st_mode))
@@ -106,19 +115,20 @@ class Lister:
 
     def classify_single(self, path, st):
         if stat.S_ISREG(st.st_mode):
-            return Entry(FILE, path, store.sidecar_path(path, self.store_dir),
+            key = os.path.abspath(path)
+            return Entry(FILE, path, key, store.sidecar_path(key, self.store_dir),
                          size=st.st_size)
         return Entry(SKIP, path, reason=describe_kind(st.st_mode))
 
-    def store_orphans(self, directory, prefix, mirror, sidecars, files):
+    def store_orphans(self, directory, absdir, prefix, mirror, sidecars, files):
         """With --store, sidecars in the mirror directory whose file is gone."""
         for name in sorted(sidecars):
             stem = name[:-len(store.SUFFIX)]
             if stem not in files:
                 path = os.path.join(directory, stem)
                 if not self.excluded(path, prefix) and not os.path.isdir(path):
-                    yield Entry(ORPHAN, path, os.path.join(mirror, name),
-                                where=_identity(directory))
+                    yield Entry(ORPHAN, path, os.path.join(absdir, stem),
+                                os.path.join(mirror, name), where=_identity(directory))
 
     def excluded(self, path, prefix):
         """Does a pattern match the name, or the path below the root (`prefix`)?"""
