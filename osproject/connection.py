@@ -1,7 +1,9 @@
 """The client's end of a session: a hello on the entrance, then two private FIFOs.
 
-The client makes both FIFOs in a fresh 0700 directory and holds the far end
-of each until the server's welcome arrives, so that the server's non-blocking
+The client makes both FIFOs in a fresh 0700 directory beside the entrance
+(the server accepts no FIFO anywhere else, so it never looks up a path on
+some other file system), and holds the far end of each until the server's
+welcome arrives, so that the server's non-blocking
 opens succeed and neither side sees an EOF before the other has arrived.
 Then the names are removed: nothing is left behind whatever happens next.
 """
@@ -35,10 +37,12 @@ class Connection:
 
     def open(self):
         """Say hello and wait for the welcome; raise ClientError if nobody answers."""
+        beside = os.path.dirname(os.path.abspath(self.entrance))
         try:
-            private = tempfile.mkdtemp(prefix="osp-")      # mode 0700
+            private = tempfile.mkdtemp(prefix=protocol.CLIENT_DIR_PREFIX, dir=beside)  # 0700
         except OSError as exc:
-            raise ClientError(f"cannot make a private directory: {exc}") from None
+            raise ClientError(f"cannot make a private directory in {beside}: "
+                              f"{exc.strerror}") from None
         try:
             self._handshake(os.path.join(private, "request"),
                             os.path.join(private, "reply"))

@@ -43,6 +43,18 @@ class Entrance:
         self._identity = None
         self.lines = protocol.LineBuffer(limit=protocol.HELLO_MAX)
 
+    def beside(self, path):
+        """Is `path` in a client's directory beside the entrance, as clients make them?
+
+        Only there are FIFOs accepted: the server then never lstat()s or
+        opens a path on another file system (a hung NFS mount would block
+        the loop).  The path must be normalized: no '..' leads out.
+        """
+        directory = os.path.dirname(path)
+        return (os.path.normpath(path) == path
+                and os.path.dirname(directory) == os.path.dirname(self.path)
+                and os.path.basename(directory).startswith(protocol.CLIENT_DIR_PREFIX))
+
     def open(self):
         """Make the FIFO exist and listen on it; raise EntranceError if we may not."""
         if self.private_dir:

@@ -21,6 +21,7 @@ HELLO_MAX = min(PIPE_BUF, 512)
 MAX_FRAME = 512 * 1024
 MAX_PATHS = 5          # files per worker assignment, and per client request
 HELLO_VERSION = 1
+CLIENT_DIR_PREFIX = "osp-client-"   # a client's FIFOs: ENTRANCE_DIR/osp-client-XXXX/
 
 
 class ProtocolError(ValueError):
@@ -92,8 +93,8 @@ def encode_hello(request_fifo, reply_fifo):
     frame = encode({"hello": HELLO_VERSION, "request": request_fifo,
                     "reply": reply_fifo})
     if len(frame) > HELLO_MAX:
-        raise ProtocolError(f"hello is {len(frame)} bytes, more than {HELLO_MAX}; "
-                            "use a shorter TMPDIR")
+        raise ProtocolError(f"hello is {len(frame)} bytes, more than {HELLO_MAX}: the "
+                            "entrance FIFO's directory has too long a path")
     return frame
 
 

@@ -323,6 +323,8 @@ class Server:
                 if len(self.sessions) >= MAX_SESSIONS:
                     raise Refused("too many clients")
                 request, reply = protocol.parse_hello(line)
+                if not (self.entrance.beside(request) and self.entrance.beside(reply)):
+                    raise Refused("FIFOs must be in a client directory beside the entrance")
                 session = Session(next(self._sids), request, reply)
             except (Refused, protocol.ProtocolError) as exc:
                 self.log.warning("request.refused", reason=str(exc))

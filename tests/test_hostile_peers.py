@@ -105,13 +105,14 @@ def test_started_with_stdout_and_stderr_closed(tmp_path):
         assert proc.wait(10) == 0
 
 
-def test_client_with_a_tmpdir_too_long_for_a_hello_exits_2(server, tmp_path):
-    long_tmp = tmp_path / ("t" * 200) / ("u" * 200)
-    long_tmp.mkdir(parents=True)
-    env = dict(os.environ, TMPDIR=str(long_tmp))
-    result = run_client(server, tmp_path / ("t" * 200), env=env)
+def test_an_entrance_too_deep_for_a_hello_makes_the_client_exit_2(start_server, tmp_path):
+    deep = tmp_path / ("t" * 200) / ("u" * 200)      # two FIFO paths: over 512 bytes
+    deep.mkdir(parents=True)
+    server = start_server(fifo=str(deep / "server.fifo"))
+    result = run_client(server, tmp_path)
     assert result.status == 2
-    assert "TMPDIR" in result.stderr and "Traceback" not in result.stderr
+    assert "too long a path" in result.stderr and "Traceback" not in result.stderr
+    assert os.listdir(deep) == ["server.fifo"], "the client left its directory behind"
 
 
 def test_a_repair_finds_a_worker_even_when_every_worker_has_voted(start_server, tmp_path):

@@ -192,28 +192,49 @@ def write_entrance(server, data):
 
 
 def test_garbage_on_the_entrance_is_refused_and_the_next_client_served(server, tmp_path):
-    victim = tmp_path / "victim"
+    # Planted where a client's FIFOs go, so the server looks at each of them.
+    beside = server.dir / "osp-client-planted"
+    beside.mkdir()
+    victim = beside / "victim"
     victim.write_text("keep")
-    os.mkfifo(tmp_path / "fifo-of-ours")
-    (tmp_path / "link").symlink_to(tmp_path / "fifo-of-ours")
+    os.mkfifo(beside / "fifo-of-ours")
+    (beside / "link").symlink_to(beside / "fifo-of-ours")
     bogus = [b"\x00\xff random bytes\n", b"{}\n", b"not json at all\n",
              b'{"hello":1,"request":"/dev/null","reply":"/dev/null"}\n',
              b'{"hello":1,"request":"%s","reply":"%s"}\n' % (bytes(victim), bytes(victim)),
              b'{"hello":1,"request":"%s","reply":"%s"}\n'
-             % (bytes(tmp_path / "link"), bytes(tmp_path / "link")),
+             % (bytes(beside / "link"), bytes(beside / "link")),
              b'{"hello":1,"request":"%s","reply":"%s"}\n'
-             % (bytes(tmp_path / "fifo-of-ours"), bytes(tmp_path / "fifo-of-ours"))]
+             % (bytes(beside / "fifo-of-ours"), bytes(beside / "fifo-of-ours"))]
     for line in bogus:
         write_entrance(server, line)
     with open(server.fifo, "wb") as entrance:     # blocking: the server drains it
         entrance.write(b"A" * 2_500_000 + b"\n")   # 2.5 MB without a newline
     server.wait_event("request.refused", count=len(bogus) + 1)
+    reasons = [e["reason"] for e in server.events("request.refused")]
+    assert sum("beside the entrance" in r for r in reasons) == 1, reasons  # /dev/null
     assert victim.read_text() == "keep"
     assert server.ps.memory_info().rss < 200 * 1024 * 1024
     tree = tmp_path / "tree"
     make_tree(tree, files=5)
     assert run_client(server, tree).status == 0
     assert "session.opened" in [e["event"] for e in server.events()]
+
+
+def test_fifos_anywhere_but_beside_the_entrance_are_never_looked_at(server, tmp_path):
+    # Proper FIFOs of ours, with a client's directory name, in the wrong place:
+    # the server must refuse them by their names, before any lstat or open.
+    elsewhere = tmp_path / "elsewhere" / "osp-client-x"
+    elsewhere.mkdir(parents=True)
+    for name in ("request", "reply"):
+        os.mkfifo(elsewhere / name)
+    escape = f"{server.dir}/osp-client-x/../../elsewhere/osp-client-x"
+    for directory in (str(elsewhere), escape):
+        write_entrance(server, b'{"hello":1,"request":"%s/request","reply":"%s/reply"}\n'
+                       % (directory.encode(), directory.encode()))
+    refusals = server.wait_event("request.refused", count=2)
+    assert all("beside the entrance" in e["reason"] for e in refusals), refusals
+    assert "session.opened" not in [e["event"] for e in server.events()]
 
 
 def test_an_idle_server_uses_no_cpu(server):
