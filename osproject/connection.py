@@ -37,7 +37,7 @@ class Connection:
 
     def open(self):
         """Say hello and wait for the welcome; raise ClientError if nobody answers."""
-        beside = os.path.dirname(os.path.abspath(self.entrance))
+        beside = os.path.dirname(os.path.realpath(self.entrance))   # as the server sees it
         try:
             private = tempfile.mkdtemp(prefix=protocol.CLIENT_DIR_PREFIX, dir=beside)  # 0700
         except OSError as exc:

@@ -41,6 +41,9 @@ class Entrance:
         self.private_dir = private_dir      # the default location: we own its dir
         self.fd = self._writer = -1
         self._identity = None
+        # Where clients make their FIFO directories, symlinks resolved as the
+        # client resolves them (on macOS /tmp is /private/tmp).
+        self.directory = None
         self.lines = protocol.LineBuffer(limit=protocol.HELLO_MAX)
 
     def beside(self, path):
@@ -52,7 +55,7 @@ class Entrance:
         """
         directory = os.path.dirname(path)
         return (os.path.normpath(path) == path
-                and os.path.dirname(directory) == os.path.dirname(self.path)
+                and os.path.dirname(directory) == self.directory
                 and os.path.basename(directory).startswith(protocol.CLIENT_DIR_PREFIX))
 
     def open(self):
@@ -70,6 +73,7 @@ class Entrance:
         self._writer = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         st = os.fstat(self.fd)
         self._identity = (st.st_dev, st.st_ino)
+        self.directory = os.path.realpath(os.path.dirname(self.path))
 
     def _clear_stale(self):
         """Remove a FIFO of ours that nobody serves; refuse anything else."""

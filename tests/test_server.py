@@ -355,3 +355,11 @@ def test_default_entrance_is_private_and_found_by_the_client(tmp_path):
         proc.terminate()
         assert proc.wait(10) == 0
     assert not fifo.exists()
+
+
+def test_a_client_that_names_the_entrance_through_a_symlink_is_served(server, tmp_path):
+    (tmp_path / "via").symlink_to(server.dir)
+    tree = tmp_path / "tree"
+    make_tree(tree, files=3)
+    result = run_client(str(tmp_path / "via" / "server.fifo"), tree)
+    assert result.status == 0, result.stderr
