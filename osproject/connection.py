@@ -3,9 +3,9 @@
 The client makes both FIFOs in a fresh 0700 directory beside the entrance
 (the server accepts no FIFO anywhere else, so it never looks up a path on
 some other file system), and holds the far end of each until the server's
-welcome arrives, so that the server's non-blocking
-opens succeed and neither side sees an EOF before the other has arrived.
-Then the names are removed: nothing is left behind whatever happens next.
+welcome arrives, so that the server's non-blocking opens succeed and
+neither side sees an EOF before the other has arrived.  Then the names are
+removed: nothing is left behind whatever happens next.
 """
 
 import errno
