@@ -62,20 +62,22 @@ class Lister:
         except OSError as exc:
             yield Entry(ERROR, directory, reason=f"cannot list directory: {exc.strerror}")
             return []
-        files = {e.name for e in entries if not _is_dir(e)}
+        dirs = {e.name for e in entries if _is_dir(e)}
+        files = {e.name for e in entries} - dirs
         mirror, sidecars = self.sidecars_of(directory, entries)
-        subdirs = []
+        subdirs, where = [], None          # where: the directory's identity, for orphans
         for e in entries:
             if self.excluded(e.path, prefix) or store.is_temp_name(e.name):
                 continue
-            if _is_dir(e):
+            if e.name in dirs:
                 subdirs.append(e.path)
             elif mirror is None and e.name.endswith(store.SUFFIX):
                 stem = e.name[:-len(store.SUFFIX)]
                 path = os.path.join(directory, stem)
                 if stem not in files and not self.excluded(path, prefix):
+                    where = where or _identity(directory)
                     yield Entry(ORPHAN, path, os.path.join(absdir, stem),
-                                os.path.join(absdir, e.name), where=_identity(directory))
+                                os.path.join(absdir, e.name), where=where)
             else:
                 yield self.classify(e, os.path.join(absdir, e.name),
                                     None if sidecars is None
@@ -122,13 +124,15 @@ class Lister:
 
     def store_orphans(self, directory, absdir, prefix, mirror, sidecars, files):
         """With --store, sidecars in the mirror directory whose file is gone."""
+        where = None
         for name in sorted(sidecars):
             stem = name[:-len(store.SUFFIX)]
             if stem not in files:
                 path = os.path.join(directory, stem)
                 if not self.excluded(path, prefix) and not os.path.isdir(path):
+                    where = where or _identity(directory)
                     yield Entry(ORPHAN, path, os.path.join(absdir, stem),
-                                os.path.join(mirror, name), where=_identity(directory))
+                                os.path.join(mirror, name), where=where)
 
     def excluded(self, path, prefix):
         """Does a pattern match the name, or the path below the root (`prefix`)?"""

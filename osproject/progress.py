@@ -13,7 +13,7 @@ ERASE = "\r\x1b[K"      # to column 0, clear to the end of the line
 
 
 class Progress:
-    """One status line on `stream`, redrawn in place; draws nothing once closed."""
+    """One status line on `stream`, redrawn in place by draw(), erased by clear()."""
 
     def __init__(self, stream, clock=time.monotonic):
         self.stream = stream

@@ -72,12 +72,18 @@ def test_progress_is_drawn_on_a_terminal_and_erased_at_the_end(server, tmp_path)
     assert out.endswith("40 files: 40 NEW\n") and "\x1b" not in out and "\r" not in out
 
 
+def checked_then_altered(server, tree, files, changed, gone):
+    """A tree with baselines, then one file changed and one deleted; its paths."""
+    paths = make_tree(tree, files=files)
+    run_client(server, tree)
+    tamper(paths[changed], b"altered")
+    os.unlink(paths[gone])
+    return paths
+
+
 def test_results_and_progress_never_share_a_line(server, tmp_path):
     tree = tmp_path / "tree"
-    files = make_tree(tree, files=30)
-    run_client(server, tree)
-    tamper(files[3], b"altered")
-    os.unlink(files[7])
+    files = checked_then_altered(server, tree, files=30, changed=3, gone=7)
     term = Terminal(server, tree, stdout_too=True)
     assert term.proc.returncode == 1
     assert "listed " in term.text
@@ -125,10 +131,7 @@ def test_exclude_is_relative_to_the_root_not_the_absolute_path(server, tmp_path)
 
 def test_update_accepts_changes_and_removals_and_the_next_run_is_clean(server, tmp_path):
     tree = tmp_path / "tree"
-    files = make_tree(tree, files=20)
-    run_client(server, tree)
-    tamper(files[0], b"a new release")
-    os.unlink(files[1])
+    files = checked_then_altered(server, tree, files=20, changed=0, gone=1)
     updated = run_client(server, "--update", tree)
     assert updated.status == 1, "accepting changes still reports them"
     assert f"CHANGED  {files[0]}  (expected " in updated.stdout

@@ -58,6 +58,14 @@ def exited(code=0):
     return code << 8           # a waitpid status for a normal exit
 
 
+def busy(s, index):
+    """The worker of slot `index`, ready and given an assignment."""
+    w = s.slots[index].worker
+    s.on_ready(w)
+    s.assigned(w, "job")
+    return w
+
+
 def test_every_slot_is_filled_at_start(world):
     s, _, log, spawner, _ = world
     assert [slot.state for slot in s.slots] == [State.STARTING] * 3
@@ -66,9 +74,7 @@ def test_every_slot_is_filled_at_start(world):
 
 def test_a_dead_worker_that_did_work_is_replaced_at_once(world):
     s, clock, log, spawner, _ = world
-    w = s.slots[1].worker
-    s.on_ready(w)
-    s.assigned(w, "job")
+    w = busy(s, 1)
     s.answered(w)
     s.on_exit(w.pid, signal.SIGKILL)
     assert s.slots[1].state is State.DOWN
@@ -135,9 +141,7 @@ def test_one_good_assignment_resets_the_back_off(world):
     s.on_exit(w.pid, exited(1))
     clock.now += 1
     s.start_due()
-    w = s.slots[0].worker
-    s.on_ready(w)
-    s.assigned(w, "job")
+    w = busy(s, 0)
     s.answered(w)
     assert s.slots[0].failures == 0
     assert not s.hopeless()
@@ -208,9 +212,7 @@ def test_exit_status_is_described_for_the_log():
 
 def test_totals_outlive_the_workers_they_count(world):
     s, clock, _, _, _ = world
-    w = s.slots[1].worker
-    s.on_ready(w)
-    s.assigned(w, "job")
+    w = busy(s, 1)
     s.tally(w)
     s.tally(w)
     s.answered(w)
