@@ -111,7 +111,7 @@ def server_main(argv=None):
     if args.hang_timeout < 1:
         server_parser().error("--hang-timeout must be at least 1 second")
     config = Config(fifo=args.fifo or default_fifo(),
-                    private_dir=not args.fifo and "INTEGRITY_FIFO" not in os.environ,
+                    private_dir=uses_default_fifo(args),
                     workers=args.workers, hang_timeout=args.hang_timeout,
                     cross_check=args.cross_check, **parse_chaos(args.chaos, args.workers))
     log = open_log(args)
@@ -172,11 +172,19 @@ def client_main(argv=None):
         if not os.path.lexists(path):
             print(f"integrity-client: {path}: no such file or directory", file=sys.stderr)
             return EXIT_TROUBLE
-    store_dir = os.path.abspath(args.store) if args.store else None
+    store_dir = None
+    if args.store:
+        # Resolved once: below it, a worker follows no symlink to a sidecar.
+        store_dir = os.path.realpath(args.store)
+        if not os.path.isdir(store_dir):
+            print(f"integrity-client: --store {args.store}: no such directory (make it "
+                  "first: a mistyped store would make every file NEW)", file=sys.stderr)
+            return EXIT_TROUBLE
     report = Report(sys.stdout, as_json=args.json,
                     progress=Progress.for_terminal(sys.stderr, args.quiet))
     try:
-        return check(args.paths, args.fifo or default_fifo(), report, store_dir=store_dir,
+        return check(args.paths, args.fifo or default_fifo(), report,
+                     private_dir=uses_default_fifo(args), store_dir=store_dir,
                      excludes=args.exclude, update=args.update)
     except ClientError as exc:
         report.flush()
@@ -193,11 +201,16 @@ def client_main(argv=None):
         return EXIT_TROUBLE
 
 
+def uses_default_fifo(args):
+    """Is the entrance the default one, in a runtime directory that must be ours?"""
+    return not args.fifo and not os.environ.get("INTEGRITY_FIFO")
+
+
 def show_status(args):
     from .client import ClientError, server_status
     from .report import format_status
     try:
-        status = server_status(args.fifo or default_fifo())
+        status = server_status(args.fifo or default_fifo(), uses_default_fifo(args))
     except ClientError as exc:
         print(f"integrity-client: {exc}", file=sys.stderr)
         return EXIT_TROUBLE

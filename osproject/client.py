@@ -14,7 +14,7 @@ import threading
 
 from . import protocol, store
 from .connection import ClientError, Connection
-from .lister import ERROR, FILE, ORPHAN, SKIP, Entry, Lister
+from .lister import ERROR, ORPHAN, SKIP, Lister
 from .progress import INTERVAL as PROGRESS_INTERVAL
 from .verifier import CHANGED, MISSING, SKIPPED
 
@@ -129,36 +129,17 @@ class Client:
             self.report.add(entry.path, "ERROR", error=entry.reason)
             return entry, None
         if entry.kind == ORPHAN:
-            return self.prepare_orphan(entry)
-        try:
-            # Not in the listing: a new file.  A sidecar made since then (by
-            # a second client on this tree) makes the worker's link(2) fail,
-            # an ERROR; if that worker dies first, its successor replaces the
-            # sidecar (it cannot tell it from one the dead worker wrote).
-            expected = None if entry.listed is False else \
-                store.read_baseline(entry.sidecar, os.path.basename(entry.key))
-        except store.SidecarError as exc:
-            self.report.add(entry.path, "ERROR", error=str(exc))
-            return entry, None
+            return entry, {"kind": "missing", "path": entry.key, "sidecar": entry.sidecar,
+                           "expected": entry.expected}
+        # A file without a sidecar in the listing is new.  A sidecar made since
+        # then (by a second client on this tree) makes the worker's link(2)
+        # fail, an ERROR; if that worker dies first, its successor replaces the
+        # sidecar (it cannot tell it from one the dead worker wrote).
         item = {"kind": "check", "path": entry.key, "sidecar": entry.sidecar,
-                "expected": expected, "size": entry.size}
+                "dir": entry.dir, "expected": entry.expected, "size": entry.size}
         if self.update:
             item["update"] = True
         return entry, item
-
-    def prepare_orphan(self, entry):
-        """A sidecar without its file: MISSING if it is ours, else a file to check."""
-        try:
-            recorded = store.read_baseline(entry.sidecar, os.path.basename(entry.key))
-        except store.SidecarError:
-            recorded = None
-        if recorded is None:        # not one of ours: someone's file named *.md5
-            shown = entry.path + store.SUFFIX if self.store_dir is None else entry.sidecar
-            own = entry.sidecar
-            return self.prepare(Entry(FILE, shown, own,
-                                      store.sidecar_path(own, self.store_dir)))
-        return entry, {"kind": "missing", "path": entry.key, "sidecar": entry.sidecar,
-                       "expected": recorded}
 
     def forget(self, entry):
         """--update: remove the sidecar of a MISSING file; return why not, or None.
@@ -168,22 +149,36 @@ class Client:
         (a directory swapped for a symlink since must not lead us into another
         tree), and the rest happens relative to it.
         """
-        name = os.path.basename(entry.path)
+        name = os.path.basename(entry.key)
         try:
-            fd = os.open(os.path.dirname(entry.path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+            fd = store.open_directory(os.path.dirname(entry.key), entry.dir)
+        except store.DirectoryReplaced:
+            return "sidecar kept: its directory was replaced meanwhile"
         except OSError as exc:
             return f"sidecar kept: {exc.strerror}"
         try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != entry.where:
-                return "sidecar kept: its directory was replaced meanwhile"
             if _exists(name, fd):
                 return "sidecar kept: the file is back"
-            removed = (store.discard_sidecar(entry.sidecar, name) if self.store_dir
-                       else store.discard_sidecar(name + store.SUFFIX, name, dir_fd=fd))
+            if self.store_dir is None:
+                removed = store.discard_sidecar(name + store.SUFFIX, name, dir_fd=fd)
+            else:
+                removed = self.discard_stored(entry.sidecar, name)
         finally:
             os.close(fd)
         return None if removed else "its sidecar could not be removed"
+
+    @staticmethod
+    def discard_stored(sidecar, name):
+        """Remove a --store sidecar, reached without following a symlink."""
+        where, sidecar_name = os.path.split(sidecar)
+        try:
+            fd = store.open_store_directory(where)
+        except OSError:
+            return False
+        try:
+            return store.discard_sidecar(sidecar_name, name, dir_fd=fd)
+        finally:
+            os.close(fd)
 
     # -- the reader thread --------------------------------------------------
     def read_replies(self):
@@ -307,9 +302,9 @@ def _exists(name, dir_fd):
     return True
 
 
-def server_status(fifo):
+def server_status(fifo, private_dir=False):
     """Ask a server how its workers and clients are doing; return the report."""
-    conn = Connection(fifo)
+    conn = Connection(fifo, private_dir=private_dir)
     conn.open()
     try:
         conn.send({"status": True})
@@ -323,9 +318,9 @@ def server_status(fifo):
         conn.close()
 
 
-def check(roots, fifo, report, **options):
+def check(roots, fifo, report, private_dir=False, **options):
     """Connect, check the roots, and return the exit status (2 on failure)."""
-    conn = Connection(fifo)
+    conn = Connection(fifo, private_dir=private_dir)
     conn.open()
     try:
         return Client(conn, report, **options).run(roots)

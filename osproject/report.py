@@ -15,7 +15,7 @@ import pickle
 import tempfile
 import threading
 
-from .verifier import CHANGED, MISSING, OK, STATUSES
+from .verifier import CHANGED, ERROR, MISSING, OK, STATUSES, UNSTABLE
 
 EXIT_OK, EXIT_ALTERED, EXIT_TROUBLE = 0, 1, 2
 
@@ -33,6 +33,7 @@ class Report:
         self.progress = progress    # a Progress line to clear before printing, or None
         self.counts = dict.fromkeys(STATUSES, 0)
         self.received = 0           # results in, held or not
+        self.unverified = 0         # files with a baseline that could not be verified
         self._held = None           # temp file of records awaiting the bye
         self._verdicts = {}         # key -> the corrected status and md5
         self._lock = threading.Lock()
@@ -101,11 +102,13 @@ class Report:
                 parts = ", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing"
                 self.out.write(f"{total} files: {parts}\n")
             self.out.flush()
-        altered = self.counts[CHANGED] or self.counts[MISSING]
+        altered = self.counts[CHANGED] or self.counts[MISSING] or self.unverified
         return EXIT_ALTERED if altered else EXIT_OK
 
     def _emit(self, record):
         self.counts[record["status"]] += 1
+        if record["status"] in (ERROR, UNSTABLE) and record["expected"] is not None:
+            self.unverified += 1    # a hidden change looks like this: never exit 0
         if self.progress is not None and (self.as_json or record["status"] != OK):
             self.progress.clear()
         if self.as_json:

@@ -20,6 +20,7 @@ class Job:
     expected: str = None        # baseline hash from the client; never sent to a worker
     update: bool = False        # the user asked to rewrite changed baselines
     size: int = 0               # as the client's lister saw it: only for batching
+    dir: tuple = None           # (st_dev, st_ino) of its directory, as the lister saw it
     opinions: list = field(default_factory=list)
     cross_check: bool = False
     reverify_of: int = None     # wid whose unchecked hash this job re-checks
@@ -84,7 +85,8 @@ class Job:
 
     def item(self):
         """The assignment entry a worker sees: no expected hash."""
-        entry = {"path": self.path, "sidecar": self.sidecar, "write": self.write_mode()}
+        entry = {"path": self.path, "sidecar": self.sidecar, "dir": self.dir,
+                 "write": self.write_mode()}
         if self.stale:
             entry["stale"] = self.stale
         return entry

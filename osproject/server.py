@@ -360,7 +360,8 @@ class Server:
             self.scheduler.submit(Job(
                 session=session, rid=frame["id"], index=index, path=item["path"],
                 sidecar=item["sidecar"], expected=item.get("expected"),
-                update=bool(item.get("update")), size=item.get("size") or 0))
+                update=bool(item.get("update")), size=item.get("size") or 0,
+                dir=tuple(item["dir"]) if item.get("dir") else None))
 
     def status_report(self, asker=None):
         """What `integrity-client --status` shows (see status.py)."""

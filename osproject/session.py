@@ -153,27 +153,27 @@ class Unchecked:
     the tree.
     """
 
-    FIELDS = 9
+    FIELDS = 11
 
     def __init__(self):
         self._by_wid = {}
 
-    def add(self, path, sidecar, vote):
+    def add(self, path, sidecar, directory, vote):
         packed = self._by_wid.setdefault(vote.wid, bytearray())
         size, mtime, ctime, ino = vote.stat
         for field in (path, sidecar, vote.md5):
             packed += os.fsencode(field) + b"\0"
-        packed += b"%d\0%d\0%d\0%d\0%d\0%d\0" % (size, mtime, ctime, ino, vote.racy,
-                                                     vote.pid)
+        packed += b"%d\0%d\0%d\0%d\0%d\0%d\0%d\0%d\0" % (
+            *(directory or (-1, -1)), size, mtime, ctime, ino, vote.racy, vote.pid)
 
     def pop(self, wid):
-        """Return and forget [(path, sidecar, Vote)] of worker `wid`."""
+        """Return and forget [(path, sidecar, directory, Vote)] of worker `wid`."""
         fields = bytes(self._by_wid.pop(wid, b"")).split(b"\0")[:-1]
         entries = []
         for i in range(0, len(fields), self.FIELDS):
             path, sidecar, md5, *numbers = fields[i:i + self.FIELDS]
-            size, mtime, ctime, ino, racy, pid = map(int, numbers)
-            entries.append((os.fsdecode(path), os.fsdecode(sidecar),
+            dev, dir_ino, size, mtime, ctime, ino, racy, pid = map(int, numbers)
+            entries.append((os.fsdecode(path), os.fsdecode(sidecar), (dev, dir_ino),
                             Vote(wid, md5.decode("ascii"), (size, mtime, ctime, ino),
                                  bool(racy), pid)))
         return entries
@@ -195,6 +195,10 @@ def validate_request(frame):
                 raise Refused(f"a file entry needs an absolute {key}")
         if not isinstance(item.get("size", 0), int):
             raise Refused("size must be an integer")
+        identity = item.get("dir")      # without one, the worker reads nothing
+        if identity is not None and not (isinstance(identity, list) and len(identity) == 2
+                                         and all(type(n) is int for n in identity)):
+            raise Refused("dir must be its directory's [st_dev, st_ino]")
         expected = item.get("expected")
         if expected is not None and not (isinstance(expected, str)
                                          and _MD5.fullmatch(expected)):

@@ -34,8 +34,8 @@ class _TempNames:
     def reset(self):
         self.pid, self.numbers = os.getpid(), itertools.count()
 
-    def next(self, directory):
-        return os.path.join(directory, f".osp-{self.pid}-{next(self.numbers)}.tmp")
+    def next(self):
+        return f".osp-{self.pid}-{next(self.numbers)}.tmp"
 
 
 _temp_names = _TempNames()
@@ -115,43 +115,51 @@ def read_baseline(sidecar, name, dir_fd=None):
     return md5
 
 
-def write_sidecar(sidecar, md5, name, replace):
+def write_sidecar(sidecar, md5, name, replace, dir_fd=None):
     """Atomically write the sidecar of `name`; return True if written.
 
     The temp file is created O_EXCL|O_NOFOLLOW in the sidecar's directory and
     renamed over it, so a planted symlink or hard link is replaced, never
     written through.  With replace False an existing sidecar is left alone
-    (link(2) refuses to clobber) and False is returned.
+    (link(2) refuses to clobber) and False is returned.  With dir_fd,
+    `sidecar` is a name in that directory: nothing is looked up by path.
     """
-    directory = os.path.dirname(sidecar) or "."
-    tmp, fd = _create_temp(directory)
+    if dir_fd is None:
+        directory, sidecar = os.path.split(sidecar)
+        fd = open_directory(directory or ".")
+        try:
+            return write_sidecar(sidecar, md5, name, replace, dir_fd=fd)
+        finally:
+            os.close(fd)
+    tmp, fd = _create_temp(dir_fd)
     try:
         try:
             os.write(fd, format_line(md5, name))
         finally:
             os.close(fd)
         if replace:
-            os.replace(tmp, sidecar)
+            os.replace(tmp, sidecar, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             return True
         try:
-            os.link(tmp, sidecar, follow_symlinks=False)
+            os.link(tmp, sidecar, src_dir_fd=dir_fd, dst_dir_fd=dir_fd,
+                    follow_symlinks=False)
         except FileExistsError:
             return False
         return True
     finally:
-        _unlink_quietly(tmp)  # gone already after a successful os.replace
+        _unlink_quietly(tmp, dir_fd)  # gone already after a successful os.replace
 
 
-def _create_temp(directory):
-    """Create a fresh temp file in directory, O_EXCL|O_NOFOLLOW; return (path, fd)."""
+def _create_temp(dir_fd):
+    """Create a fresh temp file in the directory, O_EXCL|O_NOFOLLOW; return (name, fd)."""
     for _ in range(TEMP_ATTEMPTS):
-        tmp = _temp_names.next(directory)
+        tmp = _temp_names.next()
         try:
-            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                                0o644)
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
         except FileExistsError:
             continue
-    raise FileExistsError(errno.EEXIST, "no free temp file name", directory)
+    raise FileExistsError(errno.EEXIST, "no free temp file name")
 
 
 def discard_sidecar(sidecar, name, dir_fd=None):
@@ -170,14 +178,65 @@ def discard_sidecar(sidecar, name, dir_fd=None):
     return True
 
 
-def ensure_store_dir(sidecar):
-    """Create the mirrored directory of a --store sidecar (mode 0700 parents)."""
-    os.makedirs(os.path.dirname(sidecar), mode=0o700, exist_ok=True)
+class DirectoryReplaced(OSError):
+    """A directory is not the one that was listed: it was swapped meanwhile."""
 
 
-def _unlink_quietly(path):
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_directory(path, identity=None):
+    """Open a directory; with identity, only the very one (st_dev, st_ino) names.
+
+    This is how anything below a checked root is reached: the lister saw
+    the directory's identity in its parent, and a path that now resolves
+    elsewhere (a directory swapped for a symlink into another tree) is
+    refused with DirectoryReplaced instead of being read or written.
+    """
+    fd = os.open(path, _DIR_FLAGS)
+    if identity is not None:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != tuple(identity):
+            os.close(fd)
+            raise DirectoryReplaced(errno.ESTALE, "its directory was replaced since "
+                                    "it was listed", path)
+    return fd
+
+
+def open_store_directory(path, create=False):
+    """Open a --store mirror directory, following no symlink on the way.
+
+    The store's own path is resolved once by the client (realpath), so a
+    symlink met here was planted: each component is opened O_NOFOLLOW
+    relative to its parent, from the root of the file system.  With create,
+    missing components are made (mode 0700).
+    """
+    fd = os.open("/", _DIR_FLAGS)
     try:
-        os.unlink(path)
+        for part in os.fsencode(path).split(b"/"):
+            if not part:
+                continue
+            try:
+                child = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                child = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unlink_quietly(name, dir_fd=None):
+    try:
+        os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
 

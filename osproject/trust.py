@@ -129,7 +129,7 @@ class Trust:
         if job.write_error is None and sidecar_is_wrong(job, verdict):
             job.write_error = "its sidecar could not be repaired"
         if not verdict.checked and job.write_error is None:
-            job.session.unchecked.add(job.path, job.sidecar, job.opinions[0])
+            job.session.unchecked.add(job.path, job.sidecar, job.dir, job.opinions[0])
         if job.reverify_of is not None:
             return self.finish_reverify(job, verdict)
         status, error = verdict.status, verdict.reason
@@ -211,10 +211,11 @@ class Trust:
         for session in self.sessions:
             if session.said_bye:
                 continue
-            for path, sidecar, vote in session.unchecked.pop(wid):
+            for path, sidecar, directory, vote in session.unchecked.pop(wid):
                 session.outstanding += 1
                 self.scheduler.submit(Job(session=session, rid=None, index=None,
-                                          path=path, sidecar=sidecar, opinions=[vote],
+                                          path=path, sidecar=sidecar, dir=directory,
+                                          opinions=[vote],
                                           written=vote.md5, cross_check=True,
                                           reverify_of=wid), urgent=True)
                 count += 1

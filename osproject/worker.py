@@ -93,6 +93,7 @@ class Worker:
         self._last_progress = 0.0
         self._aid = None
         self.files_done = 0
+        self.dirs = Directories()
 
     def serve(self):
         """Answer assignments until the server closes our pipe; return an exit status."""
@@ -142,12 +143,14 @@ class Worker:
     def do_file(self, item):
         """Hash one file and, if asked, write its sidecar; return the result dict."""
         path = item["path"]
+        directory, name = os.path.split(path)
+        try:
+            dir_fd = self.dirs.open(directory, item.get("dir"))
+        except OSError as exc:      # DirectoryReplaced among them: nothing is read
+            return {"path": path, "error": _strerror(exc)}
         if item.get("write") == "discard":       # no hash was agreed: no baseline
-            return {"path": path, "discarded": store.discard_sidecar(
-                item["sidecar"], os.path.basename(path))}
-        for pid in item.get("stale", ()):
-            remove_stale_temps(item["sidecar"], pid)
-        result = hash_file(path, self.progress)
+            return {"path": path, "discarded": self.discard(item, dir_fd, name)}
+        result = hash_file(name, self.progress, dir_fd=dir_fd)
         result["path"] = path
         md5 = result.get("md5")
         self.files_done += 1
@@ -156,20 +159,45 @@ class Worker:
             # A random lie, as bad RAM would tell: two liars never agree on one.
             result["md5"] = md5 = os.urandom(16).hex()
         if md5 and "unstable" not in result and item.get("write", "keep") != "keep":
-            self.write(item, result)
+            self.write(item, result, dir_fd, name)
         return result
 
-    def write(self, item, result):
-        replace = item["write"] == "replace"
+    def sidecar_dir(self, item, dir_fd, create=False):
+        """Return (fd of the sidecar's directory, whether to close it, its name)."""
         sidecar = item["sidecar"]
+        where, sidecar_name = os.path.split(sidecar)
+        if where == os.path.dirname(item["path"]):
+            return dir_fd, False, sidecar_name
+        return store.open_store_directory(where, create), True, sidecar_name
+
+    def discard(self, item, dir_fd, name):
         try:
-            if os.path.dirname(sidecar) != os.path.dirname(item["path"]):
-                store.ensure_store_dir(sidecar)
-            written = store.write_sidecar(sidecar, result["md5"],
-                                          os.path.basename(item["path"]), replace)
+            fd, own, sidecar = self.sidecar_dir(item, dir_fd)
+        except OSError:
+            return False
+        try:
+            return store.discard_sidecar(sidecar, name, dir_fd=fd)
+        finally:
+            if own:
+                os.close(fd)
+
+    def write(self, item, result, dir_fd, name):
+        replace = item["write"] == "replace"
+        try:
+            fd, own, sidecar = self.sidecar_dir(item, dir_fd, create=True)
         except OSError as exc:
             result["error"] = f"cannot write sidecar: {_strerror(exc)}"
             return
+        try:
+            for pid in item.get("stale", ()):
+                remove_stale_temps(fd, pid)
+            written = store.write_sidecar(sidecar, result["md5"], name, replace, dir_fd=fd)
+        except OSError as exc:
+            result["error"] = f"cannot write sidecar: {_strerror(exc)}"
+            return
+        finally:
+            if own:
+                os.close(fd)
         result["wrote"] = written
         if not written:
             result["error"] = "a sidecar appeared meanwhile; not overwritten"
@@ -189,17 +217,19 @@ class Worker:
             data = data[os.write(self.wfd, data):]
 
 
-def hash_file(path, progress=lambda: None):
+def hash_file(path, progress=lambda: None, dir_fd=None):
     """Return {md5, size, mtime, ctime, ino, racy} for a regular file, or
     {error} / {skipped} / {unstable} with the reason.
 
     The open never blocks and never follows a link; only a regular file is
     read, and it is stat'ed again afterwards to catch a file in motion.
+    With dir_fd, `path` is a name in that directory.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
     except OSError as exc:
-        return _open_failure(path, exc)
+        return _open_failure(path, exc, dir_fd)
     try:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
@@ -218,7 +248,7 @@ def hash_file(path, progress=lambda: None):
         result["unstable"] = "changed while it was read"
     else:
         try:
-            now = os.stat(path, follow_symlinks=False)
+            now = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
         except OSError:
             return {"error": "vanished while it was read"}
         if (now.st_dev, now.st_ino) != (after.st_dev, after.st_ino):
@@ -257,31 +287,68 @@ def _fingerprint(st):
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
-def _open_failure(path, exc):
+def _open_failure(path, exc, dir_fd=None):
     if exc.errno == errno.ELOOP:
         return {"skipped": "symbolic link"}
     if exc.errno in (errno.ENXIO, errno.EOPNOTSUPP):  # a socket cannot be opened
         try:
-            return {"skipped": describe_kind(os.lstat(path).st_mode)}
+            return {"skipped": describe_kind(os.lstat(path, dir_fd=dir_fd).st_mode)}
         except OSError:
             pass
     return {"error": _strerror(exc)}
 
 
-def remove_stale_temps(sidecar, pid):
+def remove_stale_temps(dir_fd, pid):
     """Remove the temp sidecars a killed worker `pid` left in this directory."""
-    directory = os.path.dirname(sidecar) or "."
     prefix = f".osp-{int(pid)}-"
     try:
-        names = [n for n in os.listdir(directory)
+        names = [n for n in os.listdir(dir_fd)
                  if n.startswith(prefix) and n.endswith(".tmp")]
     except OSError:
         return
     for name in names:
         try:
-            os.unlink(os.path.join(directory, name))
+            os.unlink(name, dir_fd=dir_fd)
         except OSError:
             pass
+
+
+class Directories:
+    """The directory fds a worker reads and writes through, a few kept open.
+
+    A directory is used only if it is the very one the client's lister saw
+    (its (st_dev, st_ino)): a path that now leads elsewhere, through a
+    directory swapped for a symlink, is an error, never a file read or a
+    sidecar written outside the tree.  A kept fd is safe whatever happens
+    to the path later; the path is still stat'ed for each file, so that a
+    swap is reported even where the fd would have read the right directory.
+    """
+
+    KEEP = 16
+
+    def __init__(self):
+        self.fds = {}
+
+    def open(self, path, identity):
+        """Return an fd of the directory at `path` that is `identity`, or raise OSError."""
+        if not identity:
+            raise store.DirectoryReplaced(errno.EINVAL, "no identity for its directory")
+        key = (path, tuple(identity))
+        fd = self.fds.pop(key, None)
+        if fd is not None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                st = None
+            if st is None or (st.st_dev, st.st_ino) != key[1]:
+                os.close(fd)
+                fd = None
+        if fd is None:
+            fd = store.open_directory(path or "/", identity)
+            if len(self.fds) >= self.KEEP:
+                os.close(self.fds.pop(next(iter(self.fds))))
+        self.fds[key] = fd          # most recently used last
+        return fd
 
 
 def _strerror(exc):

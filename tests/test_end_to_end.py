@@ -126,6 +126,10 @@ def test_a_foreign_md5_file_is_checked_not_taken_for_a_sidecar(server, tmp_path)
 def test_store_keeps_sidecars_out_of_the_tree(server, tmp_path):
     tree, store = tmp_path / "tree", tmp_path / "store"
     files = make_tree(tree, files=15)
+    mistyped = run_client(server, "--store", store, tree)
+    assert mistyped.status == 2 and "no such directory" in mistyped.stderr
+    assert not store.exists(), "a mistyped store must not be made afresh"
+    store.mkdir()
     assert run_client(server, "--store", store, tree).status == 0
     assert sidecars_under(tree) == []
     mirrored = sidecars_under(store)
