@@ -75,8 +75,8 @@ class Record(NamedTuple):
     mtime_ns: int
     ctime_ns: int
     rdev: int = 0        # devices only
-    target: bytes = None  # symlinks only
-    md5: str = None      # regular files only: the hash the server agreed
+    target: bytes | None = None  # symlinks only
+    md5: str | None = None       # regular files only: the hash the server agreed
 
 
 def record_from_stat(path, st, target=None, md5=None):
@@ -301,8 +301,8 @@ class Catalog:
 
     def children(self, directory):
         """name -> Record of the entries directly in `directory`: one indexed query."""
-        rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE parent = ?",
-                           (os.fsencode(directory),))
+        directory = os.fsencode(directory).rstrip(b"/") or b"/"
+        rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE parent = ?", (directory,))
         return {os.path.basename(row[0]): Record._make(row) for row in rows}
 
     def subtree(self, directory) -> Iterator[Record]:
