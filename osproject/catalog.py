@@ -80,7 +80,7 @@ class Record(NamedTuple):
 
 
 def record_from_stat(path, st, target=None, md5=None):
-    """The Record of an lstat() result; `target` and `md5` are kept only where they mean something."""
+    """The Record of an lstat() result; `target` and `md5` kept only where they mean something."""
     kind = _KIND_OF.get(stat.S_IFMT(st.st_mode), OTHER)
     return Record(os.fsencode(path), kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                   st.st_size, st.st_ino, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns,
@@ -180,7 +180,7 @@ def as_json(record):
 
 
 def _show(path):
-    """A path for a terminal, as report.show_path renders it (not imported: report may import us)."""
+    """A path for a terminal, as report.show_path shows it (not imported: report may import us)."""
     if path is None:
         return "(none)"
     text = os.fsencode(path).decode("utf-8", "backslashreplace")
@@ -391,7 +391,10 @@ class Catalog:
             raise
 
     def commit_run(self, roots):
-        """Apply this run's staged rows and mark `roots` known, in one transaction; return entries applied."""
+        """Apply this run's staged rows and mark `roots` known, in one transaction.
+
+        Returns how many entries were written or removed.
+        """
         roots = [os.fsencode(root) for root in roots]
         with self._lock:
             if self._broken:
@@ -457,7 +460,7 @@ class Catalog:
         self._con.execute("DELETE FROM runs WHERE id = ?", (run,))
 
     def _write(self, work, *args):
-        """Run work(*args) in one write transaction (caller holds the lock); CatalogError if it fails.
+        """Run work(*args) in one write transaction (the caller holds the lock), or CatalogError.
 
         BEGIN IMMEDIATE takes the write lock up front, so the busy timeout
         applies; a deferred transaction upgraded later could fail at once.
@@ -522,7 +525,7 @@ def _alive(pid):
 # -- opening: the refusals -------------------------------------------------
 
 def _refuse_inside_roots(path, roots):
-    """Refuse a catalog inside a checked tree (a root may be a file), links and bind mounts seen through."""
+    """Refuse a catalog inside a checked tree (or that is a root): links, bind mounts too."""
     directory = os.path.realpath(os.path.dirname(path))
     real = os.path.join(directory, os.path.basename(path))
     above = []              # (st_dev, st_ino) of the catalog's directory and each one above it

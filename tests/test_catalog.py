@@ -212,7 +212,8 @@ DESCRIBED = [
 ]
 
 
-@pytest.mark.parametrize("was, now, text", DESCRIBED, ids=[d[2] or "nothing" for d in DESCRIBED])
+@pytest.mark.parametrize("was, now, text", DESCRIBED,
+                         ids=[text or "nothing" for _, _, text in DESCRIBED])
 def test_describe_says_what_changed_from_what_to_what(was, now, text):
     if "nobody" in text and catalog._user(NOBODY) != "nobody":
         pytest.skip("no user called nobody here")
@@ -738,7 +739,7 @@ def test_a_read_only_catalog_fails_clearly_and_records_nothing(nobody_dir, direc
         try:
             cat = Catalog.open(path, [])
         except CatalogError as exc:
-            return f"open: {exc}"        # WAL needs its -shm file: a 0500 directory may stop us here
+            return f"open: {exc}"    # WAL needs its -shm file: a 0500 directory stops us here
         assert cat.get(b"/t/d0/f0") is not None and cat.commit_run([b"/t"]) == 0
         try:
             for record in entries(catalog.BATCH_ROWS + 1, top=b"/new"):
