@@ -114,8 +114,11 @@ def compare(was, now):
     same_kind = was.kind == now.kind
     if not same_kind:
         changes.append(Change("type", was.kind, now.kind))
+    # A symlink's own permission bits mean nothing (Linux: always 0777).
+    links = SYMLINK in (was.kind, now.kind)
     changes.extend(Change(name, getattr(was, field), getattr(now, field))
-                   for name, field in _ALWAYS if getattr(was, field) != getattr(now, field))
+                   for name, field in _ALWAYS if getattr(was, field) != getattr(now, field)
+                   and not (links and name == "mode"))
     if same_kind:
         if was.kind == SYMLINK and was.target != now.target:
             changes.append(Change("target", was.target, now.target))
@@ -647,6 +650,13 @@ def _check_file(path, st):
                            f"the record; chmod 0600 it if you trust its content")
 
 
+def _wal_size(path):
+    try:
+        return os.lstat(path + "-wal").st_size
+    except OSError:
+        return 0
+
+
 def _check_header(path):
     """Refuse, before SQLite sees it, a file that is empty, not SQLite, or cut short.
 
@@ -665,6 +675,8 @@ def _check_header(path):
         _damaged(path, "it is empty (0 bytes)")
     if len(header) < 100 or not header.startswith(_HEADER):
         _damaged(path, "it is not an SQLite database")
+    if _wal_size(path):
+        return      # a checkpoint cut short: the WAL still holds what the file lacks
     page_size = int.from_bytes(header[16:18], "big")
     page_size = 65536 if page_size == 1 else page_size
     pages = int.from_bytes(header[28:32], "big")

@@ -140,6 +140,10 @@ def client_parser():
     p.add_argument("--update", action="store_true",
                    help="accept the tree as it is: CHANGED files get a new baseline, "
                         "the sidecars of MISSING files are removed (still exits 1)")
+    p.add_argument("--catalog", metavar="FILE",
+                   help="the catalog, the client's own record of every entry (default "
+                        "$INTEGRITY_CATALOG, else $XDG_STATE_HOME/osproject/catalog.sqlite, "
+                        "else ~/.local/state/osproject/catalog.sqlite)")
     p.add_argument("--store", metavar="DIR",
                    help="keep sidecars mirrored under DIR instead of beside the files")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
@@ -156,7 +160,8 @@ def client_parser():
 
 
 def client_main(argv=None):
-    from .client import ClientError, check
+    from .catalog import Catalog, CatalogError
+    from .catalog import default_path as default_catalog
     from .progress import Progress
     from .report import Report
     parser = client_parser()
@@ -168,10 +173,6 @@ def client_main(argv=None):
         return EXIT_TROUBLE if exc.code else 0
     if args.status:
         return show_status(args)
-    for path in args.paths:
-        if not os.path.lexists(path):
-            print(f"integrity-client: {path}: no such file or directory", file=sys.stderr)
-            return EXIT_TROUBLE
     store_dir = None
     if args.store:
         # Resolved once: below it, a worker follows no symlink to a sidecar.
@@ -180,13 +181,33 @@ def client_main(argv=None):
             print(f"integrity-client: --store {args.store}: no such directory (make it "
                   "first: a mistyped store would make every file NEW)", file=sys.stderr)
             return EXIT_TROUBLE
-    report = Report(sys.stdout, as_json=args.json,
-                    progress=Progress.for_terminal(sys.stderr, args.quiet))
+    roots = distinct_roots(args.paths)
     try:
-        return check(args.paths, args.fifo or default_fifo(), report,
+        catalog = Catalog.open(args.catalog or default_catalog(), roots)
+    except CatalogError as exc:
+        print(f"integrity-client: {exc}", file=sys.stderr)
+        return EXIT_TROUBLE
+    try:
+        for path in roots:
+            if not os.path.lexists(path) and catalog.get(os.path.abspath(path)) is None:
+                print(f"integrity-client: {path}: no such file or directory", file=sys.stderr)
+                return EXIT_TROUBLE
+        report = Report(sys.stdout, as_json=args.json,
+                        progress=Progress.for_terminal(sys.stderr, args.quiet))
+        return run_check(args, roots, report, store_dir, catalog)
+    finally:
+        catalog.close()
+
+
+def run_check(args, roots, report, store_dir, catalog):
+    """The check itself, with what can go wrong on the way turned into exit 2."""
+    from .catalog import CatalogError
+    from .client import ClientError, check
+    try:
+        return check(roots, args.fifo or default_fifo(), report,
                      private_dir=uses_default_fifo(args), store_dir=store_dir,
-                     excludes=args.exclude, update=args.update)
-    except ClientError as exc:
+                     excludes=args.exclude, update=args.update, catalog=catalog)
+    except (ClientError, CatalogError) as exc:
         report.flush()
         print(f"integrity-client: {exc}", file=sys.stderr)
         return EXIT_TROUBLE
@@ -199,6 +220,21 @@ def client_main(argv=None):
         traceback.print_exc()
         print("integrity-client: internal error; the check was not done", file=sys.stderr)
         return EXIT_TROUBLE
+
+
+def distinct_roots(paths):
+    """The PATHs with overlaps dropped: a tree and a subtree of it, or one tree
+    named twice, are checked once (first as given)."""
+    kept = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if any(real == other or real.startswith(other.rstrip("/") + "/")
+               for other in map(os.path.realpath, kept)):
+            continue
+        kept = [k for k in kept
+                if not os.path.realpath(k).startswith(real.rstrip("/") + "/")]
+        kept.append(path)
+    return kept
 
 
 def uses_default_fifo(args):

@@ -1,36 +1,45 @@
 """The client: one lister thread, five checker threads, one reply reader.
 
 The lister feeds a bounded queue, so memory does not grow with the tree.
-Each checker takes a batch of up to five entries at a time (each batch goes
-to exactly one checker, by the queue's own lock), reads their baselines, sends them as
+It judges what needs no hashing itself (directories, symlinks, special
+files, entries gone since the catalog recorded them); each checker takes a
+batch of up to five entries at a time (each batch goes to exactly one
+checker, by the queue's own lock), sends the regular files among them as
 one request under the send lock, and keeps a few requests in flight; the
 reader thread routes each reply to the checker that asked, by request id.
+When all is in, the report prints the findings in path order, the catalog
+records them in one transaction, and the alterations go to the server's
+log, the audit trail.
 """
 
 import itertools
 import os
 import queue
+import sys
 import threading
 
-from . import protocol, store
+from . import findings, protocol, store
 from .connection import ClientError, Connection
-from .lister import ERROR, ORPHAN, SKIP, Lister
+from .lister import Entry, Lister
 from .progress import INTERVAL as PROGRESS_INTERVAL
-from .verifier import CHANGED, MISSING, SKIPPED
+from .verifier import MISSING
 
 CHECKERS = 5
 WINDOW = 3              # requests each checker keeps in flight: 75 files in all
 QUEUE_SIZE = 200        # batches of five entries
+AUDIT_PER_FRAME = 50    # alterations per audit frame
 
 
 class Client:
-    """Check trees through a server; report to a Report."""
+    """Check trees through a server against a catalog; report to a Report."""
 
-    def __init__(self, connection, report, store_dir=None, excludes=(), update=False):
+    def __init__(self, connection, report, store_dir=None, excludes=(), update=False,
+                 catalog=None):
         self.conn = connection
         self.report = report
         self.update = update
-        self.lister = Lister(store_dir, excludes)
+        self.catalog = catalog
+        self.lister = Lister(store_dir, excludes, catalog, update)
         self.store_dir = store_dir
         self.queue = queue.Queue(QUEUE_SIZE)
         self.waiting = {}                   # request id -> SimpleQueue of replies
@@ -41,6 +50,7 @@ class Client:
         self.failure = None                 # the first reason we cannot go on
         self.stop = threading.Event()
         self.bye = None
+        self.audit = []                     # alterations, for the server's log
 
     def run(self, roots):
         """Check every root; return the exit status."""
@@ -63,7 +73,21 @@ class Client:
         self.conn.close()
         if self.failure:
             raise ClientError(self.failure)
-        return self.report.finish()
+        self.report.release(self.accept)
+        if self.catalog is not None:
+            self.catalog.commit_run([os.path.abspath(root) for root in roots])
+        return self.report.summary()
+
+    def accept(self, finding):
+        """A final finding: the catalog records it, the audit trail hears of it."""
+        if self.catalog is not None:
+            if finding.stage is not None:
+                self.catalog.stage(finding.stage)
+            if finding.forget:
+                self.catalog.stage_delete(finding.key, subtree=finding.was is not None
+                                          and finding.was.kind == "dir")
+        if finding.altered or finding.status == findings.MOVED:
+            self.audit.append(audit_event(finding))
 
     def fail(self, reason):
         if self.failure is None:
@@ -122,15 +146,11 @@ class Client:
 
     def prepare(self, entry):
         """Return (entry, request item), the item None once reported here."""
-        if entry.kind == SKIP:
-            self.report.add(entry.path, SKIPPED, error=entry.reason)
+        if not isinstance(entry, Entry):        # judged by the lister already
+            if entry.status == MISSING and self.update and entry.sidecar:
+                entry = entry._replace(error=self.forget(entry))
+            self.report.add(entry)
             return entry, None
-        if entry.kind == ERROR:
-            self.report.add(entry.path, "ERROR", error=entry.reason)
-            return entry, None
-        if entry.kind == ORPHAN:
-            return entry, {"kind": "missing", "path": entry.key, "sidecar": entry.sidecar,
-                           "expected": entry.expected}
         # A file without a sidecar in the listing is new.  A sidecar made since
         # then (by a second client on this tree) makes the worker's link(2)
         # fail, an ERROR; if that worker dies first, its successor replaces the
@@ -141,17 +161,20 @@ class Client:
             item["update"] = True
         return entry, item
 
-    def forget(self, entry):
+    def forget(self, finding):
         """--update: remove the sidecar of a MISSING file; return why not, or None.
 
         Only if the file is still missing from the very directory the lister
         found it missing in: the directory is opened and compared by identity
         (a directory swapped for a symlink since must not lead us into another
-        tree), and the rest happens relative to it.
+        tree), and the rest happens relative to it.  Below a deleted
+        directory there is no directory to look in: nothing to remove.
         """
-        name = os.path.basename(entry.key)
+        if finding.dir is None:
+            return None
+        name = os.path.basename(finding.key)
         try:
-            fd = store.open_directory(os.path.dirname(entry.key), entry.dir)
+            fd = store.open_directory(os.path.dirname(finding.key), finding.dir)
         except store.DirectoryReplaced:
             return "sidecar kept: its directory was replaced meanwhile"
         except OSError as exc:
@@ -159,13 +182,34 @@ class Client:
         try:
             if _exists(name, fd):
                 return "sidecar kept: the file is back"
-            if self.store_dir is None:
-                removed = store.discard_sidecar(name + store.SUFFIX, name, dir_fd=fd)
-            else:
-                removed = self.discard_stored(entry.sidecar, name)
+            if self.store_dir is not None:
+                self.discard_stored(finding.sidecar, name)
+                return None
+            if not _exists(name + store.SUFFIX, fd):
+                return None             # gone with its file
+            removed = store.discard_sidecar(name + store.SUFFIX, name, dir_fd=fd)
         finally:
             os.close(fd)
         return None if removed else "its sidecar could not be removed"
+
+    def repair(self, entry, md5):
+        """--update: put a sidecar the catalog disagrees with right; return why not."""
+        where, sidecar_name = os.path.split(entry.sidecar)
+        try:
+            if self.store_dir is None:
+                fd = store.open_directory(where, entry.dir)
+            else:
+                fd = store.open_store_directory(where, create=True)
+        except OSError as exc:
+            return f"sidecar not repaired: {exc.strerror}"
+        try:
+            store.write_sidecar(sidecar_name, md5, os.path.basename(entry.key), True,
+                                dir_fd=fd)
+        except OSError as exc:
+            return f"sidecar not repaired: {exc.strerror}"
+        finally:
+            os.close(fd)
+        return None
 
     @staticmethod
     def discard_stored(sidecar, name):
@@ -277,18 +321,18 @@ class Checker:
     def record(self, reply):
         rid = reply["id"]
         state = self.inflight[rid]
-        entry, item = state[0][reply["i"]]
-        status, error = reply["status"], reply.get("error")
-        if status == MISSING and self.client.update:
-            error = self.client.forget(entry)
-        updated = self.client.update and status in (CHANGED, MISSING) and not error
-        self.client.report.add(entry.path, status, reply.get("md5"),
-                               reply.get("expected"), error, updated=updated,
-                               unchecked=reply.get("unchecked", False), key=item["path"])
+        entry, _ = state[0][reply["i"]]
+        client = self.client
+        finding = findings.of_file(entry, reply["status"], reply.get("md5"),
+                                   reply.get("error"), client.update,
+                                   unchecked=reply.get("unchecked", False))
+        if finding.repair:
+            finding = finding._replace(error=client.repair(entry, finding.md5))
+        client.report.add(finding)
         state[1] -= 1
         if not state[1]:
             del self.inflight[rid]
-            self.client.unregister(rid)
+            client.unregister(rid)
 
 
 def _exists(name, dir_fd):
@@ -318,12 +362,73 @@ def server_status(fifo, private_dir=False):
         conn.close()
 
 
-def check(roots, fifo, report, private_dir=False, **options):
+def check(roots, fifo, report, private_dir=False, catalog=None, **options):
     """Connect, check the roots, and return the exit status (2 on failure)."""
     conn = Connection(fifo, private_dir=private_dir)
     conn.open()
     try:
-        return Client(conn, report, **options).run(roots)
+        client = Client(conn, report, catalog=catalog, **options)
+        status = client.run(roots)
+    finally:
+        conn.close()
+    send_audit(fifo, private_dir, client.audit)
+    return status
+
+
+def audit_event(finding):
+    """The server's log line for one alteration: (event, fields)."""
+    fields = {"path": finding.key}
+    if finding.status == findings.MOVED:
+        return "file.moved", {**fields, "to": finding.error[3:], "md5": finding.expected}
+    if finding.status == MISSING:
+        return "file.missing", {**fields, "was": finding.was.kind if finding.was else None}
+    fields["status"] = finding.status
+    if finding.changes:
+        fields["changes"] = ",".join(c.attribute for c in finding.changes)
+        for change in finding.changes:
+            if change.attribute in AUDITED:
+                fields[f"was_{change.attribute}"] = _audit_value(change.attribute, change.was)
+                fields[f"now_{change.attribute}"] = _audit_value(change.attribute, change.now)
+    if finding.error:
+        fields["error"] = finding.error
+    return "file.changed", fields
+
+
+AUDITED = ("type", "mode", "owner", "group", "target", "device", "content", "sidecar", "size")
+
+
+def _audit_value(attribute, value):
+    if attribute == "mode" and isinstance(value, int):
+        return f"{value:04o}"
+    if isinstance(value, bytes):
+        return os.fsdecode(value)
+    if isinstance(value, int):
+        return value
+    return None if value is None else str(value)
+
+
+def send_audit(fifo, private_dir, events):
+    """Tell the server's log what this run found: the audit trail a fleet collects.
+
+    On a session of its own, once the findings are final (the check's own
+    session ends when the server has said its last word on them).
+    """
+    if not events:
+        return
+    conn = Connection(fifo, private_dir=private_dir)
+    try:
+        conn.open()
+        for i in range(0, len(events), AUDIT_PER_FRAME):
+            conn.send({"audit": [{"event": event, **{k: v for k, v in fields.items()
+                                                    if v is not None}}
+                                 for event, fields in events[i:i + AUDIT_PER_FRAME]]})
+        conn.finish_requests()
+        if not any("bye" in frame for frame in conn.frames()):
+            raise ClientError("the server refused them (see its log)")
+    except (ClientError, OSError, protocol.ProtocolError) as exc:
+        # The report is out and the catalog recorded: the run stands.
+        sys.stderr.write(f"integrity-client: warning: the server did not log these "
+                         f"findings: {exc}\n")
     finally:
         conn.close()
 

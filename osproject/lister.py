@@ -6,73 +6,99 @@ listed: a directory swapped for a symlink mid-run leads nowhere.  The same
 identity travels with every file to the worker that hashes it, which opens
 the directory again and refuses one that is not it.
 
-The lister reads each file's sidecar while it holds the directory open, so
-no sidecar is ever looked up by path either.  Sidecars of files that exist
-are not entries of their own; a sidecar whose file is gone comes out as an
-orphan for a checker to report.
+For each directory the lister reads what the catalog recorded there (one
+query), and judges at once everything that needs no hashing: directories,
+symlinks and special files by their attributes, entries gone since (MISSING,
+with everything below a deleted directory).  Regular files go on to the
+checkers as an Entry, with the hash to check them against and what their
+sidecar says; sidecars are read here, relative to the directory's fd.
 """
 
-import errno
 import fnmatch
 import os
 import stat
 from typing import NamedTuple
 
-from . import store
-
-FILE, SKIP, ORPHAN, ERROR = "file", "skip", "orphan", "error"
+from . import catalog as catalog_mod
+from . import findings, store
 
 
 class Entry(NamedTuple):
-    kind: str           # FILE, SKIP, ORPHAN or ERROR
-    path: str           # as the user will see it: their root joined with names
-    key: str = None     # FILE, ORPHAN: its absolute path, as the server knows it
-    sidecar: str = None  # FILE, ORPHAN: the absolute path of its sidecar
-    reason: str = None
-    size: int = 0       # lstat size of a FILE: lets the server balance big files
-    expected: str = None  # FILE: the hash its sidecar holds; ORPHAN: the one it held
-    dir: tuple = None   # FILE, ORPHAN: (st_dev, st_ino) of the directory it is in
+    """A regular file for a worker to hash."""
+    path: str               # as the user will see it: their root joined with names
+    key: str                # its absolute path, as the server and the catalog know it
+    sidecar: str            # the absolute path of its sidecar; None: it can have none
+    size: int               # lets the server balance big files
+    expected: str           # the hash to check it against: the catalog's, else the sidecar's
+    dir: tuple              # (st_dev, st_ino) of the directory it is in
+    was: object             # the catalog's Record, or None
+    now: object             # its Record from lstat, without a hash yet
+    sidecar_md5: str = None    # what its sidecar holds
+    sidecar_error: str = None  # why its sidecar could not be read
+    covered: bool = False   # under a root the catalog knew before this run
 
 
 class Lister:
-    def __init__(self, store_dir=None, excludes=()):
+    def __init__(self, store_dir=None, excludes=(), catalog=None, update=False):
         self.store_dir = store_dir
         self.excludes = tuple(excludes)
+        self.catalog = catalog
+        self.update = update
 
     def walk(self, root):
-        """Yield an Entry for everything under root, depth first, names sorted.
+        """Yield an Entry or a Finding for everything under root, depth first.
 
         The root itself is taken as given: a symlink to a directory is the
         tree it names.  Below it, nothing is followed.
         """
+        key = os.path.abspath(root)
+        covered = self.catalog is not None and self.catalog.knows_root(key)
         try:
             fd = store.open_directory(root)
         except NotADirectoryError:
-            yield from self.single(root)
+            yield from self.single(root, covered)
             return
         except OSError as exc:
-            yield Entry(ERROR, root, reason=exc.strerror)
+            yield from self.unopened(root, key, exc)
             return
+        here = os.fstat(fd)
+        yield findings.of_entry(root, key, self.recorded(key), _record(key, here), covered,
+                                self.update)
         prefix = root if root.endswith("/") else root + "/"   # of every path below
-        stack = [(root, fd)]        # below the root: (path, identity), opened when due
+        stack = [(root, fd, None)]  # below the root: (path, identity, finding), opened when due
         while stack:
-            directory, fd = stack.pop()
+            directory, fd, finding = stack.pop()
             if not isinstance(fd, int):
                 try:
                     fd = store.open_directory(directory, fd)
                 except OSError as exc:
-                    yield Entry(ERROR, directory,
-                                reason=f"cannot enter directory: {exc.strerror}")
+                    yield finding._replace(status=findings.ERROR, stage=None, forget=False,
+                                           error=f"cannot enter directory: {exc.strerror}",
+                                           altered=finding.was is not None)
                     continue
+                yield finding       # a directory is judged once it is entered
             try:
-                subdirs = yield from self.list_dir(directory, fd, prefix)
+                subdirs = yield from self.list_dir(directory, fd, prefix, covered)
             finally:
                 os.close(fd)
             stack.extend(reversed(subdirs))
 
-    def list_dir(self, directory, fd, prefix):
+    def unopened(self, root, key, exc):
+        """A root that cannot be opened: MISSING if the catalog had it, else ERROR."""
+        was = self.recorded(key)
+        if isinstance(exc, FileNotFoundError) and was is not None:
+            yield findings.missing(root, key, was, self.update)
+            if was.kind == catalog_mod.DIR:
+                yield from self.gone_below(key, root, "")
+            return
+        yield findings.failed(root, key, was, exc.strerror)
+
+    def recorded(self, key):
+        return None if self.catalog is None else self.catalog.get(key)
+
+    def list_dir(self, directory, fd, prefix, covered):
         """Yield the entries of one open directory; return its subdirectories
-        as (path, identity) pairs."""
+        as (path, identity, their finding) for walk() to enter."""
         absdir = os.path.abspath(directory)
         here = os.fstat(fd)
         identity = (here.st_dev, here.st_ino)
@@ -80,39 +106,112 @@ class Lister:
             with os.scandir(fd) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            yield Entry(ERROR, directory, reason=f"cannot list directory: {exc.strerror}")
+            yield findings.failed(directory, absdir, self.recorded(absdir),
+                                  f"cannot list directory: {exc.strerror}")
             return []
+        recorded = self.catalog.children(absdir) if self.catalog is not None else {}
         listing = _Listing(entries)
-        sidecars = self.sidecars_of(absdir, fd, listing)
+        sidecars = self.sidecars_of(absdir, fd, listing, recorded)
+        context = _Context(directory, absdir, identity, prefix, covered, recorded, sidecars)
         subdirs = []
-        for e in entries:
-            path = os.path.join(directory, e.name)
-            if self.excluded(path, prefix) or store.is_temp_name(e.name):
-                continue
-            if e.name in listing.dirs:
+        try:
+            for e in entries:
+                if e.name in sidecars.skip or store.is_temp_name(e.name):
+                    continue
+                path = os.path.join(directory, e.name)
+                if self.excluded(path, prefix):
+                    continue
                 st = listing.stat(e)
-                if st is not None:
-                    subdirs.append((path, (st.st_dev, st.st_ino)))
-                continue
-            if sidecars.local and e.name.endswith(store.SUFFIX):
-                stem = e.name[:-len(store.SUFFIX)]
-                if stem in listing.names:
-                    continue            # a sidecar: read with its file
-                orphan = self.orphan(path[:-len(store.SUFFIX)], absdir, e.name, identity,
-                                     sidecars, prefix)
-                if orphan is not None:
-                    yield orphan
-                continue
-            yield self.classify(e, path, absdir, identity, listing, sidecars)
-        yield from self.store_orphans(directory, absdir, identity, listing, sidecars,
-                                      prefix)
+                for found in self.judge(e.name, path, st, listing, context, fd):
+                    if st is not None and stat.S_ISDIR(st.st_mode) and found.path == path:
+                        subdirs.append((path, (st.st_dev, st.st_ino), found))
+                    else:
+                        yield found
+            yield from self.gone(context, listing)
+        finally:
+            sidecars.close()
         return subdirs
 
-    def sidecars_of(self, absdir, fd, listing):
-        """Where this directory's sidecars are, and which exist there."""
+    def judge(self, name, path, st, listing, context, fd):
+        """What one listed name is: a Finding, or an Entry for the checkers."""
+        key = os.path.join(context.absdir, name)
+        was = context.recorded.get(os.fsencode(name))
+        if st is None:
+            yield findings.failed(path, key, was, listing.error(name))
+            return
+        if stat.S_ISREG(st.st_mode):
+            yield self.file_entry(path, key, name, st, context)
+        else:
+            target = _readlink(name, fd) if stat.S_ISLNK(st.st_mode) else None
+            yield findings.of_entry(path, key, was, _record(key, st, target),
+                                    context.covered, self.update, dir=context.identity)
+        if was is not None and was.kind == catalog_mod.DIR and not stat.S_ISDIR(st.st_mode):
+            yield from self.gone_below(key, path, context.prefix)   # what it held is gone
+
+    def file_entry(self, path, key, name, st, context):
+        """A regular file, with the hash to check it against."""
+        was = context.recorded.get(os.fsencode(name))
+        sidecars = context.sidecars
+        sidecar_md5 = sidecar_error = None
+        sidecar = None if name in sidecars.taken else store.sidecar_path(key, self.store_dir)
+        if sidecar is not None:
+            if sidecars.error:
+                sidecar_error = sidecars.error
+            else:
+                try:
+                    sidecar_md5 = sidecars.read(name)
+                except store.SidecarError as exc:
+                    sidecar_error = str(exc)
+        if was is not None:
+            expected = was.md5 if was.kind == catalog_mod.FILE else None
+        elif sidecar_error:     # a sidecar we cannot read is never overwritten
+            return findings.failed(path, key, None, sidecar_error)
+        else:
+            expected = sidecar_md5
+        return Entry(path, key, sidecar, st.st_size, expected, context.identity, was,
+                     _record(key, st), sidecar_md5, sidecar_error, context.covered)
+
+    def gone(self, context, listing):
+        """What the catalog has here and the listing no longer finds."""
+        names = {os.fsencode(n) for n in listing.names}
+        for name in sorted(set(context.recorded) - names):
+            path = os.path.join(context.directory, os.fsdecode(name))
+            if self.excluded(path, context.prefix):
+                continue
+            was = context.recorded[name]
+            key = os.path.join(context.absdir, os.fsdecode(name))
+            yield findings.missing(path, key, was, self.update, dir=context.identity,
+                                   sidecar=self.sidecar_of(was, key))
+            if was.kind == catalog_mod.DIR:
+                yield from self.gone_below(key, path, context.prefix)
+        for stem, recorded in sorted(context.sidecars.orphans.items()):
+            path = os.path.join(context.directory, stem)
+            if self.excluded(path, context.prefix):
+                continue
+            key = os.path.join(context.absdir, stem)
+            yield findings.Finding(path, key, findings.MISSING, expected=recorded,
+                                   forget=self.update, altered=True, updated=self.update,
+                                   sidecar=store.sidecar_path(key, self.store_dir),
+                                   dir=context.identity)
+
+    def gone_below(self, key, path, prefix):
+        """Everything the catalog had below a directory that is gone."""
+        start = len(os.fsencode(key))
+        for was in self.catalog.subtree(key):
+            below = path + os.fsdecode(was.path[start:])
+            if not self.excluded(below, prefix):
+                yield findings.missing(below, os.fsdecode(was.path), was, self.update)
+
+    def sidecar_of(self, was, key):
+        return store.sidecar_path(key, self.store_dir) if was.kind == catalog_mod.FILE \
+            else None
+
+    def sidecars_of(self, absdir, fd, listing, recorded):
+        """Where this directory's sidecars are, and which names are ours."""
         if self.store_dir is None:
-            return _Sidecars(fd, {n for n in listing.names if n.endswith(store.SUFFIX)},
-                             None, absdir)
+            sidecars = _Sidecars(fd, listing.names, None, absdir)
+            sidecars.sort_out(listing.names, recorded)
+            return sidecars
         mirror = os.path.dirname(store.sidecar_path(os.path.join(absdir, "x"),
                                                     self.store_dir))
         try:
@@ -120,102 +219,44 @@ class Lister:
         except FileNotFoundError:
             return _Sidecars(None, set(), None, mirror)   # none of this directory yet
         except OSError as exc:
-            return _Sidecars(None, set(), f"store directory {mirror}: {_strerror(exc)}",
+            return _Sidecars(None, set(), f"store directory {mirror}: {exc.strerror}",
                              mirror)
         try:
-            names = {n for n in os.listdir(mirror_fd) if n.endswith(store.SUFFIX)}
+            names = set(os.listdir(mirror_fd))
         except OSError as exc:
             os.close(mirror_fd)
-            return _Sidecars(None, set(), f"store directory {mirror}: {_strerror(exc)}",
+            return _Sidecars(None, set(), f"store directory {mirror}: {exc.strerror}",
                              mirror)
-        return _Sidecars(mirror_fd, names, None, mirror, own_fd=True)
+        sidecars = _Sidecars(mirror_fd, names, None, mirror, own_fd=True)
+        sidecars.find_orphans(listing.names, recorded)
+        return sidecars
 
-    def classify(self, e, path, absdir, identity, listing, sidecars):
-        """The Entry of one name that is not a directory."""
-        st = listing.stat(e)
-        if st is None:
-            return Entry(ERROR, path, reason=listing.error(e))
-        if not stat.S_ISREG(st.st_mode):
-            return Entry(SKIP, path, reason=describe_kind(st.st_mode))
-        return self.file_entry(path, os.path.join(absdir, e.name), e.name, st.st_size,
-                               identity, sidecars)
-
-    def file_entry(self, path, key, name, size, identity, sidecars):
-        """A regular file, with the hash its sidecar holds (ERROR if unreadable)."""
-        sidecar = store.sidecar_path(key, self.store_dir)
-        if sidecars.error:
-            return Entry(ERROR, path, reason=sidecars.error)
-        try:
-            expected = sidecars.read(name)
-        except store.SidecarError as exc:
-            return Entry(ERROR, path, reason=str(exc))
-        return Entry(FILE, path, key, sidecar, size=size, expected=expected, dir=identity)
-
-    def orphan(self, path, absdir, sidecar_name, identity, sidecars, prefix):
-        """A sidecar whose file is gone: MISSING if it is ours, else a file to check."""
-        stem = sidecar_name[:-len(store.SUFFIX)]
-        if self.excluded(path, prefix):
-            return None
-        try:
-            recorded = sidecars.read(stem)
-        except store.SidecarError:
-            recorded = None
-        key = os.path.join(absdir, stem)
-        if recorded is None:        # not one of ours: someone's file named *.md5
-            return self.file_entry(path + store.SUFFIX, key + store.SUFFIX, sidecar_name,
-                                   0, identity, sidecars)
-        return Entry(ORPHAN, path, key, os.path.join(sidecars.where, sidecar_name),
-                     expected=recorded, dir=identity)
-
-    def store_orphans(self, directory, absdir, identity, listing, sidecars, prefix):
-        """With --store, sidecars in the mirror directory whose file is gone."""
-        if sidecars.local:
-            return
-        try:
-            for name in sorted(sidecars.names):
-                stem = name[:-len(store.SUFFIX)]
-                if stem in listing.names:
-                    continue
-                path = os.path.join(directory, stem)
-                if self.excluded(path, prefix):
-                    continue
-                try:
-                    recorded = sidecars.read(stem)
-                except store.SidecarError:
-                    recorded = None
-                if recorded is not None:
-                    yield Entry(ORPHAN, path, os.path.join(absdir, stem),
-                                os.path.join(sidecars.where, name), expected=recorded,
-                                dir=identity)
-        finally:
-            sidecars.close()
-
-    def single(self, root):
-        """A root that is not a directory: that one file, reached from its directory."""
-        directory, name = os.path.split(os.path.abspath(root))
+    def single(self, root, covered):
+        """A root that is not a directory: that one entry, reached from its directory."""
+        key = os.path.abspath(root)
+        directory, name = os.path.split(key)
         try:
             fd = store.open_directory(directory)
         except OSError as exc:
-            yield Entry(ERROR, root, reason=exc.strerror)
+            yield findings.failed(root, key, self.recorded(key), exc.strerror)
             return
         try:
             here = os.fstat(fd)
             st = os.lstat(name, dir_fd=fd)
+            recorded = {os.fsencode(name): self.recorded(key)} if self.recorded(key) else {}
+            listing = _Listing([], names={name, name + store.SUFFIX})
             if self.is_own_sidecar(name, fd):   # `integrity-client dir/*` names them too
                 yield from self.single_sidecar(root, directory, name, here, fd)
                 return
-            if not stat.S_ISREG(st.st_mode):
-                yield Entry(SKIP, root, reason=describe_kind(st.st_mode))
-                return
-            listing = _Listing([], names={name, name + store.SUFFIX})
-            sidecars = self.sidecars_of(directory, fd, listing)
+            sidecars = self.sidecars_of(directory, fd, listing, recorded)
+            context = _Context(os.path.dirname(root), directory, (here.st_dev, here.st_ino),
+                               "", covered, recorded, sidecars)
             try:
-                yield self.file_entry(root, os.path.join(directory, name), name,
-                                      st.st_size, (here.st_dev, here.st_ino), sidecars)
+                yield from self.judge(name, root, st, listing, context, fd)
             finally:
                 sidecars.close()
         except OSError as exc:
-            yield Entry(ERROR, root, reason=exc.strerror)
+            yield findings.failed(root, key, self.recorded(key), exc.strerror)
         finally:
             os.close(fd)
 
@@ -237,9 +278,11 @@ class Lister:
             return
         except FileNotFoundError:
             pass
-        sidecars = _Sidecars(fd, {name}, None, directory)
-        yield self.orphan(root[:-len(store.SUFFIX)], directory, name,
-                          (here.st_dev, here.st_ino), sidecars, "")
+        key = os.path.join(directory, stem)
+        yield findings.Finding(root[:-len(store.SUFFIX)], key, findings.MISSING,
+                               expected=store.read_baseline(name, stem, dir_fd=fd),
+                               forget=self.update, altered=True, updated=self.update,
+                               sidecar=key + store.SUFFIX, dir=(here.st_dev, here.st_ino))
 
     def excluded(self, path, prefix):
         """Does a pattern match the name, or the path below the root (`prefix`)?"""
@@ -250,12 +293,22 @@ class Lister:
                    for pat in self.excludes)
 
 
+class _Context(NamedTuple):
+    """One directory being listed, as judge() and its helpers need it."""
+    directory: str
+    absdir: str
+    identity: tuple
+    prefix: str
+    covered: bool
+    recorded: dict
+    sidecars: object
+
+
 class _Listing:
     """The names of one directory, and their lstat() through its fd."""
 
     def __init__(self, entries, names=None):
         self.names = names if names is not None else {e.name for e in entries}
-        self.dirs = {e.name for e in entries if _is_dir(e)}
         self._errors = {}
 
     def stat(self, e):
@@ -265,20 +318,75 @@ class _Listing:
             self._errors[e.name] = exc.strerror
             return None
 
-    def error(self, e):
-        return self._errors.get(e.name, "cannot stat")
+    def error(self, name):
+        return self._errors.get(name, "cannot stat")
 
 
 class _Sidecars:
-    """One directory's sidecars: an fd of where they are and the names there."""
+    """One directory's sidecars: an fd of where they are, and which names are ours.
+
+    Beside the files, `X.md5` is X's sidecar when the catalog knows X (then
+    whatever it holds, a change of it is an alteration), or when it is one
+    md5sum line naming X.  Any other `X.md5` is a file in its own right, and
+    X then has no sidecar (`taken`).  A sidecar of ours whose file is gone
+    and unknown to the catalog is an orphan: known only by its sidecar.
+    """
 
     def __init__(self, fd, names, error, where, own_fd=False):
         self.fd, self.names, self.error, self.where = fd, names, error, where
-        self.local = not own_fd and error is None and fd is not None
         self._own = own_fd
+        self.skip = set()           # listed names that are our sidecars, not entries
+        self.taken = set()          # files whose sidecar name holds a file of its own
+        self.orphans = {}           # stem -> the hash its lone sidecar holds
+        self._held = {}             # stem -> what its sidecar holds, read once
+
+    def sort_out(self, names, recorded):
+        """Beside the files: tell our sidecars from files called *.md5."""
+        for name in names:
+            if not name.endswith(store.SUFFIX):
+                continue
+            stem = name[:-len(store.SUFFIX)]
+            if os.fsencode(name) in recorded:    # a file of its own, as first seen
+                if stem in names:
+                    self.taken.add(stem)
+                continue
+            if stem in names and os.fsencode(stem) in recorded:
+                self.skip.add(name)          # its file's: read and judged with it
+                continue
+            try:
+                md5 = store.read_baseline(name, stem, dir_fd=self.fd)
+            except store.SidecarError:
+                md5 = None
+            if md5 is None:
+                if stem in names:
+                    self.taken.add(stem)
+            elif stem in names:
+                self.skip.add(name)
+                self._held[stem] = md5
+            elif os.fsencode(stem) not in recorded:
+                self.skip.add(name)
+                self.orphans[stem] = md5
+            else:
+                self.skip.add(name)          # its file is gone: MISSING by the catalog
+
+    def find_orphans(self, names, recorded):
+        """With --store: sidecars in the mirror whose file is gone and unrecorded."""
+        for name in self.names:
+            stem = name[:-len(store.SUFFIX)]
+            if not name.endswith(store.SUFFIX) or stem in names \
+                    or os.fsencode(stem) in recorded:
+                continue
+            try:
+                md5 = self.read(stem)
+            except store.SidecarError:
+                md5 = None
+            if md5 is not None:
+                self.orphans[stem] = md5
 
     def read(self, name):
         """The hash recorded for `name`, None when it has no sidecar."""
+        if name in self._held:
+            return self._held[name]
         sidecar = name + store.SUFFIX
         if sidecar not in self.names:
             return None
@@ -290,19 +398,19 @@ class _Sidecars:
             self.fd = None
 
 
-def _is_dir(entry):
+def _record(key, st, target=None):
+    return catalog_mod.record_from_stat(key, st, target)
+
+
+def _readlink(name, fd):
     try:
-        return entry.is_dir(follow_symlinks=False)
+        return os.readlink(os.fsencode(name), dir_fd=fd)
     except OSError:
-        return False
-
-
-def _strerror(exc):
-    return exc.strerror or str(exc)
+        return None
 
 
 def describe_kind(mode):
-    """Name the kind of a file that is not regular, for SKIPPED."""
+    """Name the kind of a file that is not regular."""
     for test, name in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO"),
                        (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
                        (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):

@@ -1,23 +1,27 @@
-"""What the client tells its user: a line per file that is not OK, and a summary.
+"""What the client tells its user: the findings, sorted by path, and a summary.
 
-Results a single worker gave with nobody cross-checking them are held back
-until the server has said bye: if that worker is caught lying later in the
-session, the server re-checks them and sends corrections, so no wrong hash
-reaches the user.  Held results wait in an unlinked temp file, not in
-memory, so a first run on millions of files costs disk, not RSS.  They are
-pickled there: the file is our own, and pickle is nearly twice as fast as
-JSON at this, which shows on a first run, where nearly every result is held.
+Every result is held until the run is over: results a single worker gave
+with nobody cross-checking them may still be corrected by the server (if
+that worker is caught lying later in the session, no wrong hash reaches
+the user or the catalog), a MISSING file and a NEW one with the same
+content are one MOVED, and the report is sorted by path so that two
+nights' reports diff cleanly.  Results wait in sorted runs in an unlinked
+temp file, merged at the end, so a run over millions of files costs disk,
+not RSS.  They are pickled there: the file is our own.
 """
 
+import heapq
 import json
 import os
 import pickle
 import tempfile
 import threading
 
-from .verifier import CHANGED, ERROR, MISSING, OK, STATUSES, UNSTABLE
+from . import catalog
+from .verifier import CHANGED, ERROR, MISSING, MOVED, NEW, OK, STATUSES, UNSTABLE
 
 EXIT_OK, EXIT_ALTERED, EXIT_TROUBLE = 0, 1, 2
+RUN_LENGTH = 2000           # findings sorted in memory before they go to disk
 
 
 def show_path(path):
@@ -26,60 +30,74 @@ def show_path(path):
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def sort_key(path):
+    """Paths in tree order: a directory's entries right after it ("a", "a/b", "a-b")."""
+    return os.fsencode(path).split(b"/")
+
+
 class Report:
     def __init__(self, out, as_json=False, progress=None):
         self.out = out
         self.as_json = as_json
         self.progress = progress    # a Progress line to clear before printing, or None
         self.counts = dict.fromkeys(STATUSES, 0)
-        self.received = 0           # results in, held or not
-        self.unverified = 0         # files with a baseline that could not be verified
-        self._held = None           # temp file of records awaiting the bye
-        self._verdicts = {}         # key -> the corrected status and md5
+        self.received = 0           # results in
+        self.altered = 0            # findings that make the run exit 1
+        self.first_seen = 0         # entries recorded on a root's first check
+        self.files_verified = 0     # regular files whose content was judged
+        self.unverifiable = 0       # files (or roots) that could not be
+        self._runs = _SortedRuns()
+        self._verdicts = {}         # key -> the corrected (status, md5, error)
+        self._moves = _Moves()
         self._lock = threading.Lock()
 
-    def add(self, path, status, md5=None, expected=None, error=None, updated=False,
-            unchecked=False, key=None):
-        """Record one file's result; called from any checker thread.
-
-        An unchecked result is held under `key` (the absolute path the server
-        knows it by) until finish(), corrected if correct() was called.
-        """
-        record = {"path": path, "status": status, "md5": md5,
-                  "expected": expected, "error": error, "updated": updated or None}
+    def add(self, finding):
+        """Hold one entry's Finding until the end; called from any thread."""
         with self._lock:
             self.received += 1
-            if unchecked:
-                self._hold(key or path, record)
-            else:
-                self._emit(record)
-
-    def _hold(self, key, record):
-        if self._held is None:
-            self._held = tempfile.TemporaryFile()
-        pickle.dump((key, record), self._held)
+            self._moves.note(finding)
+            self._runs.add(sort_key(finding.path), finding)
 
     def correct(self, key, status, md5, error=None):
         """The server re-checked a held result and found the first hash wrong."""
         with self._lock:
-            self._verdicts[key] = {"status": status, "md5": md5, "error": error}
+            self._verdicts[key] = (status, md5, error)
 
-    def release(self):
-        """Emit the held results, corrected where the server said so."""
-        if self._held is None:
-            return
-        self._held.seek(0)
-        while True:
-            try:
-                # A fresh unpickler each time: one kept for the whole file would
-                # keep every record in its memo (its MEMOIZE slots only grow).
-                key, record = pickle.load(self._held)
-            except EOFError:
-                break
-            record.update(self._verdicts.get(key, {}))
-            self._emit(record)
-        self._held.close()
-        self._held = None
+    def release(self, accept=lambda finding: None):
+        """Print the findings in path order, each passed to accept() first
+        (which records it in the catalog)."""
+        from .findings import corrected
+        with self._lock:
+            self._clear_progress()
+            self._moves.pair(self._verdicts)
+            folder = _Folder(self.out) if not self.as_json else None
+            for finding in self._runs.drain():
+                if finding.key in self._verdicts and finding.unchecked:
+                    finding = corrected(finding, *self._verdicts[finding.key])
+                moved = self._moves.of(finding)
+                if moved is _FOLDED:
+                    accept(finding)
+                    continue
+                if moved is not None:
+                    finding = finding._replace(status=MOVED, error=f"-> {moved}")
+                accept(finding)
+                self._count(finding)
+                if self.as_json:
+                    self.out.write(json.dumps(as_record(finding, moved)) + "\n")
+                else:
+                    folder.show(finding, moved)
+            if folder is not None:
+                folder.close()
+
+    def _count(self, finding):
+        self.counts[finding.status] += 1
+        if finding.status in (ERROR, UNSTABLE):
+            self.unverifiable += finding.now is None or finding.now.kind == catalog.FILE
+        elif finding.now is not None and finding.now.kind == catalog.FILE:
+            self.files_verified += 1
+        self.altered += finding.altered or finding.status == MOVED
+        if not finding.covered and finding.status in (NEW, OK) and finding.stage is not None:
+            self.first_seen += 1
 
     def show_progress(self, listed):
         """Redraw the progress line, if there is one."""
@@ -87,35 +105,34 @@ class Report:
             with self._lock:
                 self.progress.draw(listed, self.received)
 
-    def finish(self):
-        """Emit what is still held, then the summary; return the exit status."""
+    def summary(self, recorded=None):
+        """Print the summary line; return the exit status."""
         with self._lock:
-            if self.progress is not None:
-                self.progress.clear()
-                self.progress = None
-            self.release()
+            self._clear_progress()
             counts = {k: v for k, v in self.counts.items() if v}
+            total = sum(counts.values())
             if self.as_json:
                 self.out.write(json.dumps({"summary": counts}) + "\n")
             else:
-                total = sum(counts.values())
+                if self.first_seen:
+                    self.out.write(f"{_entries(self.first_seen)} seen for the first time "
+                                   "recorded in the catalog (--json lists them)\n")
                 parts = ", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing"
-                self.out.write(f"{total} files: {parts}\n")
+                self.out.write(f"{_entries(total)}: {parts}\n")
             self.out.flush()
-        altered = self.counts[CHANGED] or self.counts[MISSING] or self.unverified
-        return EXIT_ALTERED if altered else EXIT_OK
+        return self.exit_status()
 
-    def _emit(self, record):
-        self.counts[record["status"]] += 1
-        if record["status"] in (ERROR, UNSTABLE) and record["expected"] is not None:
-            self.unverified += 1    # a hidden change looks like this: never exit 0
-        if self.progress is not None and (self.as_json or record["status"] != OK):
+    def exit_status(self):
+        """0 nothing altered, 1 an alteration (or a recorded file not verified),
+        2 nothing could be verified at all (an unreadable root, every file ERROR)."""
+        if self.unverifiable and not self.files_verified:
+            return EXIT_TROUBLE
+        return EXIT_ALTERED if self.altered else EXIT_OK
+
+    def _clear_progress(self):
+        if self.progress is not None:
             self.progress.clear()
-        if self.as_json:
-            self.out.write(json.dumps({k: v for k, v in record.items()
-                                       if v is not None}) + "\n")
-        elif record["status"] != OK:
-            self.out.write(format_human(record) + "\n")
+            self.progress = None
 
     def abandon(self):
         """The run is over without a summary: take the progress line away.
@@ -127,22 +144,170 @@ class Report:
 
     def flush(self):
         with self._lock:
-            if self.progress is not None:
-                self.progress.clear()
+            self._clear_progress()
             self.out.flush()
 
 
-def format_human(record):
-    line = f"{record['status']:<8} {show_path(record['path'])}"
-    notes = []
-    if record["status"] == CHANGED:
-        notes.append(f"expected {record['expected']}, got {record['md5']}")
-    if record.get("error"):
-        notes.append(record["error"])
-    if record.get("updated"):
-        notes.append("baseline removed" if record["status"] == MISSING
-                     else "baseline updated")
+def as_record(finding, moved=None):
+    """The --json object of one finding."""
+    shape = finding.now or finding.was
+    record = {"path": finding.path, "kind": shape.kind if shape else None,
+              "status": finding.status, "md5": finding.md5,
+              "expected": finding.expected, "error": None if moved else finding.error,
+              "updated": finding.updated or None, "to": moved}
+    if finding.changes:
+        record["changes"] = [c.attribute for c in finding.changes]
+    if finding.changes or finding.status in (MISSING, MOVED, CHANGED):
+        record["was"] = catalog.as_json(finding.was) if finding.was else None
+        record["now"] = catalog.as_json(finding.now) if finding.now else None
+    return {k: v for k, v in record.items() if v is not None}
+
+
+def format_human(finding, moved=None, below=0):
+    """One finding's line for a terminal; `below`: entries folded into it."""
+    if moved is not None:
+        return f"{MOVED:<8} {show_path(finding.path)} -> {show_path(moved)}"
+    line = f"{finding.status:<8} {show_path(finding.path)}"
+    notes = [f"a directory, and {_entries(below)} below it"] if below else []
+    if finding.status == CHANGED and finding.changes:
+        notes.append(catalog.describe(finding.changes, finding.was, finding.now))
+    if finding.error:
+        notes.append(finding.error)
+    if finding.updated:
+        notes.append("baseline removed" if finding.status == MISSING else "baseline updated")
     return line + (f"  ({'; '.join(notes)})" if notes else "")
+
+
+def _entries(count):
+    return f"{count} entry" if count == 1 else f"{count} entries"
+
+
+_FOLDED = object()
+
+
+class _Moves:
+    """MISSING regular files and NEW ones of the same size and content: MOVED.
+
+    Only files the catalog knew can go missing, and only files new under a
+    known root are additions, so this holds findings, which are few.  An
+    empty file never counts as moved: all empty files look alike.
+    """
+
+    def __init__(self):
+        self.gone, self.new = {}, {}    # key -> ((md5, size), path)
+        self.old_to_new, self.new_to_old = {}, {}
+
+    def note(self, finding):
+        if finding.status == MISSING and finding.was is not None \
+                and finding.was.kind == catalog.FILE and finding.was.size and finding.was.md5:
+            self.gone[finding.key] = ((finding.was.md5, finding.was.size), finding.path)
+        elif finding.status == NEW and finding.covered and finding.now is not None \
+                and finding.now.kind == catalog.FILE and finding.now.size and finding.md5:
+            self.new[finding.key] = ((finding.md5, finding.now.size), finding.path)
+
+    def pair(self, verdicts):
+        """Match them up, once the server's corrections are known."""
+        by_content = {}
+        for key, (content, path) in sorted(self.new.items()):
+            if key in verdicts:
+                status, md5, _ = verdicts[key]
+                if md5 is None:
+                    continue
+                content = (md5, content[1])
+            by_content.setdefault(content, []).append((key, path))
+        for key, (content, path) in sorted(self.gone.items()):
+            candidates = by_content.get(content)
+            if candidates:
+                new_key, new_path = candidates.pop(0)
+                self.old_to_new[key] = new_path
+                self.new_to_old[new_key] = key
+
+    def of(self, finding):
+        """The new path of a moved file, _FOLDED for its arrival, else None."""
+        if finding.status == MISSING and finding.key in self.old_to_new:
+            return self.old_to_new[finding.key]
+        if finding.status == NEW and finding.key in self.new_to_old:
+            return _FOLDED
+        return None
+
+
+class _Folder:
+    """Human lines: OK and first-seen entries are not shown, and the entries
+    below a MISSING directory fold into its line with a count."""
+
+    def __init__(self, out):
+        self.out = out
+        self.gone_dir = None        # (finding, its sort key, entries below it)
+
+    def show(self, finding, moved):
+        if self.gone_dir is not None:
+            directory, key, below = self.gone_dir
+            if finding.status == MISSING and sort_key(finding.path)[:len(key)] == key:
+                self.gone_dir = (directory, key, below + 1)
+                return
+            self.close()
+        if finding.status == OK or (finding.status == NEW and not finding.covered):
+            return
+        if finding.status == MISSING and finding.was is not None \
+                and finding.was.kind == catalog.DIR:
+            self.gone_dir = (finding, sort_key(finding.path), 0)
+            return
+        self.out.write(format_human(finding, moved) + "\n")
+
+    def close(self):
+        if self.gone_dir is None:
+            return
+        directory, _, below = self.gone_dir
+        self.gone_dir = None
+        self.out.write(format_human(directory, below=below) + "\n")
+
+
+class _SortedRuns:
+    """Findings by sort key: sorted runs of RUN_LENGTH in a temp file, merged."""
+
+    def __init__(self):
+        self.run = []
+        self.file = None
+        self.spans = []             # (offset, count) of each run on disk
+
+    def add(self, key, finding):
+        self.run.append((key, finding))
+        if len(self.run) >= RUN_LENGTH:
+            self._spill()
+
+    def _spill(self):
+        if self.file is None:
+            self.file = tempfile.TemporaryFile()
+        self.file.seek(0, os.SEEK_END)
+        self.run.sort(key=lambda pair: pair[0])
+        offset = self.file.tell()
+        # One pickle per record: a fresh unpickler each time keeps no memo of them all.
+        for pair in self.run:
+            pickle.dump(pair, self.file)
+        self.spans.append((offset, len(self.run)))
+        self.run = []
+
+    def drain(self):
+        """Yield every finding in key order, then forget them all."""
+        if self.file is None:
+            self.run.sort(key=lambda pair: pair[0])
+            run, self.run = self.run, []
+            yield from (finding for _, finding in run)
+            return
+        if self.run:
+            self._spill()
+        streams = [self._read(offset, count) for offset, count in self.spans]
+        for _, finding in heapq.merge(*streams, key=lambda pair: pair[0]):
+            yield finding
+        self.file.close()
+        self.file, self.spans = None, []
+
+    def _read(self, offset, count):
+        for _ in range(count):
+            self.file.seek(offset)
+            pair = pickle.load(self.file)
+            offset = self.file.tell()
+            yield pair
 
 
 STATUS_COLUMNS = ("slot", "state", "pid", "uptime", "files", "warnings", "rss", "cpu",

@@ -16,7 +16,7 @@ class Job:
     rid: int                    # the client's request id and the file's index in it
     index: int
     path: str
-    sidecar: str
+    sidecar: str                # None: its sidecar's name is a file of its own
     expected: str = None        # baseline hash from the client; never sent to a worker
     update: bool = False        # the user asked to rewrite changed baselines
     size: int = 0               # as the client's lister saw it: only for batching
@@ -54,7 +54,7 @@ class Job:
     @property
     def keeps_sidecar(self):
         """True when the sidecar must hold the file's agreed hash when done."""
-        return self.expected is None or self.update
+        return self.sidecar is not None and (self.expected is None or self.update)
 
     def write_mode(self):
         """How the next worker treats the sidecar: new, replace or keep.
@@ -67,7 +67,8 @@ class Job:
             return "discard"
         if self.repairs:
             return "replace"
-        if self.opinions or self.expected is not None or self.reverify_of is not None:
+        if self.opinions or self.expected is not None or self.reverify_of is not None \
+                or self.sidecar is None:
             return "keep"
         return "replace" if self.retried else "new"
 

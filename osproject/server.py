@@ -346,6 +346,11 @@ class Server:
         if frame.get("status"):
             session.send({"status": self.status_report(asker=session)})
             return
+        if "audit" in frame:            # what a client found: the audit trail
+            for event in frame["audit"]:
+                fields = {k: v for k, v in event.items() if k != "event"}
+                self.log.warning(event["event"], session=session.sid, **fields)
+            return
         for index, item in enumerate(frame["files"]):
             session.outstanding += 1
             session.files += 1

@@ -161,7 +161,7 @@ class Unchecked:
     def add(self, path, sidecar, directory, vote):
         packed = self._by_wid.setdefault(vote.wid, bytearray())
         size, mtime, ctime, ino = vote.stat
-        for field in (path, sidecar, vote.md5):
+        for field in (path, sidecar or "", vote.md5):
             packed += os.fsencode(field) + b"\0"
         packed += b"%d\0%d\0%d\0%d\0%d\0%d\0%d\0%d\0" % (
             *(directory or (-1, -1)), size, mtime, ctime, ino, vote.racy, vote.pid)
@@ -173,16 +173,22 @@ class Unchecked:
         for i in range(0, len(fields), self.FIELDS):
             path, sidecar, md5, *numbers = fields[i:i + self.FIELDS]
             dev, dir_ino, size, mtime, ctime, ino, racy, pid = map(int, numbers)
-            entries.append((os.fsdecode(path), os.fsdecode(sidecar), (dev, dir_ino),
+            entries.append((os.fsdecode(path), os.fsdecode(sidecar) or None, (dev, dir_ino),
                             Vote(wid, md5.decode("ascii"), (size, mtime, ctime, ino),
                                  bool(racy), pid)))
         return entries
+
+
+AUDIT_EVENTS = ("file.changed", "file.missing", "file.moved")
+_FIELD = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 def validate_request(frame):
     """Check a client request; return it, or raise Refused."""
     if frame.get("status") is True and len(frame) == 1:
         return frame                    # integrity-client --status
+    if "audit" in frame and len(frame) == 1:
+        return validate_audit(frame)
     files = frame.get("files")
     if not isinstance(frame.get("id"), int) or not isinstance(files, list) \
             or not 0 < len(files) <= protocol.MAX_PATHS:
@@ -190,9 +196,11 @@ def validate_request(frame):
     for item in files:
         if not isinstance(item, dict) or item.get("kind") not in ("check", "missing"):
             raise Refused("a file entry needs kind check or missing")
-        for key in ("path", "sidecar"):
-            if not protocol.is_absolute_path(item.get(key)):
-                raise Refused(f"a file entry needs an absolute {key}")
+        if not protocol.is_absolute_path(item.get("path")):
+            raise Refused("a file entry needs an absolute path")
+        if not (protocol.is_absolute_path(item.get("sidecar"))
+                or item.get("sidecar") is None and item["kind"] == "check"):
+            raise Refused("a file entry needs an absolute sidecar (or null: none)")
         if not isinstance(item.get("size", 0), int):
             raise Refused("size must be an integer")
         identity = item.get("dir")      # without one, the worker reads nothing
@@ -203,4 +211,19 @@ def validate_request(frame):
         if expected is not None and not (isinstance(expected, str)
                                          and _MD5.fullmatch(expected)):
             raise Refused("expected must be 32 lowercase hex digits")
+    return frame
+
+
+def validate_audit(frame):
+    """An audit frame: the alterations a client found, for the log (see client.py)."""
+    events = frame["audit"]
+    if not isinstance(events, list) or not 0 < len(events) <= 100:
+        raise Refused("an audit frame has 1 to 100 events")
+    for event in events:
+        if not isinstance(event, dict) or event.get("event") not in AUDIT_EVENTS:
+            raise Refused(f"an audit event is one of {', '.join(AUDIT_EVENTS)}")
+        for key, value in event.items():
+            if not _FIELD.fullmatch(key) or key == "session" \
+                    or not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise Refused("audit fields are lowercase names with a string or number")
     return frame

@@ -137,9 +137,6 @@ class Trust:
             status, error = verifier.ERROR, job.write_error
         elif job.write_error and status == verifier.CHANGED:   # still exit 1
             error = f"baseline not updated: {job.write_error}"
-        if status == verifier.CHANGED:
-            self.log.warning("file.changed", path=job.path, expected=job.expected,
-                             got=verdict.md5, updated=job.update or None)
         md5 = None if status == verifier.ERROR and not verdict.checked else verdict.md5
         reply = {"id": job.rid, "i": job.index, "status": status, "md5": md5,
                  "expected": job.expected, "error": error}

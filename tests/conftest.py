@@ -154,6 +154,15 @@ class ServerProcess:
                 pass
 
 
+@pytest.fixture(autouse=True)
+def private_catalog(tmp_path_factory, monkeypatch):
+    """Each test's clients keep a catalog of their own, outside every tree the
+    test makes (never in ~, never in tmp_path: tests check tmp_path itself)."""
+    path = tmp_path_factory.mktemp("catalog") / "catalog.sqlite"
+    monkeypatch.setenv("INTEGRITY_CATALOG", str(path))
+    return path
+
+
 @pytest.fixture
 def start_server(tmp_path):
     """start_server(*args) -> a ready ServerProcess; all stopped at teardown."""
@@ -187,19 +196,34 @@ class ClientResult:
         self.stdout = proc.stdout
         self.stderr = proc.stderr
 
-    def records(self):
-        """The --json output: (per-file records by path, summary)."""
+    def records(self, every_entry=False):
+        """The --json output: (records by path, the count of each status).
+
+        Regular files only, unless every_entry: most tests are about files,
+        and the catalog also reports each directory, symlink and device.
+        The summary line must count exactly the records printed.
+        """
         objects = [json.loads(line) for line in self.stdout.splitlines()]
-        assert "summary" in objects[-1], self.stdout
-        files = {}
+        assert objects and "summary" in objects[-1], self.stdout + self.stderr
+        entries = {}
         for obj in objects[:-1]:
-            assert obj["path"] not in files, f"two results for {obj['path']}"
-            files[obj["path"]] = obj
-        return files, objects[-1]["summary"]
+            assert obj["path"] not in entries, f"two results for {obj['path']}"
+            entries[obj["path"]] = obj
+        assert objects[-1]["summary"] == _counts(entries.values()), self.stdout
+        if not every_entry:
+            entries = {p: r for p, r in entries.items() if r.get("kind") in ("file", None)}
+        return entries, _counts(entries.values())
 
     def statuses(self):
         files, _ = self.records()
         return {path: rec["status"] for path, rec in files.items()}
+
+
+def _counts(records):
+    counts = {}
+    for record in records:
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    return counts
 
 
 def run_client(server_or_fifo, *args, timeout=CLIENT_TIMEOUT, env=None):

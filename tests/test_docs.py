@@ -9,7 +9,9 @@ _EMIT = re.compile(r'log\.(?:info|warning|error|emit)\(\s*(?:\w+,\s*)?"([\w.]+)"
 
 
 def emitted_events():
-    events = set()
+    """Events the server's code names, and those it logs for clients (audit)."""
+    from osproject.session import AUDIT_EVENTS
+    events = set(AUDIT_EVENTS)
     package = os.path.join(ROOT, "osproject")
     for name in os.listdir(package):
         if name.endswith(".py"):

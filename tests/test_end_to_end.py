@@ -60,10 +60,10 @@ def test_human_output_lists_what_is_not_ok_and_a_summary(server, tmp_path):
     assert result.status == 1
     assert len(lines) == 2
     assert lines[0].startswith("CHANGED") and files[2] in lines[0]
-    assert lines[1] == "10 files: 9 OK, 1 CHANGED"
+    assert lines[1] == "16 entries: 15 OK, 1 CHANGED"
 
 
-def test_special_files_are_skipped_never_read(server, tmp_path):
+def test_special_files_are_tracked_never_read(server, tmp_path):
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "regular").write_bytes(b"data")
@@ -78,12 +78,13 @@ def test_special_files_are_skipped_never_read(server, tmp_path):
         result = run_client(server, "--json", tree, timeout=30)
     finally:
         sock.close()
-    records, summary = result.records()
+    records, summary = result.records(every_entry=True)
     assert result.status == 0
-    assert summary == {"NEW": 1, "SKIPPED": 6}
-    assert records[str(tree / "fifo")]["error"] == "FIFO"
-    assert records[str(tree / "socket")]["error"] == "socket"
-    assert records[str(tree / "zero")]["error"] == "symbolic link"
+    assert summary == {"NEW": 1 + 6 + 1}           # the file, the others, the root
+    assert records[str(tree / "fifo")]["kind"] == "fifo"
+    assert records[str(tree / "socket")]["kind"] == "socket"
+    assert records[str(tree / "zero")]["kind"] == "symlink"
+    assert all("md5" not in r for p, r in records.items() if r["kind"] != "file")
     assert sorted(os.listdir(tree)) == sorted(
         ["regular", "regular.md5", "fifo", "zero", "dangling", "loop", "up", "socket"])
 
@@ -118,9 +119,10 @@ def test_a_foreign_md5_file_is_checked_not_taken_for_a_sidecar(server, tmp_path)
     (tree / "b.md5").write_text("not ours\n")      # b's sidecar slot, taken
     records, summary = run_client(server, "--json", tree).records()
     assert records[str(tree / "checksums.md5")]["status"] == "NEW"
-    assert records[str(tree / "b")]["status"] == "ERROR"
-    assert "not an md5sum line" in records[str(tree / "b")]["error"]
+    assert records[str(tree / "b.md5")]["status"] == "NEW", "a file of its own"
+    assert records[str(tree / "b")]["status"] == "NEW", "checked, with no sidecar"
     assert (tree / "b.md5").read_text() == "not ours\n", "a foreign file was overwritten"
+    assert run_client(server, tree).status == 0
 
 
 def test_store_keeps_sidecars_out_of_the_tree(server, tmp_path):

@@ -179,9 +179,11 @@ def test_devices_and_fifos_are_never_read(server, tmp_path):
     os.mknod(tree / "zero", stat.S_IFCHR | 0o600, os.makedev(1, 5))
     os.mkfifo(tree / "pipe")
     (tree / "file").write_text("x")
-    records, summary = run_client(server, "--json", tree, timeout=20).records()
-    assert summary == {"NEW": 1, "SKIPPED": 2}
-    assert records[str(tree / "zero")]["error"] == "character device"
+    records, summary = run_client(server, "--json", tree, timeout=20).records(
+        every_entry=True)
+    assert summary == {"NEW": 4}                   # tracked, with the root
+    assert records[str(tree / "zero")]["kind"] == "chardev"
+    assert "md5" not in records[str(tree / "zero")] and "md5" not in records[str(tree / "pipe")]
 
 
 def test_hash_file_never_blocks_or_follows(tmp_path):
@@ -225,7 +227,7 @@ def test_names_too_long_and_paths_too_deep_are_errors_not_omissions(server, tmp_
     os.close(deep)
     try:
         result = run_client(server, "--json", tree)
-        records, summary = result.records()
+        records, summary = result.records(every_entry=True)
         assert records[str(tree / "neighbour")]["status"] == "NEW"
         long = records[str(tree / ("n" * 252))]
         assert long["status"] == "ERROR" and "name too long" in long["error"].lower()
@@ -249,9 +251,9 @@ def test_planted_sidecar_links_never_write_elsewhere(server, tmp_path):
     forged.write_bytes(b"0" * 32 + b"  b\n")
     os.link(forged, tree / "b.md5")
     result = run_client(server, "--json", "--update", tree)
-    records, _ = result.records()
-    assert records[str(tree / "a")]["status"] == "ERROR"
-    assert "symlink" in records[str(tree / "a")]["error"]
+    records, _ = result.records(every_entry=True)
+    assert records[str(tree / "a")]["status"] == "NEW"       # no sidecar: its name is taken
+    assert records[str(tree / "a.md5")]["kind"] == "symlink"  # tracked, never followed
     assert records[str(tree / "b")]["status"] == "CHANGED"
     assert victim.read_bytes() == b"precious\n"
     assert forged.read_bytes() == b"0" * 32 + b"  b\n", "written through a hard link"
@@ -363,7 +365,8 @@ def test_permission_denied_is_an_error_and_the_run_goes_on():
         os.mkdir(private)
         os.chown(private, nobody, nobody)
         as_nobody = dict(user=nobody, group=nobody, extra_groups=[],
-                         env={"PYTHONPATH": pkg, "TMPDIR": private})
+                         env={"PYTHONPATH": pkg, "TMPDIR": private,
+                              "INTEGRITY_CATALOG": os.path.join(private, "catalog.sqlite")})
         fifo = os.path.join(private, "server.fifo")
         server = subprocess.Popen([python, os.path.join(pkg, "bin", "integrity-server"),
                                    "--fifo", fifo, "--log-dir",
@@ -440,5 +443,5 @@ def test_many_clients_at_once_are_all_served(server, tmp_path):
                               stdout=subprocess.PIPE, text=True) for t in trees]
     for proc in procs:
         out, _ = proc.communicate(timeout=90)
-        assert proc.returncode == 0 and out.endswith("40 files: 40 NEW\n"), out
+        assert proc.returncode == 0 and out.endswith("46 entries: 46 NEW\n"), out
     assert len(server.events("session.closed")) == 16

@@ -69,7 +69,9 @@ def valuable(path):
 class TestTheClientJudgesItsEntrance:
     """Nothing is ever written to an entrance path that is not a server's FIFO."""
 
-    def refused(self, fifo, tree):
+    def refused(self, fifo, tmp_path):
+        tree = tmp_path / "tree"
+        tree.mkdir(exist_ok=True)
         result = run_client(str(fifo), tree, timeout=30)
         assert result.status == 2, result.stderr
         assert str(fifo) in result.stderr
@@ -124,7 +126,7 @@ class TestTheClientJudgesItsEntrance:
         data = valuable(target)
         (runtime / "osproject" / "server.fifo").symlink_to(target)
         os.chown(runtime / "osproject", INTRUDER, INTRUDER)
-        result = run_default_client(tmp_path, client_env(XDG_RUNTIME_DIR=str(runtime)))
+        result = run_default_client(_tree(tmp_path), client_env(XDG_RUNTIME_DIR=str(runtime)))
         assert result.returncode == 2
         assert str(runtime / "osproject") in result.stderr and "0700" in result.stderr
         assert target.read_bytes() == data
@@ -141,7 +143,7 @@ class TestTheClientJudgesItsEntrance:
             data = valuable(target)
             os.symlink(target, os.path.join(planted, "server.fifo"))
             os.chown(planted, INTRUDER, INTRUDER)
-            result = run_default_client(tmp_path, client_env())
+            result = run_default_client(_tree(tmp_path), client_env())
             assert result.returncode == 2, result.stderr
             assert planted in result.stderr and "0700" in result.stderr
             assert target.read_bytes() == data
@@ -149,7 +151,7 @@ class TestTheClientJudgesItsEntrance:
             shutil.rmtree(planted)
 
     def test_no_runtime_directory_yet_says_how_to_start_a_server(self, tmp_path):
-        result = run_default_client(tmp_path, client_env(
+        result = run_default_client(_tree(tmp_path), client_env(
             XDG_RUNTIME_DIR=str(tmp_path / "run")))
         assert result.returncode == 2
         assert "no integrity-server is listening" in result.stderr
@@ -236,6 +238,13 @@ class TestADirectorySwappedMidRun:
                                               "--store", store)
         assert _snapshot(secret) == before
         assert "d1/" in out and "cannot write sidecar" in out, out
+
+
+def _tree(tmp_path):
+    """An empty tree to check, beside (not around) the test's catalog."""
+    tree = tmp_path / "tree"
+    tree.mkdir(exist_ok=True)
+    return tree
 
 
 def files_in(server):

@@ -69,7 +69,7 @@ def test_progress_is_drawn_on_a_terminal_and_erased_at_the_end(server, tmp_path)
     assert term.text.endswith("\r\x1b[K"), "the progress line was left on the screen"
     assert term.screen() == [], "the terminal shows something other than nothing"
     out = term.proc.stdout.decode()
-    assert out.endswith("40 files: 40 NEW\n") and "\x1b" not in out and "\r" not in out
+    assert out.endswith("46 entries: 46 NEW\n") and "\x1b" not in out and "\r" not in out
 
 
 def checked_then_altered(server, tree, files, changed, gone):
@@ -89,9 +89,9 @@ def test_results_and_progress_never_share_a_line(server, tmp_path):
     assert "listed " in term.text
     screen = term.screen()
     assert sorted(screen[:-1]) == sorted([
-        f"CHANGED  {files[3]}  (expected {_expected(files[3])}, got {_md5(files[3])})",
+        f"CHANGED  {files[3]}  (content {_expected(files[3])} -> {_md5(files[3])})",
         f"MISSING  {files[7]}"]), screen
-    assert screen[-1] == "30 files: 28 OK, 1 CHANGED, 1 MISSING"
+    assert screen[-1] == "36 entries: 34 OK, 1 CHANGED, 1 MISSING"
 
 
 def test_no_progress_when_quiet_or_not_a_terminal(server, tmp_path):
@@ -134,7 +134,7 @@ def test_update_accepts_changes_and_removals_and_the_next_run_is_clean(server, t
     files = checked_then_altered(server, tree, files=20, changed=0, gone=1)
     updated = run_client(server, "--update", tree)
     assert updated.status == 1, "accepting changes still reports them"
-    assert f"CHANGED  {files[0]}  (expected " in updated.stdout
+    assert f"CHANGED  {files[0]}  (content " in updated.stdout
     assert "baseline updated)" in updated.stdout
     assert f"MISSING  {files[1]}  (baseline removed)" in updated.stdout
     assert not os.path.exists(files[1] + ".md5")
@@ -155,7 +155,8 @@ def test_update_keeps_a_foreign_file_that_took_a_missing_sidecars_place(server, 
     result = run_client(server, "--json", "--update", tree)
     records, _ = result.records()
     assert os.path.exists(sidecar), "a file that is not our sidecar was removed"
-    assert records.get(files[2], {}).get("status") != "MISSING"
+    assert records[files[2]]["status"] == "MISSING", "the catalog knew it"
+    assert records[sidecar]["status"] == "NEW", "checked as a file of its own"
 
 
 def _md5(path):
@@ -197,8 +198,9 @@ class TestForgetOnlyWhatIsStillMissing:
     symlink into another tree. Driven directly: no timing could hit the window."""
 
     def orphan(self, directory):
-        from osproject.lister import ORPHAN, Lister
-        [entry] = [e for e in Lister().walk(str(directory)) if e.kind == ORPHAN]
+        from osproject.lister import Lister
+        [entry] = [e for e in Lister().walk(str(directory))
+                   if getattr(e, "status", None) == "MISSING"]
         return entry
 
     def client(self):

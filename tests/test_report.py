@@ -1,34 +1,54 @@
-"""The client's report: held results, corrections, summary, exit status."""
+"""The client's report: held results, corrections, order, summary, exit status."""
 
 import io
 import os
 import json
 
+from osproject.findings import Finding
 from osproject.report import EXIT_ALTERED, EXIT_OK, Report, format_status, show_path
 
 
-def test_unchecked_results_wait_for_the_end_and_take_corrections():
+def finding(path, status, md5=None, unchecked=False, **extra):
+    return Finding(path, "/abs/" + path, status, md5=md5, unchecked=unchecked, **extra)
+
+
+def finish(report):
+    report.release()
+    return report.summary()
+
+
+def test_results_wait_for_the_end_sorted_and_take_corrections():
     out = io.StringIO()
     report = Report(out, as_json=True)
-    report.add("a", "NEW", "1" * 32, unchecked=True, key="/abs/a")
-    report.add("b", "NEW", "2" * 32, unchecked=True, key="/abs/b")
-    report.add("c", "OK", "3" * 32)
-    assert [json.loads(line)["path"] for line in out.getvalue().splitlines()] == ["c"]
+    report.add(finding("b", "NEW", "2" * 32, unchecked=True))
+    report.add(finding("a", "NEW", "1" * 32, unchecked=True))
+    report.add(finding("c", "OK", "3" * 32))
+    assert out.getvalue() == "", "nothing before the end"
     report.correct("/abs/b", "NEW", "f" * 32)
-    assert report.finish() == EXIT_OK
+    assert finish(report) == EXIT_OK
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert lines[1:3] == [{"path": "a", "status": "NEW", "md5": "1" * 32},
-                          {"path": "b", "status": "NEW", "md5": "f" * 32}]
+    assert lines[:2] == [{"path": "a", "status": "NEW", "md5": "1" * 32},
+                         {"path": "b", "status": "NEW", "md5": "f" * 32}]
     assert lines[3] == {"summary": {"OK": 1, "NEW": 2}}
 
 
 def test_changed_or_missing_exit_1_and_human_lines_skip_ok():
     out = io.StringIO()
     report = Report(out)
-    report.add("same", "OK", "1" * 32)
-    report.add("gone", "MISSING", expected="2" * 32)
-    assert report.finish() == EXIT_ALTERED
-    assert out.getvalue().splitlines() == ["MISSING  gone", "2 files: 1 OK, 1 MISSING"]
+    report.add(finding("same", "OK", "1" * 32))
+    report.add(finding("gone", "MISSING", altered=True))
+    assert finish(report) == EXIT_ALTERED
+    assert out.getvalue().splitlines() == ["MISSING  gone", "2 entries: 1 OK, 1 MISSING"]
+
+
+def test_a_report_is_in_tree_order_however_it_arrives():
+    out = io.StringIO()
+    report = Report(out)
+    for path in ("a-b", "a/z", "b", "a", "a/b"):
+        report.add(finding(path, "NEW", altered=True))
+    finish(report)
+    assert [line.split()[1] for line in out.getvalue().splitlines()[:-1]] == [
+        "a", "a/b", "a/z", "a-b", "b"]
 
 
 def test_paths_are_shown_escaped_on_a_terminal():
@@ -62,8 +82,8 @@ def test_held_results_wait_on_disk_not_in_memory():
     tracemalloc.start()
     try:
         for i in range(20_000):
-            report.add(f"d/f{i}", "NEW", "a" * 32, unchecked=True, key=f"/abs/d/f{i}")
-        report.finish()
+            report.add(finding(f"d/f{i:05}", "NEW", "a" * 32, unchecked=True))
+        finish(report)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
