@@ -87,11 +87,14 @@ class LineBuffer:
 def encode_hello(request_fifo, reply_fifo):
     """Return the hello frame a client writes to the entrance FIFO.
 
-    Raises ProtocolError when it would exceed HELLO_MAX: a longer write could
+    It begins with a newline of its own, in the same atomic write: whatever
+    partial line another writer left in the FIFO ends there, and the hello
+    after it is read whole (the server skips empty lines).  Raises
+    ProtocolError when it would exceed HELLO_MAX: a longer write could
     interleave with another client's hello.
     """
-    frame = encode({"hello": HELLO_VERSION, "request": request_fifo,
-                    "reply": reply_fifo})
+    frame = b"\n" + encode({"hello": HELLO_VERSION, "request": request_fifo,
+                            "reply": reply_fifo})
     if len(frame) > HELLO_MAX:
         raise ProtocolError(f"hello is {len(frame)} bytes, more than {HELLO_MAX}: the "
                             "entrance FIFO's directory has too long a path")

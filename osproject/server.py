@@ -317,6 +317,8 @@ class Server:
     # -- clients ----------------------------------------------------------
     def on_entrance(self):
         for line in self.entrance.read_lines():
+            if line == b"":
+                continue            # a hello's leading newline: see encode_hello
             try:
                 if line is None:
                     raise Refused(f"hello longer than {protocol.HELLO_MAX} bytes")

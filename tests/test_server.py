@@ -221,6 +221,20 @@ def test_garbage_on_the_entrance_is_refused_and_the_next_client_served(server, t
     assert "session.opened" in [e["event"] for e in server.events()]
 
 
+@pytest.mark.parametrize("garbage", [b"\x00\xff random bytes", b"A" * 3_000_000],
+                         ids=["bytes", "megabytes"])
+def test_a_partial_line_left_on_the_entrance_costs_the_next_client_nothing(
+        server, tmp_path, garbage):
+    with open(server.fifo, "wb") as entrance:     # blocking: the server drains it
+        entrance.write(garbage)                    # no newline, then close
+    tree = tmp_path / "tree"
+    make_tree(tree, files=5)
+    result = run_client(server, tree)
+    assert result.status == 0, result.stderr
+    assert len(server.events("session.opened")) == 1
+    assert len(server.events("request.refused")) == 1, "the garbage, and nothing else"
+
+
 def test_fifos_anywhere_but_beside_the_entrance_are_never_looked_at(server, tmp_path):
     # Proper FIFOs of ours, with a client's directory name, in the wrong place:
     # the server must refuse them by their names, before any lstat or open.
