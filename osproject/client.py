@@ -192,6 +192,8 @@ class Client:
                 self.route(frame)
         except (OSError, protocol.ProtocolError) as exc:
             self.fail(f"lost the server: {exc}")
+        except ClientError as exc:          # the server said why it ends the session
+            self.fail(str(exc))
         finally:
             if self.bye is None:
                 self.fail("the server closed the session before it was done")

@@ -105,6 +105,8 @@ class Connection:
             lines = self.lines.feed(os.read(self.reply_fd, 65536))
             if lines:
                 frame = protocol.decode(lines[0]) if lines[0] else {}
+                if "error" in frame:
+                    raise ClientError(f"the server refused: {frame['error']}")
                 if frame.get("welcome") != protocol.HELLO_VERSION:
                     raise ClientError("the server answered with something else than welcome")
                 self.leftover = lines[1:]
@@ -118,9 +120,10 @@ class Connection:
                 data = data[os.write(self.request_fd, data):]
 
     def frames(self):
-        """Yield reply frames until the server closes the reply FIFO."""
+        """Yield reply frames until the server closes the reply FIFO; raise
+        ClientError when it ends the session with an error frame."""
         for line in self.leftover:
-            yield protocol.decode(line)
+            yield _unless_error(protocol.decode(line))
         while True:
             data = os.read(self.reply_fd, 65536)
             if not data:
@@ -128,7 +131,7 @@ class Connection:
             for line in self.lines.feed(data):
                 if line is None:
                     raise protocol.ProtocolError("oversized reply")
-                yield protocol.decode(line)
+                yield _unless_error(protocol.decode(line))
 
     def finish_requests(self):
         """Tell the server we have nothing more to ask (EOF on the request FIFO)."""
@@ -142,6 +145,12 @@ class Connection:
         if self.reply_fd >= 0:
             os.close(self.reply_fd)
             self.reply_fd = -1
+
+
+def _unless_error(frame):
+    if "error" in frame:
+        raise ClientError(f"the server ended the session: {frame['error']}")
+    return frame
 
 
 def _default():

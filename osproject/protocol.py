@@ -5,6 +5,9 @@ is not ASCII, so a frame never contains a raw newline whatever the file
 names hold.  Names that are not UTF-8 travel as os.fsdecode() strings
 (surrogateescape); JSON carries the lone surrogates as \\udcXX and
 os.fsencode() restores the original bytes on the other side.
+
+The server may end a session with `{"error": REASON}`, in place of the
+welcome or of the bye: the client reports REASON and exits 2.
 """
 
 import json

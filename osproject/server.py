@@ -28,6 +28,7 @@ HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 MAX_SESSIONS = 100        # two fds each: select() cannot watch fds >= FD_SETSIZE
 MAX_OUTSTANDING = 100     # files a client may have in the server before we stop reading
 STOP_GRACE = 2.0          # seconds workers get to leave after SIGTERM
+NO_WORKER_GRACE = 10.0    # seconds with no live worker before waiting clients are told
 MAX_DEATHS = 3            # workers a file may kill or hang before it is an ERROR
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
@@ -64,7 +65,9 @@ class Server:
                            self.drop_session)
         self._sids = itertools.count(1)
         self.stopping = False
+        self.stop_reason = "the server stopped"    # what clients still served are told
         self.status = 0
+        self.workerless_since = None    # when the last live worker went, if none lives
         self.started = clock()
         self._wake_r = self._wake_w = -1
         self._reap_needed = False
@@ -104,6 +107,8 @@ class Server:
     def shutdown(self):
         self.entrance.close()
         for session in self.sessions:
+            if not session.said_bye:
+                session.say_goodbye(self.stop_reason)
             session.close()
         self.stop_workers()
         if self._wake_w >= 0:
@@ -148,6 +153,8 @@ class Server:
         self.supervisor.check_hangs()
         if not self.stopping:
             self.supervisor.start_due()
+            self.give_up_if_hopeless()   # forks that fail leave no child to reap
+        self.check_workers_alive()
         self.dispatch()
         self.send_replies()
         self.close_finished_sessions()
@@ -184,10 +191,11 @@ class Server:
                 self.supervisor.kill(owner, "internal error")
 
     def timeout(self):
-        deadline = self.supervisor.next_deadline()
-        if deadline is None:
+        deadlines = [self.supervisor.next_deadline(), self.workerless_deadline()]
+        deadlines = [d for d in deadlines if d is not None]
+        if not deadlines:
             return None             # idle: sleep until something happens
-        return min(max(0.0, deadline - self.clock()), 3600.0)
+        return min(max(0.0, min(deadlines) - self.clock()), 3600.0)
 
     # -- signals and children --------------------------------------------
     def drain_wakeups(self):
@@ -202,8 +210,10 @@ class Server:
             if signum == signal.SIGCHLD:
                 self._reap_needed = True
             elif signum in (signal.SIGTERM, signal.SIGINT):
-                self.log.info("server.stopping", signal=signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                self.log.info("server.stopping", signal=name)
                 self.stopping = True
+                self.stop_reason = f"the server was stopped ({name})"
             elif signum == signal.SIGHUP:
                 try:
                     self.log.reopen()
@@ -237,9 +247,42 @@ class Server:
             # files; one that crashed or hung on them might have met a poison.
             blame = worker.killed_for in (None, "hung")
             self.requeue(worker.assignment, pid, blame)
+        self.give_up_if_hopeless()
+
+    def give_up_if_hopeless(self):
+        """Stop with status 1 when no worker can start at all (README: exit 1)."""
         if not self.stopping and self.supervisor.hopeless():
-            self.log.error("server.failed", reason="workers die before they can start")
+            reason = self.supervisor.why_hopeless()
+            self.log.error("server.failed", reason=reason)
             self.stopping, self.status = True, 1
+            self.stop_reason = f"the server gave up: {reason}"
+
+    def check_workers_alive(self):
+        """Answer the clients whose files wait when no worker has lived for a while.
+
+        Workers that keep dying may come back (a full disk that clears), so
+        the server goes on; but a client must not wait for ever meanwhile.
+        """
+        if self.supervisor.any_alive():
+            self.workerless_since = None
+            return
+        now = self.clock()
+        if self.workerless_since is None:
+            self.workerless_since = now
+        if now - self.workerless_since < NO_WORKER_GRACE:
+            return
+        why = self.supervisor.spawn_error
+        reason = (f"no worker has been running for {NO_WORKER_GRACE:g}s"
+                  + (f" (fork failed: {why})" if why else "") + "; see the server's log")
+        for session in list(self.sessions):
+            if session.outstanding > 0:
+                self.refuse(session, reason)
+
+    def workerless_deadline(self):
+        """When waiting clients are to be told that no worker runs, or None."""
+        if self.workerless_since is None or not any(s.outstanding for s in self.sessions):
+            return None
+        return self.workerless_since + NO_WORKER_GRACE
 
     def requeue(self, assignment, pid, blame):
         """Hand a dead worker's files to others; give up on one that kills them all."""
@@ -342,7 +385,7 @@ class Server:
                 self.accept_request(session, frame)
         except (Refused, protocol.ProtocolError) as exc:
             self.log.warning("request.refused", session=session.sid, reason=str(exc))
-            self.drop_session(session, str(exc))
+            self.refuse(session, str(exc))
 
     def accept_request(self, session, frame):
         if frame.get("status"):
@@ -367,6 +410,11 @@ class Server:
     def status_report(self, asker=None):
         """What `integrity-client --status` shows (see status.py)."""
         return gather_status(self, asker)
+
+    def refuse(self, session, reason):
+        """Drop a client, telling it why if its reply FIFO takes one more frame."""
+        session.say_goodbye(reason)
+        self.drop_session(session, reason)
 
     def drop_session(self, session, reason):
         """Stop serving a client; its queued files are forgotten."""

@@ -131,6 +131,14 @@ class Session:
             return
         del self.outbuf[:sent]
 
+    def say_goodbye(self, reason):
+        """Queue {"error": reason}, the session's last frame, and write what the
+        reply FIFO takes now: best effort, a client that reads nothing misses it."""
+        if self.dead:
+            return
+        self.outbuf += protocol.encode({"error": reason})
+        self.flush()
+
     def count(self, status):
         self.counts[status] = self.counts.get(status, 0) + 1
 
