@@ -77,7 +77,10 @@ class Trust:
             return
         for wid in set(verdict.liars) - job.warned:
             job.warned.add(wid)
-            self.penalize(wid, job, verdict)
+            if verifier.proven_lie(job.expected, job.opinions, wid, verdict.md5):
+                self.penalize(wid, job, verdict)
+            else:
+                self.distrust(wid, job, verdict)
         if verdict.md5 is not None:
             job.losers |= {v.wid for v in job.opinions if v.md5 != verdict.md5}
         if self.needs_repair(job, verdict):
@@ -200,6 +203,18 @@ class Trust:
         self.reverify(wid, slot=worker.slot, pid=worker.pid)
         if banned:
             self.supervisor.ban(worker)
+
+    def distrust(self, wid, job, verdict):
+        """An outvoted reading that may be honest (the file may have moved
+        between the readings): no warning, but the worker earns its trust
+        again and its unchecked hashes are checked, in case it did lie."""
+        vote = next(v for v in job.opinions if v.wid == wid)
+        worker = self.supervisor.by_wid.get(wid)
+        self.log.info("worker.outvoted", slot=worker.slot if worker else None,
+                      pid=vote.pid, path=job.path, got=vote.md5, agreed=verdict.md5)
+        if worker is not None:
+            worker.confirmed = 0
+        self.reverify(wid, slot=worker.slot if worker else None, pid=vote.pid)
 
     def reverify(self, wid, **who):
         """Have other workers re-check every hash worker `wid` gave unchecked.
