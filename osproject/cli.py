@@ -66,6 +66,9 @@ def server_parser():
     p.add_argument("--workers", type=int, default=5, help="worker processes (default 5, at least 3)")
     p.add_argument("--hang-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="kill a worker silent this long on an assignment (default 30)")
+    p.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="drop a client session that sends nothing and waits for no "
+                        "file this long (default 60)")
     p.add_argument("--cross-check", type=fraction, default=0.1, metavar="P",
                    help="share of new files a trusted worker hashes that another "
                         "worker re-checks (default 0.1)")
@@ -110,9 +113,12 @@ def server_main(argv=None):
                               "workers needs a third to break it")
     if args.hang_timeout < 1:
         server_parser().error("--hang-timeout must be at least 1 second")
+    if args.idle_timeout < 1:
+        server_parser().error("--idle-timeout must be at least 1 second")
     config = Config(fifo=args.fifo or default_fifo(),
                     private_dir=not args.fifo and "INTEGRITY_FIFO" not in os.environ,
                     workers=args.workers, hang_timeout=args.hang_timeout,
+                    idle_timeout=args.idle_timeout,
                     cross_check=args.cross_check, **parse_chaos(args.chaos, args.workers))
     log = open_log(args)
     if log is None:

@@ -26,6 +26,8 @@ from .verifier import Verdict
 
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 MAX_SESSIONS = 100        # two fds each: select() cannot watch fds >= FD_SETSIZE
+SPARE_SESSIONS = 4        # beyond MAX_SESSIONS, for --status only: it always gets in
+SPARE_IDLE = 5.0          # seconds a spare session may take to ask for the status
 MAX_OUTSTANDING = 100     # files a client may have in the server before we stop reading
 STOP_GRACE = 2.0          # seconds workers get to leave after SIGTERM
 NO_WORKER_GRACE = 10.0    # seconds with no live worker before waiting clients are told
@@ -39,6 +41,7 @@ class Config:
     private_dir: bool = False
     workers: int = 5
     hang_timeout: float = 30.0
+    idle_timeout: float = 60.0      # a session that sends and awaits nothing is dropped
     cross_check: float = 0.1
     liars: dict = field(default_factory=dict)   # slot -> chaos of its first worker
     crash: float = 0.0
@@ -158,6 +161,7 @@ class Server:
         self.dispatch()
         self.send_replies()
         self.close_finished_sessions()
+        self.drop_idle_sessions()
 
     def interest(self):
         """Map each fd to watch to (handler, owner), for reading and for writing."""
@@ -191,7 +195,8 @@ class Server:
                 self.supervisor.kill(owner, "internal error")
 
     def timeout(self):
-        deadlines = [self.supervisor.next_deadline(), self.workerless_deadline()]
+        deadlines = [self.supervisor.next_deadline(), self.workerless_deadline(),
+                     self.idle_deadline()]
         deadlines = [d for d in deadlines if d is not None]
         if not deadlines:
             return None             # idle: sleep until something happens
@@ -363,23 +368,41 @@ class Server:
             if line == b"":
                 continue            # a hello's leading newline: see encode_hello
             try:
-                if line is None:
-                    raise Refused(f"hello longer than {protocol.HELLO_MAX} bytes")
-                if len(self.sessions) >= MAX_SESSIONS:
-                    raise Refused("too many clients")
-                request, reply = protocol.parse_hello(line)
-                if not (self.entrance.beside(request) and self.entrance.beside(reply)):
-                    raise Refused("FIFOs must be in a client directory beside the entrance")
-                session = Session(next(self._sids), request, reply)
+                session = self.open_session(line)
             except (Refused, protocol.ProtocolError) as exc:
                 self.log.warning("request.refused", reason=str(exc))
                 continue
             self.sessions.append(session)
-            self.log.info("session.opened", session=session.sid, reply=reply)
+            self.log.info("session.opened", session=session.sid, reply=session.reply_path,
+                          spare=session.spare or None)
             session.send({"welcome": protocol.HELLO_VERSION, "server": os.getpid()})
             session.flush()
 
+    def open_session(self, line):
+        """Return the Session a hello asks for, or raise Refused.
+
+        Past MAX_SESSIONS a few spare sessions are for --status only, so that
+        it gets in however many clients there are; past those, the client is
+        told it is refused.
+        """
+        if line is None:
+            raise Refused(f"hello longer than {protocol.HELLO_MAX} bytes")
+        request, reply = protocol.parse_hello(line)
+        if not (self.entrance.beside(request) and self.entrance.beside(reply)):
+            raise Refused("FIFOs must be in a client directory beside the entrance")
+        session = Session(next(self._sids), request, reply)
+        session.heard_at = self.clock()
+        regular = sum(not s.spare for s in self.sessions)
+        if regular >= MAX_SESSIONS:
+            if len(self.sessions) - regular >= SPARE_SESSIONS:
+                session.say_goodbye("too many clients; try again later")
+                session.close()
+                raise Refused("too many clients")
+            session.spare = True
+        return session
+
     def on_session_readable(self, session):
+        session.heard_at = self.clock()
         try:
             for frame in session.read():
                 self.accept_request(session, frame)
@@ -391,6 +414,8 @@ class Server:
         if frame.get("status"):
             session.send({"status": self.status_report(asker=session)})
             return
+        if session.spare:
+            raise Refused("too many clients; only --status is served until some leave")
         for index, item in enumerate(frame["files"]):
             session.outstanding += 1
             session.files += 1
@@ -410,6 +435,28 @@ class Server:
     def status_report(self, asker=None):
         """What `integrity-client --status` shows (see status.py)."""
         return gather_status(self, asker)
+
+    def idle_limit(self, session):
+        if session.spare:
+            return min(self.config.idle_timeout, SPARE_IDLE)
+        return self.config.idle_timeout
+
+    def drop_idle_sessions(self):
+        """Drop each session that has sent nothing, and waits for nothing, too long.
+
+        Idle sessions would otherwise hold their places for ever: a hundred
+        of them lock every other client out.
+        """
+        now = self.clock()
+        for session in list(self.sessions):
+            limit = self.idle_limit(session)
+            if session.outstanding <= 0 and now - session.heard_at >= limit:
+                self.refuse(session, f"idle for {limit:g}s")
+
+    def idle_deadline(self):
+        """When the next idle session is to be dropped, or None."""
+        return min((s.heard_at + self.idle_limit(s) for s in self.sessions
+                    if s.outstanding <= 0), default=None)
 
     def refuse(self, session, reason):
         """Drop a client, telling it why if its reply FIFO takes one more frame."""

@@ -55,6 +55,7 @@ class Session:
 
     def __init__(self, sid, request_fifo, reply_fifo):
         self.sid = sid
+        self.reply_path = reply_fifo
         self.reply_fd = open_client_fifo(reply_fifo, os.O_WRONLY)
         try:
             self.request_fd = open_client_fifo(request_fifo, os.O_RDONLY)
@@ -71,6 +72,8 @@ class Session:
         self.files = 0
         self.counts = {}
         self.unchecked = Unchecked()
+        self.heard_at = 0.0       # when the client last sent something (server's clock)
+        self.spare = False        # admitted past MAX_SESSIONS: for --status only
 
     def read(self):
         """Return the request frames now readable; set eof when the client is done.

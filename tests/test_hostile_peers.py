@@ -162,3 +162,28 @@ def test_ctrl_c_stops_the_client_at_once(start_server, tmp_path):
     wait_until(lambda: server.events("session.opened"), what="the session")
     client.send_signal(signal.SIGINT)
     assert client.wait(5) == 130
+
+
+def test_idle_sessions_are_dropped_and_status_always_gets_in(start_server, tmp_path):
+    import json
+    server = start_server("--idle-timeout", "3")
+    idle = []
+    try:
+        for _ in range(100):                    # as many as the server takes
+            conn = Connection(server.fifo)
+            conn.open()                         # then send nothing
+            idle.append(conn)
+        status = run_client(server, "--status", "--json")
+        assert status.status == 0, status.stderr
+        assert json.loads(status.stdout)["clients"] == 100
+        tree = tmp_path / "tree"
+        make_tree(tree, files=5)
+        refused = run_client(server, tree)
+        assert refused.status == 2
+        assert "too many clients" in refused.stderr, refused.stderr
+        dropped = server.wait_event("session.dropped", count=101, timeout=30)
+        assert sum(e["reason"] == "idle for 3s" for e in dropped) == 100, dropped
+        assert run_client(server, tree).status == 0
+    finally:
+        for conn in idle:
+            conn.close()
