@@ -106,11 +106,15 @@ def open_log(args):
 
 def server_main(argv=None):
     from .entrance import EntranceError
-    from .server import Config, Server
+    from .server import FD_SETSIZE, MAX_SESSIONS, MAX_WORKERS, Config, Server
     args = server_parser().parse_args(argv)
     if args.workers < 3:
         server_parser().error("--workers must be at least 3: a tie between two "
                               "workers needs a third to break it")
+    if args.workers > MAX_WORKERS:
+        server_parser().error(f"--workers must be at most {MAX_WORKERS}: select() "
+                              f"watches only fds below {FD_SETSIZE}, and each worker "
+                              f"takes two, as does each of up to {MAX_SESSIONS} clients")
     if args.hang_timeout < 1:
         server_parser().error("--hang-timeout must be at least 1 second")
     if args.idle_timeout < 1:

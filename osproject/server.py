@@ -28,6 +28,13 @@ HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 MAX_SESSIONS = 100        # two fds each: select() cannot watch fds >= FD_SETSIZE
 SPARE_SESSIONS = 4        # beyond MAX_SESSIONS, for --status only: it always gets in
 SPARE_IDLE = 5.0          # seconds a spare session may take to ask for the status
+FD_SETSIZE = 1024         # select() takes no fd at or above this (Linux, macOS)
+# stdio, the log, syslog, the wakeup pipe, the entrance both ways, and the
+# fds a fork, a refused hello or a sweep of stale client directories holds
+# for a moment
+OWN_FDS = 16
+# Each worker holds two pipe ends, each session two FIFOs, plus a refused one.
+MAX_WORKERS = (FD_SETSIZE - OWN_FDS - 2 * (MAX_SESSIONS + SPARE_SESSIONS + 1)) // 2
 MAX_OUTSTANDING = 100     # files a client may have in the server before we stop reading
 STOP_GRACE = 2.0          # seconds workers get to leave after SIGTERM
 NO_WORKER_GRACE = 10.0    # seconds with no live worker before waiting clients are told

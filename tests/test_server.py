@@ -116,6 +116,20 @@ def test_client_with_a_stale_fifo_and_no_server_exits_2(tmp_path):
     assert result.status == 2 and "no integrity-server" in result.stderr
 
 
+@pytest.mark.parametrize("workers", ["600", "100000"])
+def test_more_workers_than_select_can_watch_are_refused_at_once(tmp_path, workers):
+    from osproject.server import FD_SETSIZE, MAX_WORKERS
+    assert 100 < MAX_WORKERS < FD_SETSIZE // 2 < int(workers)
+    proc = subprocess.run([sys.executable, SERVER, "--fifo", str(tmp_path / "s.fifo"),
+                           "--log-dir", str(tmp_path / "logs"), "--workers", workers,
+                           "--chaos", f"stillborn:{tmp_path}"],   # cheap forks, if any
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert f"--workers must be at most {MAX_WORKERS}: select()" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "s.fifo")
+
+
 def test_client_bad_arguments_exit_2(tmp_path):
     assert run_client(str(tmp_path / "x"), tmp_path / "does-not-exist").status == 2
     proc = subprocess.run([sys.executable, CLIENT], capture_output=True)
