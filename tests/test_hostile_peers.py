@@ -187,3 +187,33 @@ def test_idle_sessions_are_dropped_and_status_always_gets_in(start_server, tmp_p
     finally:
         for conn in idle:
             conn.close()
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A directory on a 64 KiB tmpfs, filled up; unmounted afterwards."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k",
+                                            "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"x" * 4096):
+                pass
+        except OSError:                 # ENOSPC: full
+            pass
+        finally:
+            os.close(fd)
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_full_log_file_system_never_makes_the_server_fail(full_disk, start_server, tmp_path):
+    server = start_server("--log-dir", str(full_disk / "logs"))
+    still_serves(server, tmp_path)
+    assert server.stop() == 0, server.stderr_text()
+    assert "Traceback" not in server.stderr_text()
+    assert "event=server.stopped" in server.stderr_text().splitlines()[-1]
