@@ -69,6 +69,24 @@ def test_workers_killed_many_times_a_second_lose_nothing(server, tmp_path):
     assert server.events("assignment.requeued")
 
 
+def test_sigterm_during_a_first_run_leaves_no_temp_sidecar(start_server, tmp_path):
+    # Workers spend much of a first run creating temp files, so each SIGTERM
+    # of the server, passed on to them, lands in or next to that.
+    for attempt in range(3):
+        server = start_server()
+        tree = tmp_path / f"tree{attempt}"
+        make_tree(tree, files=3000, dirs=100, size=100)
+        client = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo,
+                                   str(tree)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: len(sidecars_under(tree)) >= 300, what="sidecars")
+            assert server.stop() == 0
+        finally:
+            client.wait(30)
+        assert temp_files_under(tree) == [], f"run {attempt}"
+
+
 def test_a_stopped_worker_is_hung_killed_and_replaced(start_server, tmp_path):
     server = start_server("--hang-timeout", "1")
     tree = tmp_path / "tree"
