@@ -38,6 +38,7 @@ MAX_WORKERS = (FD_SETSIZE - OWN_FDS - 2 * (MAX_SESSIONS + SPARE_SESSIONS + 1)) /
 MAX_OUTSTANDING = 100     # files a client may have in the server before we stop reading
 STOP_GRACE = 2.0          # seconds workers get to leave after SIGTERM
 NO_WORKER_GRACE = 10.0    # seconds with no live worker before waiting clients are told
+SWEEP_INTERVAL = 10.0     # seconds between sweeps of dead clients' directories
 MAX_DEATHS = 3            # workers a file may kill or hang before it is an ERROR
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
@@ -78,6 +79,7 @@ class Server:
         self.stop_reason = "the server stopped"    # what clients still served are told
         self.status = 0
         self.workerless_since = None    # when the last live worker went, if none lives
+        self.next_sweep = 0.0           # when to sweep dead clients' directories
         self.started = clock()
         self._wake_r = self._wake_w = -1
         self._reap_needed = False
@@ -98,6 +100,7 @@ class Server:
         try:
             self.log.info("server.started", pid=os.getpid(), fifo=self.entrance.path,
                           workers=self.config.workers)
+            self.sweep()
             self.supervisor.start_due()
             while not self.stopping:
                 self.step()
@@ -169,6 +172,19 @@ class Server:
         self.send_replies()
         self.close_finished_sessions()
         self.drop_idle_sessions()
+        self.housekeeping()
+
+    def housekeeping(self):
+        """The checks that are due from time to time."""
+        if self.clock() >= self.next_sweep:
+            self.sweep()
+
+    def sweep(self):
+        """Remove the directories that dead clients left beside the entrance."""
+        self.next_sweep = self.clock() + SWEEP_INTERVAL
+        removed = self.entrance.sweep()
+        if removed:
+            self.log.info("entrance.swept", dirs=removed)
 
     def interest(self):
         """Map each fd to watch to (handler, owner), for reading and for writing."""
@@ -203,7 +219,7 @@ class Server:
 
     def timeout(self):
         deadlines = [self.supervisor.next_deadline(), self.workerless_deadline(),
-                     self.idle_deadline()]
+                     self.idle_deadline(), self.next_sweep]
         deadlines = [d for d in deadlines if d is not None]
         if not deadlines:
             return None             # idle: sleep until something happens

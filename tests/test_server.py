@@ -391,3 +391,71 @@ def test_a_client_that_names_the_entrance_through_a_symlink_is_served(server, tm
     make_tree(tree, files=3)
     result = run_client(str(tmp_path / "via" / "server.fifo"), tree)
     assert result.status == 0, result.stderr
+
+
+def plant_client_dirs(where):
+    """Directories named like a client's that the sweep must leave alone, aged
+    an hour; return (them, a reader fd that keeps one 'alive' to close)."""
+    keep = {}
+    for name in ("alive", "other-uid", "not-only-fifos", "young"):
+        keep[name] = where / f"osp-client-{name}"
+        keep[name].mkdir()
+        os.mkfifo(keep[name] / "reply")
+    reader = os.open(keep["alive"] / "reply", os.O_RDONLY | os.O_NONBLOCK)
+    (keep["not-only-fifos"] / "notes").write_text("a user's file")
+    target = where.parent / f"{where.name}-elsewhere"
+    target.mkdir()
+    os.mkfifo(target / "reply")
+    keep["link"] = where / "osp-client-link"
+    keep["link"].symlink_to(target)
+    if os.geteuid() == 0:
+        os.chown(keep["other-uid"] / "reply", 12345, 12345)
+        os.chown(keep["other-uid"], 12345, 12345)
+    else:
+        del keep["other-uid"]
+    hour_ago = time.time() - 3600
+    for name, path in keep.items():
+        if name != "young":
+            os.utime(path, (hour_ago, hour_ago), follow_symlinks=False)
+    return keep, reader
+
+
+def test_a_client_killed_in_its_handshake_leaves_nothing_for_long(server, tmp_path):
+    keep, reader = plant_client_dirs(server.dir)
+    try:
+        server.proc.send_signal(signal.SIGSTOP)       # its hello waits unanswered
+        try:
+            client = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo,
+                                       str(tmp_path)], stderr=subprocess.DEVNULL)
+            mine = wait_until(lambda: [d for d in server.dir.glob("osp-client-*")
+                                       if d not in keep.values()
+                                       and sorted(os.listdir(d)) == ["reply", "request"]],
+                              what="the client's FIFOs")
+            client.kill()
+            client.wait()
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        hour_ago = time.time() - 3600
+        os.utime(mine[0], (hour_ago, hour_ago))        # as if it died long ago
+        swept = server.wait_event("entrance.swept", timeout=30)
+        assert swept[0]["dirs"] == "1"
+        assert not mine[0].exists()
+        assert all(os.path.lexists(p) for p in keep.values())
+        assert os.listdir(keep["link"]) == ["reply"], "the link's target is untouched"
+    finally:
+        os.close(reader)
+
+
+def test_litter_of_dead_clients_is_swept_when_the_server_starts(start_server, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    litter = run / "osp-client-dead"
+    litter.mkdir()
+    for name in ("request", "reply"):
+        os.mkfifo(litter / name)
+    hour_ago = time.time() - 3600
+    os.utime(litter, (hour_ago, hour_ago))
+    server = start_server(fifo=str(run / "server.fifo"))
+    names = [e["event"] for e in server.events()]
+    assert names.index("entrance.swept") < names.index("worker.forked")
+    assert not litter.exists()
