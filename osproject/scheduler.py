@@ -101,17 +101,29 @@ class Assignment:
 
 
 class Scheduler:
-    """A FIFO of jobs; second opinions jump the queue."""
+    """Waiting jobs: urgent ones first, then each session's own in turn.
+
+    A session's new files wait in a queue of its own, and the sessions take
+    turns (round robin): a client with one file never waits behind another
+    client's thousands.  Second opinions, repairs, re-checks and a dead
+    worker's files are urgent: they jump every queue.
+    """
 
     def __init__(self):
-        self.pending = deque()
+        self.urgent = deque()
+        self.queues = {}        # session -> deque of its new jobs; dict order is the turn
         self._aids = itertools.count(1)
+
+    @property
+    def pending(self):
+        """Every waiting job (a list: for counting and tests, not for the hot path)."""
+        return [*self.urgent, *itertools.chain.from_iterable(self.queues.values())]
 
     def submit(self, job, urgent=False):
         if urgent:
-            self.pending.appendleft(job)
+            self.urgent.appendleft(job)
         else:
-            self.pending.append(job)
+            self.queues.setdefault(job.session, deque()).append(job)
 
     def take(self, worker):
         """Return an Assignment of the jobs this worker may do next, or None.
@@ -120,26 +132,49 @@ class Scheduler:
         frame, big ones one each, so eight big files keep five workers busy
         instead of queueing behind one.  A job that was with a worker when it
         died goes alone: a file that kills workers takes no neighbour along.
+        Urgent jobs come first, then the sessions' in turn: each session that
+        gives a job to this assignment goes to the back of the line.
         """
-        batch, passed, size = [], [], 0
-        while self.pending and len(batch) < MAX_PATHS and size < BATCH_BYTES:
-            job = self.pending.popleft()
-            if not job.allows(worker.wid) or (job.suspect and batch):
-                passed.append(job)
-                continue
-            batch.append(job)
-            size += job.size
-            if job.suspect:
+        batch = []
+        size = _fill(batch, 0, self.urgent, worker)
+        for session in list(self.queues):
+            if _full(batch, size):
                 break
-        self.pending.extendleft(reversed(passed))
+            queue = self.queues[session]
+            given = len(batch)
+            size = _fill(batch, size, queue, worker)
+            if len(batch) > given:          # its turn is taken: to the back of the line
+                del self.queues[session]
+                if queue:
+                    self.queues[session] = queue
         if not batch:
             return None
         return Assignment(next(self._aids), worker, batch)
 
     def requeue(self, job):
         """Put a job a dying worker held first in line for another worker."""
-        self.pending.appendleft(job)
+        self.urgent.appendleft(job)
 
     def drop_session(self, session):
         """Forget the waiting jobs of a client that went away."""
-        self.pending = deque(j for j in self.pending if j.session is not session)
+        self.urgent = deque(j for j in self.urgent if j.session is not session)
+        self.queues.pop(session, None)
+
+
+def _full(batch, size):
+    return len(batch) >= MAX_PATHS or size >= BATCH_BYTES or (batch and batch[-1].suspect)
+
+
+def _fill(batch, size, queue, worker):
+    """Move the jobs of `queue` this worker may do into `batch`, while it has room;
+    return the batch's size in bytes."""
+    passed = []
+    while queue and not _full(batch, size):
+        job = queue.popleft()
+        if not job.allows(worker.wid) or (job.suspect and batch):
+            passed.append(job)
+            continue
+        batch.append(job)
+        size += job.size
+    queue.extendleft(reversed(passed))
+    return size

@@ -459,3 +459,64 @@ def test_litter_of_dead_clients_is_swept_when_the_server_starts(start_server, tm
     names = [e["event"] for e in server.events()]
     assert names.index("entrance.swept") < names.index("worker.forked")
     assert not litter.exists()
+
+
+def sparse_tree(root, files, size):
+    """`files` files of `size` bytes that take no disk (all zeros), settled."""
+    past = time.time() - 10
+    paths = []
+    for i in range(files):
+        path = root / f"d{i % 10}" / f"big{i}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(size)
+        os.utime(path, (past, past))
+        paths.append(path)
+    settled = time.time() + 0.2
+    wait_until(lambda: time.time() > settled, what="the tree to settle")
+    return paths
+
+
+def test_a_one_file_client_is_served_between_another_clients_big_files(server, tmp_path):
+    big = tmp_path / "big"
+    sparse_tree(big, files=300, size=8 << 20)       # one file per assignment
+    hog = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, str(big)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def waiting():
+        status = run_client(server, "--status", "--json")
+        return json.loads(status.stdout)["waiting"]
+
+    try:
+        wait_until(lambda: len(sidecars_under(big)) >= 20, what="the big run")
+        # Freeze the workers, the big run's files waiting in line; count how
+        # many of them are done by the time the one-file client is.
+        workers = server.workers()
+        for w in workers:
+            w.suspend()
+        try:
+            polls = [waiting()]
+            wait_until(lambda: polls.append(waiting()) or polls[-1] == polls[-2],
+                       what="the big run to stop asking")
+            before = len(sidecars_under(big))
+            small = tmp_path / "small"
+            make_tree(small, files=1)
+            one = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo,
+                                    str(small)], stderr=subprocess.PIPE, text=True)
+            wait_until(lambda: waiting() == polls[-1] + 1, what="the one file in line")
+        finally:
+            for w in workers:
+                w.resume()
+        wait_until(lambda: sidecars_under(small), what="a worker for the one file")
+        done_meanwhile = len(sidecars_under(big)) - before
+        assert hog.poll() is None, "the big run was over: nothing was tested"
+        assert one.wait(60) == 0, one.stderr.read()
+        one.stderr.close()
+        # Those the frozen workers held, one turn of the big run, and what
+        # the others did meanwhile; one queue for all made the one file wait
+        # for the ~70 files queued before it.
+        assert done_meanwhile <= 3 * len(workers), f"{done_meanwhile} big files went first"
+    finally:
+        hog.wait(120)
+        hog.stderr.close()
+    assert hog.returncode == 0
