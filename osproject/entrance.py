@@ -69,6 +69,11 @@ class Entrance:
         """Make the FIFO exist and listen on it; raise EntranceError if we may not."""
         if self.private_dir:
             ensure_private_dir(os.path.dirname(self.path))
+        try:
+            protocol.longest_hello(os.path.realpath(os.path.dirname(self.path)))
+        except protocol.ProtocolError as exc:
+            raise EntranceError(f"no client could say hello on {self.path}: {exc}; "
+                                "choose a shorter --fifo") from None
         self._clear_stale()
         try:
             os.mkfifo(self.path, 0o600)
@@ -81,6 +86,27 @@ class Entrance:
         st = os.fstat(self.fd)
         self._identity = (st.st_dev, st.st_ino)
         self.directory = os.path.realpath(os.path.dirname(self.path))
+
+    def is_ours(self):
+        """Is the FIFO at our path still the very one we made?
+
+        Tmp cleaners delete old files; another server may then make its own.
+        """
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
+
+    def recreate(self):
+        """Make the FIFO anew after it was deleted; raise EntranceError if it is
+        not simply gone (replaced by a file, or by another server's FIFO)."""
+        if os.path.lexists(self.path):
+            raise EntranceError(f"{self.path} was replaced by something that is not "
+                                "ours; leaving it to whoever made it")
+        self.close()
+        self.lines = protocol.LineBuffer(limit=protocol.HELLO_MAX)
+        self.open()
 
     def _clear_stale(self):
         """Remove a FIFO of ours that nobody serves; refuse anything else."""

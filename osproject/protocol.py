@@ -104,6 +104,17 @@ def encode_hello(request_fifo, reply_fifo):
     return frame
 
 
+def longest_hello(entrance_dir):
+    """Return the longest hello a client of an entrance in `entrance_dir` sends.
+
+    Its FIFOs are in entrance_dir/osp-client-XXXXXXXX/ (tempfile.mkdtemp
+    adds 8 characters).  Raises ProtocolError when it exceeds HELLO_MAX: then
+    no client can ever say hello there.
+    """
+    private = os.path.join(entrance_dir, CLIENT_DIR_PREFIX + "x" * 8)
+    return encode_hello(os.path.join(private, "request"), os.path.join(private, "reply"))
+
+
 def parse_hello(line):
     """Return (request_fifo, reply_fifo) from a hello line, or raise ProtocolError."""
     frame = decode(line)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import protocol, verifier
-from .entrance import Entrance
+from .entrance import Entrance, EntranceError
 from .scheduler import Job, Scheduler
 from .session import Refused, Session, Unchecked
 from .status import gather_status
@@ -39,6 +39,7 @@ MAX_OUTSTANDING = 100     # files a client may have in the server before we stop
 STOP_GRACE = 2.0          # seconds workers get to leave after SIGTERM
 NO_WORKER_GRACE = 10.0    # seconds with no live worker before waiting clients are told
 SWEEP_INTERVAL = 10.0     # seconds between sweeps of dead clients' directories
+ENTRANCE_CHECK = 5.0      # seconds between checks that the entrance FIFO is still ours
 MAX_DEATHS = 3            # workers a file may kill or hang before it is an ERROR
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
@@ -80,6 +81,7 @@ class Server:
         self.status = 0
         self.workerless_since = None    # when the last live worker went, if none lives
         self.next_sweep = 0.0           # when to sweep dead clients' directories
+        self.next_entrance_check = 0.0
         self.started = clock()
         self._wake_r = self._wake_w = -1
         self._reap_needed = False
@@ -178,6 +180,27 @@ class Server:
         """The checks that are due from time to time."""
         if self.clock() >= self.next_sweep:
             self.sweep()
+        if self.clock() >= self.next_entrance_check and not self.stopping:
+            self.next_entrance_check = self.clock() + ENTRANCE_CHECK
+            self.check_entrance()
+
+    def check_entrance(self):
+        """Make the entrance FIFO anew if it was deleted; stop if it was replaced.
+
+        A deleted entrance serves nobody, and lets a second server start on
+        the same path; one replaced is someone else's now.
+        """
+        if self.entrance.is_ours():
+            return
+        self.on_entrance()              # hellos already in the old FIFO
+        try:
+            self.entrance.recreate()
+        except EntranceError as exc:
+            self.log.error("server.failed", reason=str(exc))
+            self.stopping, self.status = True, 1
+            self.stop_reason = "the server's entrance FIFO was taken away"
+            return
+        self.log.warning("entrance.recreated", path=self.entrance.path)
 
     def sweep(self):
         """Remove the directories that dead clients left beside the entrance."""
@@ -219,7 +242,7 @@ class Server:
 
     def timeout(self):
         deadlines = [self.supervisor.next_deadline(), self.workerless_deadline(),
-                     self.idle_deadline(), self.next_sweep]
+                     self.idle_deadline(), self.next_sweep, self.next_entrance_check]
         deadlines = [d for d in deadlines if d is not None]
         if not deadlines:
             return None             # idle: sleep until something happens
@@ -496,7 +519,9 @@ class Server:
         if session in self.sessions:
             self.sessions.remove(session)
             session.close()
-            self.log.warning("session.dropped", session=session.sid, reason=reason)
+            self.log.warning("session.dropped", session=session.sid, reason=reason,
+                             files=session.files, unanswered=session.outstanding or None,
+                             **_lower(session.counts))
 
     def send_replies(self):
         """Send each client this pass's verdicts, batched, and start writing them."""
@@ -510,18 +535,23 @@ class Server:
 
     def close_finished_sessions(self):
         for session in list(self.sessions):
+            if session.dead:    # a write met EPIPE: SIGKILLed, or it closed its end
+                self.drop_session(session, "client vanished: its reply FIFO is closed")
+                continue
             if (session.eof or session.dead) and session.outstanding <= 0 \
                     and not session.said_bye:
                 session.said_bye = True
                 session.unchecked = Unchecked()   # free it: no re-checks after the bye
-                if not session.dead:
-                    try:
-                        session.send({"bye": session.counts})
-                    except Refused as exc:
-                        self.drop_session(session, str(exc))
-                        continue
-                    session.flush()
-            if session.said_bye and (session.dead or not session.outbuf):
+                try:
+                    session.send({"bye": session.counts})
+                except Refused as exc:
+                    self.drop_session(session, str(exc))
+                    continue
+                session.flush()
+                if session.dead:
+                    self.drop_session(session, "client vanished: its reply FIFO is closed")
+                    continue
+            if session.said_bye and not session.outbuf:
                 self.sessions.remove(session)
                 session.close()
                 self.log.info("session.closed", session=session.sid,

@@ -105,14 +105,20 @@ def test_started_with_stdout_and_stderr_closed(tmp_path):
         assert proc.wait(10) == 0
 
 
-def test_an_entrance_too_deep_for_a_hello_makes_the_client_exit_2(start_server, tmp_path):
+def test_an_entrance_too_deep_for_a_hello_is_refused_by_server_and_client(
+        start_server, tmp_path):
     deep = tmp_path / ("t" * 200) / ("u" * 200)      # two FIFO paths: over 512 bytes
     deep.mkdir(parents=True)
-    server = start_server(fifo=str(deep / "server.fifo"))
-    result = run_client(server, tmp_path)
+    fifo = str(deep / "server.fifo")
+    server = start_server(fifo=fifo, ready=False)
+    assert server.proc.wait(30) == 2, "a server no client can reach is no server"
+    [refused] = server.events("server.refused")
+    assert "no client could say hello" in refused["reason"]
+    assert "too long a path" in refused["reason"] and "--fifo" in refused["reason"]
+    result = run_client(fifo, tmp_path)
     assert result.status == 2
     assert "too long a path" in result.stderr and "Traceback" not in result.stderr
-    assert os.listdir(deep) == ["server.fifo"], "the client left its directory behind"
+    assert os.listdir(deep) == [], "the client left its directory behind"
 
 
 def test_a_repair_finds_a_worker_even_when_every_worker_has_voted(start_server, tmp_path):

@@ -68,3 +68,9 @@ def test_a_hello_after_a_torn_line_is_read_whole():
     assert buf.feed(b"torn" + hello) == [b"torn", hello.strip()]
     assert buf.feed(b"x" * 2000) == [None]
     assert buf.feed(hello) == [hello.strip()]
+
+
+def test_the_longest_hello_of_an_entrance_directory_is_known_before_any_client():
+    assert len(protocol.longest_hello("/run/osproject")) <= protocol.HELLO_MAX
+    with pytest.raises(protocol.ProtocolError):
+        protocol.longest_hello("/" + "d" * 250)

@@ -292,6 +292,20 @@ def test_a_client_that_dies_mid_run_costs_nothing_to_others(server, tmp_path):
     assert server.proc.poll() is None
 
 
+def test_a_sigkilled_client_is_logged_as_dropped_not_as_a_normal_close(server, tmp_path):
+    tree = tmp_path / "tree"
+    make_tree(tree, files=3000, size=4000)
+    client = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, str(tree)],
+                              stdout=subprocess.DEVNULL)
+    wait_until(lambda: len(sidecars_under(tree)) >= 100, what="the run under way")
+    client.kill()
+    client.wait()
+    [dropped] = server.wait_event("session.dropped")
+    assert dropped["reason"] == "client vanished: its reply FIFO is closed"
+    assert int(dropped["files"]) >= 100 and int(dropped["new"]) >= 1
+    assert server.events("session.closed") == []
+
+
 def test_sighup_reopens_the_log(server):
     os.rename(server.log_path, server.log_path + ".1")
     server.proc.send_signal(signal.SIGHUP)
@@ -520,3 +534,29 @@ def test_a_one_file_client_is_served_between_another_clients_big_files(server, t
         hog.wait(120)
         hog.stderr.close()
     assert hog.returncode == 0
+
+
+def test_a_deleted_entrance_is_made_anew_and_serves_again(server, tmp_path):
+    os.unlink(server.fifo)                          # as a tmp cleaner would
+    server.wait_event("entrance.recreated", timeout=20)
+    assert stat.S_ISFIFO(os.lstat(server.fifo).st_mode)
+    tree = tmp_path / "tree"
+    make_tree(tree, files=5)
+    assert run_client(server, tree).status == 0
+    assert server.stop() == 0
+    assert not os.path.exists(server.fifo)
+
+
+def test_an_entrance_replaced_by_something_else_stops_the_server_and_is_left_alone(
+        server, tmp_path):
+    os.unlink(server.fifo)
+    with open(server.fifo, "w") as f:               # not ours to remove
+        f.write("someone else's")
+    try:
+        assert server.proc.wait(20) == 1
+        [failed] = server.events("server.failed")
+        assert "was replaced" in failed["reason"]
+        with open(server.fifo) as f:
+            assert f.read() == "someone else's"
+    finally:
+        os.unlink(server.fifo)
