@@ -9,9 +9,26 @@ from .entrance import default_fifo
 from .report import EXIT_TROUBLE
 
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Run from a checkout, the log goes to its logs/; installed, to ./logs.
-DEFAULT_LOG_DIR = (os.path.join(_CHECKOUT, "logs")
-                   if os.path.exists(os.path.join(_CHECKOUT, "setup.py")) else "logs")
+ROOT_LOG_DIR = "/var/log/osproject"
+
+
+def default_log_dir(checkout=_CHECKOUT, euid=None, environ=os.environ):
+    """Where the log goes without --log-dir.
+
+    Run from a checkout, to its logs/; installed, where logs of a daemon
+    belong: /var/log/osproject/ for root, else $XDG_STATE_HOME/osproject/
+    (~/.local/state/osproject/), never ./logs of wherever cron started it.
+    """
+    if os.path.exists(os.path.join(checkout, "setup.py")):
+        return os.path.join(checkout, "logs")
+    if (os.geteuid() if euid is None else euid) == 0:
+        return ROOT_LOG_DIR
+    state = environ.get("XDG_STATE_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "osproject")
+
+
+DEFAULT_LOG_DIR = default_log_dir()
 
 CHAOS_HELP = """\
 testing aid: make faults real. liar:SLOT[:RATE[:AFTER]] makes the first worker

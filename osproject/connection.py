@@ -64,7 +64,7 @@ class Connection:
         hold_request = os.open(request, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         self.request_fd = os.open(request, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            self._say_hello(protocol.encode_hello(request, reply))
+            self._say_hello(protocol.encode_hello(request, reply, pid=os.getpid()))
             self._await_welcome()
         finally:
             os.close(hold_reply)

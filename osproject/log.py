@@ -112,7 +112,7 @@ class EventLog:
     if given a Syslog, to syslog."""
 
     def __init__(self, log_dir, stream=None, syslog=None):
-        self.path = os.path.join(log_dir, LOG_NAME)
+        self.path = os.path.abspath(os.path.join(log_dir, LOG_NAME))
         self.stream = sys.stderr if stream is None else stream
         self.syslog = syslog
         os.makedirs(log_dir, exist_ok=True)

@@ -8,6 +8,7 @@ it forks, and fork in a threaded process can deadlock.
 """
 
 import itertools
+import json
 import os
 import re
 import select
@@ -101,7 +102,7 @@ class Server:
         self.entrance.open()
         try:
             self.log.info("server.started", pid=os.getpid(), fifo=self.entrance.path,
-                          workers=self.config.workers)
+                          workers=self.config.workers, log=self.log.path)
             self.sweep()
             self.supervisor.start_due()
             while not self.stopping:
@@ -234,7 +235,8 @@ class Server:
             handler()
         except Exception as exc:  # noqa: BLE001 - the server must outlive any one peer
             self.log.error("server.error", error=repr(exc)[:500],
-                           peer=type(owner).__name__ if owner else "server")
+                           peer=type(owner).__name__ if owner else "server",
+                           **_who(owner))
             if isinstance(owner, Session):
                 self.drop_session(owner, f"internal error: {exc!r}")
             elif isinstance(owner, Worker):
@@ -345,7 +347,8 @@ class Server:
             if job.deaths < MAX_DEATHS:
                 self.scheduler.requeue(job)
                 continue
-            self.log.error("file.abandoned", path=job.path, deaths=job.deaths)
+            self.log.error("file.abandoned", path=job.path, deaths=job.deaths,
+                           session=job.session.sid)
             self.trust.finish(job, Verdict(verifier.ERROR, reason=f"{job.deaths} "
                                            "workers died or hung reading it"))
 
@@ -419,7 +422,8 @@ class Server:
                 self.log.warning("request.refused", reason=str(exc))
                 continue
             self.sessions.append(session)
-            self.log.info("session.opened", session=session.sid, reply=session.reply_path,
+            self.log.info("session.opened", session=session.sid, pid=session.pid,
+                          uid=session.uid, reply=session.reply_path,
                           spare=session.spare or None)
             session.send({"welcome": protocol.HELLO_VERSION, "server": os.getpid()})
             session.flush()
@@ -433,11 +437,12 @@ class Server:
         """
         if line is None:
             raise Refused(f"hello longer than {protocol.HELLO_MAX} bytes")
-        request, reply = protocol.parse_hello(line)
+        request, reply, pid = protocol.read_hello(line)
         if not (self.entrance.beside(request) and self.entrance.beside(reply)):
             raise Refused("FIFOs must be in a client directory beside the entrance")
         session = Session(next(self._sids), request, reply)
         session.heard_at = self.clock()
+        session.pid = pid
         regular = sum(not s.spare for s in self.sessions)
         if regular >= MAX_SESSIONS:
             if len(self.sessions) - regular >= SPARE_SESSIONS:
@@ -459,6 +464,10 @@ class Server:
     def accept_request(self, session, frame):
         if frame.get("status"):
             session.send({"status": self.status_report(asker=session)})
+            return
+        if "roots" in frame:
+            self.log.info("session.roots", session=session.sid, count=frame["count"],
+                          roots=json.dumps(frame["roots"]))
             return
         if session.spare:
             raise Refused("too many clients; only --status is served until some leave")
@@ -560,6 +569,15 @@ class Server:
 
 def _wake_only(signum, frame):
     """Python-level no-op: the wakeup fd already carries the signal number."""
+
+
+def _who(owner):
+    """The log fields that name a peer: a worker's slot and pid, a session."""
+    if isinstance(owner, Worker):
+        return {"slot": owner.slot, "pid": owner.pid}
+    if isinstance(owner, Session):
+        return {"session": owner.sid}
+    return {}
 
 
 def _lower(counts):

@@ -66,7 +66,7 @@ class Trust:
             job.cross_check = verifier.wants_cross_check(
                 worker, self.sample, self.rng)
         job.opinions.append(Vote(worker.wid, result["md5"], result["stat"],
-                                 bool(result.get("racy")), worker.pid))
+                                 bool(result.get("racy")), worker.pid, worker.slot))
         # A worker that read no hash (declined) can give no opinion either.
         verdict = verifier.judge(job.expected, job.opinions, job.cross_check,
                                  self.max_opinions - len(job.declined))
@@ -142,7 +142,8 @@ class Trust:
             error = f"baseline not updated: {job.write_error}"
         if status == verifier.CHANGED:
             self.log.warning("file.changed", path=job.path, expected=job.expected,
-                             got=verdict.md5, updated=job.update or None)
+                             got=verdict.md5, updated=job.update or None,
+                             session=job.session.sid)
         md5 = None if status == verifier.ERROR and not verdict.checked else verdict.md5
         reply = {"id": job.rid, "i": job.index, "status": status, "md5": md5,
                  "expected": job.expected, "error": error}
@@ -176,7 +177,8 @@ class Trust:
             return
         status = verifier.ERROR if job.write_error else verdict.status
         self.log.warning("file.repaired", path=job.path, got=original,
-                         agreed=verdict.md5, status=status, error=job.write_error)
+                         agreed=verdict.md5, status=status, error=job.write_error,
+                         session=session.sid)
         try:
             session.send({"correct": {"path": job.path, "status": status,
                                       "md5": verdict.md5, "error": job.write_error}})
@@ -192,9 +194,9 @@ class Trust:
         if worker is None or self.supervisor.state_of(worker) is State.KILLED:
             # Dead or being killed already: nobody to punish, but its other
             # unchecked hashes are as suspect as if it were alive.
-            self.log.warning("worker.warned", pid=vote.pid, path=job.path, got=got,
-                             agreed=verdict.md5, gone=True)
-            self.reverify(wid, pid=vote.pid)
+            self.log.warning("worker.warned", slot=vote.slot, pid=vote.pid, path=job.path,
+                             got=got, agreed=verdict.md5, gone=True)
+            self.reverify(wid, slot=vote.slot, pid=vote.pid)
             return
         banned = self.supervisor.warn(worker)
         self.log.warning("worker.warned", slot=worker.slot, pid=worker.pid,
@@ -210,11 +212,11 @@ class Trust:
         again and its unchecked hashes are checked, in case it did lie."""
         vote = next(v for v in job.opinions if v.wid == wid)
         worker = self.supervisor.by_wid.get(wid)
-        self.log.info("worker.outvoted", slot=worker.slot if worker else None,
-                      pid=vote.pid, path=job.path, got=vote.md5, agreed=verdict.md5)
+        self.log.info("worker.outvoted", slot=vote.slot, pid=vote.pid, path=job.path,
+                      got=vote.md5, agreed=verdict.md5)
         if worker is not None:
             worker.confirmed = 0
-        self.reverify(wid, slot=worker.slot if worker else None, pid=vote.pid)
+        self.reverify(wid, slot=vote.slot, pid=vote.pid)
 
     def reverify(self, wid, **who):
         """Have other workers re-check every hash worker `wid` gave unchecked.

@@ -27,6 +27,7 @@ class Vote:
     stat: tuple = ()    # (size, mtime, ctime, ino) as that worker saw them
     racy: bool = False  # read within a timestamp tick of its last change
     pid: int = None     # for the log: which process that worker was
+    slot: int = None    # ... and in which slot, for a worker gone since
 
 
 @dataclass(frozen=True)

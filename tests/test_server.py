@@ -560,3 +560,42 @@ def test_an_entrance_replaced_by_something_else_stops_the_server_and_is_left_alo
             assert f.read() == "someone else's"
     finally:
         os.unlink(server.fifo)
+
+
+def test_logs_an_operator_can_follow(start_server, tmp_path):
+    server = start_server("--chaos", "liar:0")
+    [started] = server.events("server.started")
+    assert started["log"] == server.log_path
+    tree = tmp_path / "tree"
+    files = make_tree(tree, files=300, dirs=10)
+    client = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, "tree"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL)
+    assert client.wait(90) == 0
+    [opened] = server.events("session.opened")
+    assert opened["pid"] == str(client.pid) and opened["uid"] == str(os.geteuid())
+    [roots] = server.events("session.roots")
+    assert roots["session"] == opened["session"] and roots["count"] == "1"
+    assert json.loads(roots["roots"]) == [str(tree)]
+    with open(files[7], "ab") as f:
+        f.write(b"changed")
+    assert run_client(server, tree).status == 1
+    [changed] = server.events("file.changed")
+    assert changed["path"] == files[7]
+    assert changed["session"] == server.events("session.opened")[-1]["session"]
+    about_workers = [e for e in server.events() if e["event"].startswith("worker.")
+                     and e["event"] not in ("worker.spawn_failed", "worker.backoff")]
+    assert server.events("worker.banned")
+    assert all("slot" in e and "pid" in e for e in about_workers), \
+        [e for e in about_workers if "slot" not in e or "pid" not in e]
+
+
+def test_the_default_log_dir_is_logs_of_a_checkout_else_where_daemon_logs_belong(tmp_path):
+    from osproject.cli import ROOT_LOG_DIR, default_log_dir
+    from conftest import ROOT
+    assert default_log_dir(ROOT) == os.path.join(ROOT, "logs")
+    installed = str(tmp_path / "site-packages")          # no setup.py beside it
+    assert default_log_dir(installed, euid=0) == ROOT_LOG_DIR == "/var/log/osproject"
+    assert default_log_dir(installed, euid=1000, environ={"XDG_STATE_HOME": "/s",
+                                                          "HOME": "/h"}) == "/s/osproject"
+    assert default_log_dir(installed, euid=1000, environ={"HOME": "/h"}) == \
+        "/h/.local/state/osproject"
