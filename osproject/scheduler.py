@@ -23,6 +23,8 @@ class Job:
     opinions: list = field(default_factory=list)
     cross_check: bool = False
     reverify_of: int = None     # wid whose unchecked hash this job re-checks
+    proving: int = None         # wid whose outvoted reading this re-reading puts to the
+                                # proof (Trust.put_to_proof): nothing goes to the client
     retried: bool = False       # a worker died holding this job
     stale: list = field(default_factory=list)   # pids that may have left temp files
     write_error: str = None
@@ -45,6 +47,8 @@ class Job:
         """
         if self.settled is not None:
             return True             # a discard is no opinion: any worker will do
+        if self.proving is not None and len(self.opinions) == 1:
+            return wid == self.proving  # the accused reads next, after the agreed hash
         if self.repairs:            # never the worker whose lie is being repaired
             return wid not in self.losers and wid != self.reverify_of
         return (wid != self.reverify_of and wid not in self.declined
@@ -53,7 +57,7 @@ class Job:
     @property
     def keeps_sidecar(self):
         """True when the sidecar must hold the file's agreed hash when done."""
-        return self.expected is None or self.update
+        return (self.expected is None or self.update) and self.proving is None
 
     def write_mode(self):
         """How the next worker treats the sidecar: new, replace or keep.
@@ -154,6 +158,12 @@ class Scheduler:
     def requeue(self, job):
         """Put a job a dying worker held first in line for another worker."""
         self.urgent.appendleft(job)
+
+    def withdraw(self, keep):
+        """Remove and return the urgent jobs for which keep(job) is false."""
+        gone = [job for job in self.urgent if not keep(job)]
+        self.urgent = deque(job for job in self.urgent if keep(job))
+        return gone
 
     def drop_session(self, session):
         """Forget the waiting jobs of a client that went away."""

@@ -300,6 +300,7 @@ class Server:
             # files; one that crashed or hung on them might have met a poison.
             blame = worker.killed_for in (None, "hung")
             self.requeue(worker.assignment, pid, blame)
+        self.trust.drop_proofs(worker.wid)
         self.give_up_if_hopeless()
 
     def give_up_if_hopeless(self):
