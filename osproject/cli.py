@@ -9,9 +9,26 @@ from .entrance import default_fifo
 from .report import EXIT_TROUBLE
 
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Run from a checkout, the log goes to its logs/; installed, to ./logs.
-DEFAULT_LOG_DIR = (os.path.join(_CHECKOUT, "logs")
-                   if os.path.exists(os.path.join(_CHECKOUT, "setup.py")) else "logs")
+ROOT_LOG_DIR = "/var/log/osproject"
+
+
+def default_log_dir(checkout=_CHECKOUT, euid=None, environ=os.environ):
+    """Where the log goes without --log-dir.
+
+    Run from a checkout, to its logs/; installed, where logs of a daemon
+    belong: /var/log/osproject/ for root, else $XDG_STATE_HOME/osproject/
+    (~/.local/state/osproject/), never ./logs of wherever cron started it.
+    """
+    if os.path.exists(os.path.join(checkout, "setup.py")):
+        return os.path.join(checkout, "logs")
+    if (os.geteuid() if euid is None else euid) == 0:
+        return ROOT_LOG_DIR
+    state = environ.get("XDG_STATE_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "osproject")
+
+
+DEFAULT_LOG_DIR = default_log_dir()
 
 CHAOS_HELP = """\
 testing aid: make faults real. liar:SLOT[:RATE[:AFTER]] makes the first worker
@@ -66,6 +83,9 @@ def server_parser():
     p.add_argument("--workers", type=int, default=5, help="worker processes (default 5, at least 3)")
     p.add_argument("--hang-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="kill a worker silent this long on an assignment (default 30)")
+    p.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="drop a client session that sends nothing and waits for no "
+                        "file this long (default 60)")
     p.add_argument("--cross-check", type=fraction, default=0.1, metavar="P",
                    help="share of new files a trusted worker hashes that another "
                         "worker re-checks (default 0.1)")
@@ -103,16 +123,23 @@ def open_log(args):
 
 def server_main(argv=None):
     from .entrance import EntranceError
-    from .server import Config, Server
+    from .server import FD_SETSIZE, MAX_SESSIONS, MAX_WORKERS, Config, Server
     args = server_parser().parse_args(argv)
     if args.workers < 3:
         server_parser().error("--workers must be at least 3: a tie between two "
                               "workers needs a third to break it")
+    if args.workers > MAX_WORKERS:
+        server_parser().error(f"--workers must be at most {MAX_WORKERS}: select() "
+                              f"watches only fds below {FD_SETSIZE}, and each worker "
+                              f"takes two, as does each of up to {MAX_SESSIONS} clients")
     if args.hang_timeout < 1:
         server_parser().error("--hang-timeout must be at least 1 second")
+    if args.idle_timeout < 1:
+        server_parser().error("--idle-timeout must be at least 1 second")
     config = Config(fifo=args.fifo or default_fifo(),
                     private_dir=uses_default_fifo(args),
                     workers=args.workers, hang_timeout=args.hang_timeout,
+                    idle_timeout=args.idle_timeout,
                     cross_check=args.cross_check, **parse_chaos(args.chaos, args.workers))
     log = open_log(args)
     if log is None:

@@ -54,6 +54,8 @@ class Client:
 
     def run(self, roots):
         """Check every root; return the exit status."""
+        self.conn.send({"roots": [os.path.abspath(r) for r in roots[:protocol.MAX_ROOTS]],
+                        "count": len(roots)})           # for the server's log
         reader = threading.Thread(target=self.read_replies, name="reader", daemon=True)
         # Daemons, so that Ctrl-C in the main thread ends the client at once.
         lister = threading.Thread(target=self.list_all, args=(roots,), name="lister",
@@ -231,6 +233,8 @@ class Client:
                 self.route(frame)
         except (OSError, protocol.ProtocolError) as exc:
             self.fail(f"lost the server: {exc}")
+        except ClientError as exc:          # the server said why it ends the session
+            self.fail(str(exc))
         finally:
             if self.bye is None:
                 self.fail("the server closed the session before it was done")

@@ -76,7 +76,8 @@ class Connection:
         hold_request = os.open(request, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         self.request_fd = os.open(request, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            self._say_hello(entrance_fd, protocol.encode_hello(request, reply))
+            self._say_hello(entrance_fd, protocol.encode_hello(request, reply,
+                                                               pid=os.getpid()))
             self._await_welcome()
         finally:
             os.close(hold_reply)
@@ -110,6 +111,8 @@ class Connection:
             lines = self.lines.feed(os.read(self.reply_fd, 65536))
             if lines:
                 frame = protocol.decode(lines[0]) if lines[0] else {}
+                if "error" in frame:
+                    raise ClientError(f"the server refused: {frame['error']}")
                 if frame.get("welcome") != protocol.HELLO_VERSION:
                     raise ClientError("the server answered with something else than welcome")
                 self.leftover = lines[1:]
@@ -123,9 +126,10 @@ class Connection:
                 data = data[os.write(self.request_fd, data):]
 
     def frames(self):
-        """Yield reply frames until the server closes the reply FIFO."""
+        """Yield reply frames until the server closes the reply FIFO; raise
+        ClientError when it ends the session with an error frame."""
         for line in self.leftover:
-            yield protocol.decode(line)
+            yield _unless_error(protocol.decode(line))
         while True:
             data = os.read(self.reply_fd, 65536)
             if not data:
@@ -133,7 +137,7 @@ class Connection:
             for line in self.lines.feed(data):
                 if line is None:
                     raise protocol.ProtocolError("oversized reply")
-                yield protocol.decode(line)
+                yield _unless_error(protocol.decode(line))
 
     def finish_requests(self):
         """Tell the server we have nothing more to ask (EOF on the request FIFO)."""
@@ -211,3 +215,10 @@ def _check_runtime_dir(directory, nobody):
         raise ClientError(f"refusing {directory}: it must be a directory of ours with "
                           f"mode 0700 (someone else may have made it); remove it, or "
                           "choose another entrance with --fifo")
+
+
+def _unless_error(frame):
+    if "error" in frame:
+        raise ClientError(f"the server ended the session: {frame['error']}")
+    return frame
+

@@ -3,8 +3,15 @@
 import errno
 import os
 import stat
+import time
 
 from . import protocol
+
+# Clients give up their handshake after 5 seconds (connection.CONNECT_TIMEOUT):
+# a client directory older than this, whose FIFOs nobody holds, was left by
+# a client that died meanwhile.
+STALE_CLIENT_DIR = 10.0
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class EntranceError(Exception):
@@ -62,6 +69,11 @@ class Entrance:
         """Make the FIFO exist and listen on it; raise EntranceError if we may not."""
         if self.private_dir:
             ensure_private_dir(os.path.dirname(self.path))
+        try:
+            protocol.longest_hello(os.path.realpath(os.path.dirname(self.path)))
+        except protocol.ProtocolError as exc:
+            raise EntranceError(f"no client could say hello on {self.path}: {exc}; "
+                                "choose a shorter --fifo") from None
         self._clear_stale()
         try:
             os.mkfifo(self.path, 0o600)
@@ -74,6 +86,27 @@ class Entrance:
         st = os.fstat(self.fd)
         self._identity = (st.st_dev, st.st_ino)
         self.directory = os.path.realpath(os.path.dirname(self.path))
+
+    def is_ours(self):
+        """Is the FIFO at our path still the very one we made?
+
+        Tmp cleaners delete old files; another server may then make its own.
+        """
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
+
+    def recreate(self):
+        """Make the FIFO anew after it was deleted; raise EntranceError if it is
+        not simply gone (replaced by a file, or by another server's FIFO)."""
+        if os.path.lexists(self.path):
+            raise EntranceError(f"{self.path} was replaced by something that is not "
+                                "ours; leaving it to whoever made it")
+        self.close()
+        self.lines = protocol.LineBuffer(limit=protocol.HELLO_MAX)
+        self.open()
 
     def _clear_stale(self):
         """Remove a FIFO of ours that nobody serves; refuse anything else."""
@@ -93,6 +126,29 @@ class Entrance:
             return
         os.close(fd)
         raise EntranceError(f"another server is already serving {self.path}")
+
+    def sweep(self, now=None):
+        """Remove the client directories that dead clients left beside the
+        entrance; return how many.
+
+        A client killed during its handshake leaves its osp-client-*
+        directory for ever.  One goes only if it is a directory (not a
+        symlink) of our uid, older than STALE_CLIENT_DIR, holding nothing but
+        FIFOs of ours that nobody holds open.  Everything is reached through
+        directory fds, never through a link.
+        """
+        now = time.time() if now is None else now
+        try:
+            parent = os.open(self.directory, _DIR_FLAGS & ~os.O_NOFOLLOW)
+        except OSError:
+            return 0
+        try:
+            return sum(_remove_if_stale(parent, name, now) for name in os.listdir(parent)
+                       if name.startswith(protocol.CLIENT_DIR_PREFIX))
+        except OSError:
+            return 0
+        finally:
+            os.close(parent)
 
     def read_lines(self):
         """Return the complete hello lines now readable (None for an oversized one)."""
@@ -114,3 +170,44 @@ class Entrance:
             if fd >= 0:
                 os.close(fd)
         self.fd = self._writer = -1
+
+
+def _remove_if_stale(parent, name, now):
+    """Remove client directory `name` of `parent` if a dead client left it."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)    # ELOOP for a symlink
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or now - st.st_mtime < STALE_CLIENT_DIR:
+            return False
+        names = os.listdir(fd)
+        if not all(_abandoned_fifo(fd, n) for n in names):
+            return False
+        for n in names:
+            os.unlink(n, dir_fd=fd)
+        os.rmdir(name, dir_fd=parent)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _abandoned_fifo(dir_fd, name):
+    """Is `name` a FIFO of ours that nobody has open for reading?
+
+    A live client holds a reader on both of its FIFOs until the names are
+    gone; opening one for writing without blocking then succeeds.
+    """
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.geteuid():
+        return False
+    try:
+        probe = os.open(name, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=dir_fd)
+    except OSError as exc:
+        return exc.errno == errno.ENXIO
+    os.close(probe)
+    return False

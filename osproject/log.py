@@ -112,11 +112,12 @@ class EventLog:
     if given a Syslog, to syslog."""
 
     def __init__(self, log_dir, stream=None, syslog=None):
-        self.path = os.path.join(log_dir, LOG_NAME)
+        self.path = os.path.abspath(os.path.join(log_dir, LOG_NAME))
         self.stream = sys.stderr if stream is None else stream
         self.syslog = syslog
         os.makedirs(log_dir, exist_ok=True)
-        self._file = None
+        self._fd = -1
+        self._torn = False              # a short write left a line without its newline
         self.lost = 0                   # lines that could not be written
         self.reopen()
 
@@ -128,20 +129,37 @@ class EventLog:
         """
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
                      | os.O_CLOEXEC, 0o640)
-        old, self._file = self._file, os.fdopen(fd, "a", buffering=1, encoding="utf-8")
-        if old is not None:
-            old.close()
+        old, self._fd = self._fd, fd
+        if old >= 0:
+            os.close(old)
 
     def emit(self, level, event, **fields):
         """Write one event line to the file, to stderr and to syslog."""
         line = format_event(level, event, fields)
-        try:
-            self._file.write(line + "\n")
-        except (OSError, ValueError):
-            self.lost += 1              # a full disk must not take the server down
+        self.append(line + "\n")
         self.echo(line + "\n")
         if self.syslog is not None:
             self.syslog.send(level, line)
+
+    def append(self, line):
+        """Write one line to the file in one write(2), or count it lost.
+
+        Unbuffered: with a full disk (ENOSPC) a buffer would keep the lines
+        that failed and fail again at close, so shutdown would fail on them.
+        A line cut short by the disk filling up is ended before the next.
+        """
+        data = line.encode("utf-8", "backslashreplace")
+        if self._torn:
+            data = b"\n" + data
+        try:
+            written = os.write(self._fd, data)
+        except OSError:
+            written = 0
+        if written == len(data):
+            self._torn = False
+        else:
+            self.lost += 1              # a full disk must not take the server down
+            self._torn = self._torn or written > 0
 
     @property
     def unsent(self):
@@ -178,6 +196,9 @@ class EventLog:
         self.emit("error", event, **fields)
 
     def close(self):
-        self._file.close()
+        try:
+            os.close(self._fd)
+        except OSError:                 # never: the data went out with each write
+            pass
         if self.syslog is not None:
             self.syslog.close()

@@ -5,6 +5,9 @@ is not ASCII, so a frame never contains a raw newline whatever the file
 names hold.  Names that are not UTF-8 travel as os.fsdecode() strings
 (surrogateescape); JSON carries the lone surrogates as \\udcXX and
 os.fsencode() restores the original bytes on the other side.
+
+The server may end a session with `{"error": REASON}`, in place of the
+welcome or of the bye: the client reports REASON and exits 2.
 """
 
 import json
@@ -20,6 +23,8 @@ HELLO_MAX = min(PIPE_BUF, 512)
 # PATH_MAX bytes, and JSON spells a byte that is not UTF-8 in 6 characters.
 MAX_FRAME = 512 * 1024
 MAX_PATHS = 5          # files per worker assignment, and per client request
+MAX_ROOTS = 64         # roots a client names in its roots frame, for the log
+PID_MAX = 4194304      # the widest pid (Linux's limit): the longest hello has it
 HELLO_VERSION = 1
 CLIENT_DIR_PREFIX = "osp-client-"   # a client's FIFOs: ENTRANCE_DIR/osp-client-XXXX/
 
@@ -84,29 +89,56 @@ class LineBuffer:
         return bool(self._buf) or self._skipping
 
 
-def encode_hello(request_fifo, reply_fifo):
+def encode_hello(request_fifo, reply_fifo, pid=None):
     """Return the hello frame a client writes to the entrance FIFO.
 
-    Raises ProtocolError when it would exceed HELLO_MAX: a longer write could
-    interleave with another client's hello.
+    It begins with a newline of its own, in the same atomic write: whatever
+    partial line another writer left in the FIFO ends there, and the hello
+    after it is read whole (the server skips empty lines).  `pid`, the
+    client's, is for the server's log.  Raises ProtocolError when it would
+    exceed HELLO_MAX: a longer write could interleave with another client's
+    hello.
     """
-    frame = encode({"hello": HELLO_VERSION, "request": request_fifo,
-                    "reply": reply_fifo})
+    hello = {"hello": HELLO_VERSION, "request": request_fifo, "reply": reply_fifo}
+    if pid is not None:
+        hello["pid"] = pid
+    frame = b"\n" + encode(hello)
     if len(frame) > HELLO_MAX:
         raise ProtocolError(f"hello is {len(frame)} bytes, more than {HELLO_MAX}: the "
                             "entrance FIFO's directory has too long a path")
     return frame
 
 
+def longest_hello(entrance_dir):
+    """Return the longest hello a client of an entrance in `entrance_dir` sends.
+
+    Its FIFOs are in entrance_dir/osp-client-XXXXXXXX/ (tempfile.mkdtemp
+    adds 8 characters).  Raises ProtocolError when it exceeds HELLO_MAX: then
+    no client can ever say hello there.
+    """
+    private = os.path.join(entrance_dir, CLIENT_DIR_PREFIX + "x" * 8)
+    return encode_hello(os.path.join(private, "request"), os.path.join(private, "reply"),
+                        pid=PID_MAX)
+
+
 def parse_hello(line):
     """Return (request_fifo, reply_fifo) from a hello line, or raise ProtocolError."""
+    return read_hello(line)[:2]
+
+
+def read_hello(line):
+    """Return (request_fifo, reply_fifo, the client's pid or None) from a hello
+    line, or raise ProtocolError."""
     frame = decode(line)
     if frame.get("hello") != HELLO_VERSION:
         raise ProtocolError("not a hello of protocol version 1")
     paths = frame.get("request"), frame.get("reply")
     if not all(is_absolute_path(p) for p in paths):
         raise ProtocolError("hello must name two absolute FIFO paths")
-    return paths
+    pid = frame.get("pid")
+    if pid is not None and not (type(pid) is int and 0 < pid <= PID_MAX):
+        raise ProtocolError("a hello's pid must be a process id")
+    return (*paths, pid)
 
 
 def is_absolute_path(value):

@@ -24,6 +24,8 @@ class Job:
     opinions: list = field(default_factory=list)
     cross_check: bool = False
     reverify_of: int = None     # wid whose unchecked hash this job re-checks
+    proving: int = None         # wid whose outvoted reading this re-reading puts to the
+                                # proof (Trust.put_to_proof): nothing goes to the client
     retried: bool = False       # a worker died holding this job
     stale: list = field(default_factory=list)   # pids that may have left temp files
     write_error: str = None
@@ -46,6 +48,8 @@ class Job:
         """
         if self.settled is not None:
             return True             # a discard is no opinion: any worker will do
+        if self.proving is not None and len(self.opinions) == 1:
+            return wid == self.proving  # the accused reads next, after the agreed hash
         if self.repairs:            # never the worker whose lie is being repaired
             return wid not in self.losers and wid != self.reverify_of
         return (wid != self.reverify_of and wid not in self.declined
@@ -54,7 +58,8 @@ class Job:
     @property
     def keeps_sidecar(self):
         """True when the sidecar must hold the file's agreed hash when done."""
-        return self.sidecar is not None and (self.expected is None or self.update)
+        return (self.sidecar is not None and (self.expected is None or self.update)
+                and self.proving is None)
 
     def write_mode(self):
         """How the next worker treats the sidecar: new, replace or keep.
@@ -104,17 +109,29 @@ class Assignment:
 
 
 class Scheduler:
-    """A FIFO of jobs; second opinions jump the queue."""
+    """Waiting jobs: urgent ones first, then each session's own in turn.
+
+    A session's new files wait in a queue of its own, and the sessions take
+    turns (round robin): a client with one file never waits behind another
+    client's thousands.  Second opinions, repairs, re-checks and a dead
+    worker's files are urgent: they jump every queue.
+    """
 
     def __init__(self):
-        self.pending = deque()
+        self.urgent = deque()
+        self.queues = {}        # session -> deque of its new jobs; dict order is the turn
         self._aids = itertools.count(1)
+
+    @property
+    def pending(self):
+        """Every waiting job (a list: for counting and tests, not for the hot path)."""
+        return [*self.urgent, *itertools.chain.from_iterable(self.queues.values())]
 
     def submit(self, job, urgent=False):
         if urgent:
-            self.pending.appendleft(job)
+            self.urgent.appendleft(job)
         else:
-            self.pending.append(job)
+            self.queues.setdefault(job.session, deque()).append(job)
 
     def take(self, worker):
         """Return an Assignment of the jobs this worker may do next, or None.
@@ -123,26 +140,55 @@ class Scheduler:
         frame, big ones one each, so eight big files keep five workers busy
         instead of queueing behind one.  A job that was with a worker when it
         died goes alone: a file that kills workers takes no neighbour along.
+        Urgent jobs come first, then the sessions' in turn: each session that
+        gives a job to this assignment goes to the back of the line.
         """
-        batch, passed, size = [], [], 0
-        while self.pending and len(batch) < MAX_PATHS and size < BATCH_BYTES:
-            job = self.pending.popleft()
-            if not job.allows(worker.wid) or (job.suspect and batch):
-                passed.append(job)
-                continue
-            batch.append(job)
-            size += job.size
-            if job.suspect:
+        batch = []
+        size = _fill(batch, 0, self.urgent, worker)
+        for session in list(self.queues):
+            if _full(batch, size):
                 break
-        self.pending.extendleft(reversed(passed))
+            queue = self.queues[session]
+            given = len(batch)
+            size = _fill(batch, size, queue, worker)
+            if len(batch) > given:          # its turn is taken: to the back of the line
+                del self.queues[session]
+                if queue:
+                    self.queues[session] = queue
         if not batch:
             return None
         return Assignment(next(self._aids), worker, batch)
 
     def requeue(self, job):
         """Put a job a dying worker held first in line for another worker."""
-        self.pending.appendleft(job)
+        self.urgent.appendleft(job)
+
+    def withdraw(self, keep):
+        """Remove and return the urgent jobs for which keep(job) is false."""
+        gone = [job for job in self.urgent if not keep(job)]
+        self.urgent = deque(job for job in self.urgent if keep(job))
+        return gone
 
     def drop_session(self, session):
         """Forget the waiting jobs of a client that went away."""
-        self.pending = deque(j for j in self.pending if j.session is not session)
+        self.urgent = deque(j for j in self.urgent if j.session is not session)
+        self.queues.pop(session, None)
+
+
+def _full(batch, size):
+    return len(batch) >= MAX_PATHS or size >= BATCH_BYTES or (batch and batch[-1].suspect)
+
+
+def _fill(batch, size, queue, worker):
+    """Move the jobs of `queue` this worker may do into `batch`, while it has room;
+    return the batch's size in bytes."""
+    passed = []
+    while queue and not _full(batch, size):
+        job = queue.popleft()
+        if not job.allows(worker.wid) or (job.suspect and batch):
+            passed.append(job)
+            continue
+        batch.append(job)
+        size += job.size
+    queue.extendleft(reversed(passed))
+    return size

@@ -8,6 +8,7 @@ it forks, and fork in a threaded process can deadlock.
 """
 
 import itertools
+import json
 import os
 import re
 import select
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import protocol, verifier
-from .entrance import Entrance
+from .entrance import Entrance, EntranceError
 from .scheduler import Job, Scheduler
 from .session import Refused, Session, Unchecked
 from .status import gather_status
@@ -26,8 +27,20 @@ from .verifier import Verdict
 
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 MAX_SESSIONS = 100        # two fds each: select() cannot watch fds >= FD_SETSIZE
+SPARE_SESSIONS = 4        # beyond MAX_SESSIONS, for --status only: it always gets in
+SPARE_IDLE = 5.0          # seconds a spare session may take to ask for the status
+FD_SETSIZE = 1024         # select() takes no fd at or above this (Linux, macOS)
+# stdio, the log, syslog, the wakeup pipe, the entrance both ways, and the
+# fds a fork, a refused hello or a sweep of stale client directories holds
+# for a moment
+OWN_FDS = 16
+# Each worker holds two pipe ends, each session two FIFOs, plus a refused one.
+MAX_WORKERS = (FD_SETSIZE - OWN_FDS - 2 * (MAX_SESSIONS + SPARE_SESSIONS + 1)) // 2
 MAX_OUTSTANDING = 100     # files a client may have in the server before we stop reading
 STOP_GRACE = 2.0          # seconds workers get to leave after SIGTERM
+NO_WORKER_GRACE = 10.0    # seconds with no live worker before waiting clients are told
+SWEEP_INTERVAL = 10.0     # seconds between sweeps of dead clients' directories
+ENTRANCE_CHECK = 5.0      # seconds between checks that the entrance FIFO is still ours
 MAX_DEATHS = 3            # workers a file may kill or hang before it is an ERROR
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
@@ -38,6 +51,7 @@ class Config:
     private_dir: bool = False
     workers: int = 5
     hang_timeout: float = 30.0
+    idle_timeout: float = 60.0      # a session that sends and awaits nothing is dropped
     cross_check: float = 0.1
     liars: dict = field(default_factory=dict)   # slot -> chaos of its first worker
     crash: float = 0.0
@@ -64,7 +78,11 @@ class Server:
                            self.drop_session)
         self._sids = itertools.count(1)
         self.stopping = False
+        self.stop_reason = "the server stopped"    # what clients still served are told
         self.status = 0
+        self.workerless_since = None    # when the last live worker went, if none lives
+        self.next_sweep = 0.0           # when to sweep dead clients' directories
+        self.next_entrance_check = 0.0
         self.started = clock()
         self._wake_r = self._wake_w = -1
         self._reap_needed = False
@@ -84,7 +102,8 @@ class Server:
         self.entrance.open()
         try:
             self.log.info("server.started", pid=os.getpid(), fifo=self.entrance.path,
-                          workers=self.config.workers)
+                          workers=self.config.workers, log=self.log.path)
+            self.sweep()
             self.supervisor.start_due()
             while not self.stopping:
                 self.step()
@@ -104,6 +123,8 @@ class Server:
     def shutdown(self):
         self.entrance.close()
         for session in self.sessions:
+            if not session.said_bye:
+                session.say_goodbye(self.stop_reason)
             session.close()
         self.stop_workers()
         if self._wake_w >= 0:
@@ -148,9 +169,46 @@ class Server:
         self.supervisor.check_hangs()
         if not self.stopping:
             self.supervisor.start_due()
+            self.give_up_if_hopeless()   # forks that fail leave no child to reap
+        self.check_workers_alive()
         self.dispatch()
         self.send_replies()
         self.close_finished_sessions()
+        self.drop_idle_sessions()
+        self.housekeeping()
+
+    def housekeeping(self):
+        """The checks that are due from time to time."""
+        if self.clock() >= self.next_sweep:
+            self.sweep()
+        if self.clock() >= self.next_entrance_check and not self.stopping:
+            self.next_entrance_check = self.clock() + ENTRANCE_CHECK
+            self.check_entrance()
+
+    def check_entrance(self):
+        """Make the entrance FIFO anew if it was deleted; stop if it was replaced.
+
+        A deleted entrance serves nobody, and lets a second server start on
+        the same path; one replaced is someone else's now.
+        """
+        if self.entrance.is_ours():
+            return
+        self.on_entrance()              # hellos already in the old FIFO
+        try:
+            self.entrance.recreate()
+        except EntranceError as exc:
+            self.log.error("server.failed", reason=str(exc))
+            self.stopping, self.status = True, 1
+            self.stop_reason = "the server's entrance FIFO was taken away"
+            return
+        self.log.warning("entrance.recreated", path=self.entrance.path)
+
+    def sweep(self):
+        """Remove the directories that dead clients left beside the entrance."""
+        self.next_sweep = self.clock() + SWEEP_INTERVAL
+        removed = self.entrance.sweep()
+        if removed:
+            self.log.info("entrance.swept", dirs=removed)
 
     def interest(self):
         """Map each fd to watch to (handler, owner), for reading and for writing."""
@@ -177,17 +235,20 @@ class Server:
             handler()
         except Exception as exc:  # noqa: BLE001 - the server must outlive any one peer
             self.log.error("server.error", error=repr(exc)[:500],
-                           peer=type(owner).__name__ if owner else "server")
+                           peer=type(owner).__name__ if owner else "server",
+                           **_who(owner))
             if isinstance(owner, Session):
                 self.drop_session(owner, f"internal error: {exc!r}")
             elif isinstance(owner, Worker):
                 self.supervisor.kill(owner, "internal error")
 
     def timeout(self):
-        deadline = self.supervisor.next_deadline()
-        if deadline is None:
+        deadlines = [self.supervisor.next_deadline(), self.workerless_deadline(),
+                     self.idle_deadline(), self.next_sweep, self.next_entrance_check]
+        deadlines = [d for d in deadlines if d is not None]
+        if not deadlines:
             return None             # idle: sleep until something happens
-        return min(max(0.0, deadline - self.clock()), 3600.0)
+        return min(max(0.0, min(deadlines) - self.clock()), 3600.0)
 
     # -- signals and children --------------------------------------------
     def drain_wakeups(self):
@@ -202,8 +263,10 @@ class Server:
             if signum == signal.SIGCHLD:
                 self._reap_needed = True
             elif signum in (signal.SIGTERM, signal.SIGINT):
-                self.log.info("server.stopping", signal=signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                self.log.info("server.stopping", signal=name)
                 self.stopping = True
+                self.stop_reason = f"the server was stopped ({name})"
             elif signum == signal.SIGHUP:
                 try:
                     self.log.reopen()
@@ -237,9 +300,43 @@ class Server:
             # files; one that crashed or hung on them might have met a poison.
             blame = worker.killed_for in (None, "hung")
             self.requeue(worker.assignment, pid, blame)
+        self.trust.drop_proofs(worker.wid)
+        self.give_up_if_hopeless()
+
+    def give_up_if_hopeless(self):
+        """Stop with status 1 when no worker can start at all (README: exit 1)."""
         if not self.stopping and self.supervisor.hopeless():
-            self.log.error("server.failed", reason="workers die before they can start")
+            reason = self.supervisor.why_hopeless()
+            self.log.error("server.failed", reason=reason)
             self.stopping, self.status = True, 1
+            self.stop_reason = f"the server gave up: {reason}"
+
+    def check_workers_alive(self):
+        """Answer the clients whose files wait when no worker has lived for a while.
+
+        Workers that keep dying may come back (a full disk that clears), so
+        the server goes on; but a client must not wait for ever meanwhile.
+        """
+        if self.supervisor.any_alive():
+            self.workerless_since = None
+            return
+        now = self.clock()
+        if self.workerless_since is None:
+            self.workerless_since = now
+        if now - self.workerless_since < NO_WORKER_GRACE:
+            return
+        why = self.supervisor.spawn_error
+        reason = (f"no worker has been running for {NO_WORKER_GRACE:g}s"
+                  + (f" (fork failed: {why})" if why else "") + "; see the server's log")
+        for session in list(self.sessions):
+            if session.outstanding > 0:
+                self.refuse(session, reason)
+
+    def workerless_deadline(self):
+        """When waiting clients are to be told that no worker runs, or None."""
+        if self.workerless_since is None or not any(s.outstanding for s in self.sessions):
+            return None
+        return self.workerless_since + NO_WORKER_GRACE
 
     def requeue(self, assignment, pid, blame):
         """Hand a dead worker's files to others; give up on one that kills them all."""
@@ -251,7 +348,8 @@ class Server:
             if job.deaths < MAX_DEATHS:
                 self.scheduler.requeue(job)
                 continue
-            self.log.error("file.abandoned", path=job.path, deaths=job.deaths)
+            self.log.error("file.abandoned", path=job.path, deaths=job.deaths,
+                           session=job.session.sid)
             self.trust.finish(job, Verdict(verifier.ERROR, reason=f"{job.deaths} "
                                            "workers died or hung reading it"))
 
@@ -317,30 +415,52 @@ class Server:
     # -- clients ----------------------------------------------------------
     def on_entrance(self):
         for line in self.entrance.read_lines():
+            if line == b"":
+                continue            # a hello's leading newline: see encode_hello
             try:
-                if line is None:
-                    raise Refused(f"hello longer than {protocol.HELLO_MAX} bytes")
-                if len(self.sessions) >= MAX_SESSIONS:
-                    raise Refused("too many clients")
-                request, reply = protocol.parse_hello(line)
-                if not (self.entrance.beside(request) and self.entrance.beside(reply)):
-                    raise Refused("FIFOs must be in a client directory beside the entrance")
-                session = Session(next(self._sids), request, reply)
+                session = self.open_session(line)
             except (Refused, protocol.ProtocolError) as exc:
                 self.log.warning("request.refused", reason=str(exc))
                 continue
             self.sessions.append(session)
-            self.log.info("session.opened", session=session.sid, reply=reply)
+            self.log.info("session.opened", session=session.sid, pid=session.pid,
+                          uid=session.uid, reply=session.reply_path,
+                          spare=session.spare or None)
             session.send({"welcome": protocol.HELLO_VERSION, "server": os.getpid()})
             session.flush()
 
+    def open_session(self, line):
+        """Return the Session a hello asks for, or raise Refused.
+
+        Past MAX_SESSIONS a few spare sessions are for --status only, so that
+        it gets in however many clients there are; past those, the client is
+        told it is refused.
+        """
+        if line is None:
+            raise Refused(f"hello longer than {protocol.HELLO_MAX} bytes")
+        request, reply, pid = protocol.read_hello(line)
+        if not (self.entrance.beside(request) and self.entrance.beside(reply)):
+            raise Refused("FIFOs must be in a client directory beside the entrance")
+        session = Session(next(self._sids), request, reply)
+        session.heard_at = self.clock()
+        session.pid = pid
+        regular = sum(not s.spare for s in self.sessions)
+        if regular >= MAX_SESSIONS:
+            if len(self.sessions) - regular >= SPARE_SESSIONS:
+                session.say_goodbye("too many clients; try again later")
+                session.close()
+                raise Refused("too many clients")
+            session.spare = True
+        return session
+
     def on_session_readable(self, session):
+        session.heard_at = self.clock()
         try:
             for frame in session.read():
                 self.accept_request(session, frame)
         except (Refused, protocol.ProtocolError) as exc:
             self.log.warning("request.refused", session=session.sid, reason=str(exc))
-            self.drop_session(session, str(exc))
+            self.refuse(session, str(exc))
 
     def accept_request(self, session, frame):
         if frame.get("status"):
@@ -351,6 +471,12 @@ class Server:
                 fields = {k: v for k, v in event.items() if k != "event"}
                 self.log.warning(event["event"], session=session.sid, **fields)
             return
+        if "roots" in frame:
+            self.log.info("session.roots", session=session.sid, count=frame["count"],
+                          roots=json.dumps(frame["roots"]))
+            return
+        if session.spare:
+            raise Refused("too many clients; only --status is served until some leave")
         for index, item in enumerate(frame["files"]):
             session.outstanding += 1
             session.files += 1
@@ -372,6 +498,33 @@ class Server:
         """What `integrity-client --status` shows (see status.py)."""
         return gather_status(self, asker)
 
+    def idle_limit(self, session):
+        if session.spare:
+            return min(self.config.idle_timeout, SPARE_IDLE)
+        return self.config.idle_timeout
+
+    def drop_idle_sessions(self):
+        """Drop each session that has sent nothing, and waits for nothing, too long.
+
+        Idle sessions would otherwise hold their places for ever: a hundred
+        of them lock every other client out.
+        """
+        now = self.clock()
+        for session in list(self.sessions):
+            limit = self.idle_limit(session)
+            if session.outstanding <= 0 and now - session.heard_at >= limit:
+                self.refuse(session, f"idle for {limit:g}s")
+
+    def idle_deadline(self):
+        """When the next idle session is to be dropped, or None."""
+        return min((s.heard_at + self.idle_limit(s) for s in self.sessions
+                    if s.outstanding <= 0), default=None)
+
+    def refuse(self, session, reason):
+        """Drop a client, telling it why if its reply FIFO takes one more frame."""
+        session.say_goodbye(reason)
+        self.drop_session(session, reason)
+
     def drop_session(self, session, reason):
         """Stop serving a client; its queued files are forgotten."""
         if session.dead and session not in self.sessions:
@@ -382,7 +535,9 @@ class Server:
         if session in self.sessions:
             self.sessions.remove(session)
             session.close()
-            self.log.warning("session.dropped", session=session.sid, reason=reason)
+            self.log.warning("session.dropped", session=session.sid, reason=reason,
+                             files=session.files, unanswered=session.outstanding or None,
+                             **_lower(session.counts))
 
     def send_replies(self):
         """Send each client this pass's verdicts, batched, and start writing them."""
@@ -396,18 +551,23 @@ class Server:
 
     def close_finished_sessions(self):
         for session in list(self.sessions):
+            if session.dead:    # a write met EPIPE: SIGKILLed, or it closed its end
+                self.drop_session(session, "client vanished: its reply FIFO is closed")
+                continue
             if (session.eof or session.dead) and session.outstanding <= 0 \
                     and not session.said_bye:
                 session.said_bye = True
                 session.unchecked = Unchecked()   # free it: no re-checks after the bye
-                if not session.dead:
-                    try:
-                        session.send({"bye": session.counts})
-                    except Refused as exc:
-                        self.drop_session(session, str(exc))
-                        continue
-                    session.flush()
-            if session.said_bye and (session.dead or not session.outbuf):
+                try:
+                    session.send({"bye": session.counts})
+                except Refused as exc:
+                    self.drop_session(session, str(exc))
+                    continue
+                session.flush()
+                if session.dead:
+                    self.drop_session(session, "client vanished: its reply FIFO is closed")
+                    continue
+            if session.said_bye and not session.outbuf:
                 self.sessions.remove(session)
                 session.close()
                 self.log.info("session.closed", session=session.sid,
@@ -416,6 +576,15 @@ class Server:
 
 def _wake_only(signum, frame):
     """Python-level no-op: the wakeup fd already carries the signal number."""
+
+
+def _who(owner):
+    """The log fields that name a peer: a worker's slot and pid, a session."""
+    if isinstance(owner, Worker):
+        return {"slot": owner.slot, "pid": owner.pid}
+    if isinstance(owner, Session):
+        return {"session": owner.sid}
+    return {}
 
 
 def _lower(counts):

@@ -55,7 +55,9 @@ class Session:
 
     def __init__(self, sid, request_fifo, reply_fifo):
         self.sid = sid
+        self.reply_path = reply_fifo
         self.reply_fd = open_client_fifo(reply_fifo, os.O_WRONLY)
+        self.uid = os.fstat(self.reply_fd).st_uid     # our own: others are refused
         try:
             self.request_fd = open_client_fifo(request_fifo, os.O_RDONLY)
         except Refused:
@@ -71,6 +73,9 @@ class Session:
         self.files = 0
         self.counts = {}
         self.unchecked = Unchecked()
+        self.heard_at = 0.0       # when the client last sent something (server's clock)
+        self.pid = None           # the client's, as its hello says
+        self.spare = False        # admitted past MAX_SESSIONS: for --status only
 
     def read(self):
         """Return the request frames now readable; set eof when the client is done.
@@ -131,6 +136,14 @@ class Session:
             return
         del self.outbuf[:sent]
 
+    def say_goodbye(self, reason):
+        """Queue {"error": reason}, the session's last frame, and write what the
+        reply FIFO takes now: best effort, a client that reads nothing misses it."""
+        if self.dead:
+            return
+        self.outbuf += protocol.encode({"error": reason})
+        self.flush()
+
     def count(self, status):
         self.counts[status] = self.counts.get(status, 0) + 1
 
@@ -157,8 +170,10 @@ class Unchecked:
 
     def __init__(self):
         self._by_wid = {}
+        self._slots = {}            # wid -> its slot, once per worker, for the log
 
     def add(self, path, sidecar, directory, vote):
+        self._slots[vote.wid] = vote.slot
         packed = self._by_wid.setdefault(vote.wid, bytearray())
         size, mtime, ctime, ino = vote.stat
         for field in (path, sidecar or "", vote.md5):
@@ -169,13 +184,14 @@ class Unchecked:
     def pop(self, wid):
         """Return and forget [(path, sidecar, directory, Vote)] of worker `wid`."""
         fields = bytes(self._by_wid.pop(wid, b"")).split(b"\0")[:-1]
+        slot = self._slots.pop(wid, None)
         entries = []
         for i in range(0, len(fields), self.FIELDS):
             path, sidecar, md5, *numbers = fields[i:i + self.FIELDS]
             dev, dir_ino, size, mtime, ctime, ino, racy, pid = map(int, numbers)
             entries.append((os.fsdecode(path), os.fsdecode(sidecar) or None, (dev, dir_ino),
                             Vote(wid, md5.decode("ascii"), (size, mtime, ctime, ino),
-                                 bool(racy), pid)))
+                                 bool(racy), pid, slot)))
         return entries
 
 
@@ -189,6 +205,13 @@ def validate_request(frame):
         return frame                    # integrity-client --status
     if "audit" in frame and len(frame) == 1:
         return validate_audit(frame)
+    if "roots" in frame:                # what the client checks, for the log
+        roots, count = frame["roots"], frame.get("count")
+        if not (isinstance(roots, list) and len(roots) <= protocol.MAX_ROOTS
+                and all(protocol.is_absolute_path(r) for r in roots)
+                and type(count) is int and count >= len(roots)):
+            raise Refused("roots: a list of absolute paths, and their count")
+        return frame
     files = frame.get("files")
     if not isinstance(frame.get("id"), int) or not isinstance(files, list) \
             or not 0 < len(files) <= protocol.MAX_PATHS:

@@ -101,6 +101,7 @@ class Supervisor:
         self.stopping = False       # shutting down: reap, but do not replace
         self.recent_forks = collections.deque(maxlen=MAX_FORKS_PER_SECOND)
         self.totals = Totals()
+        self.spawn_error = None     # why the last fork failed, until one succeeds
 
     # -- starting -------------------------------------------------------
     def start_due(self):
@@ -130,11 +131,13 @@ class Supervisor:
             worker = self.spawn(slot)
         except OSError as exc:          # EMFILE, EAGAIN: out of fds or processes
             self.log.error("worker.spawn_failed", slot=slot.index, reason=exc.strerror)
+            self.spawn_error = exc.strerror
             slot.stillborn += 1
             slot.failures += 1
             slot.restart_at = now + backoff(slot.failures)
             return
         worker.heard_at = worker.started = now
+        self.spawn_error = None
         self.recent_forks.append(now)       # every fork counts toward the cap
         slot.forks += 1
         if slot.forks > 1:
@@ -251,12 +254,22 @@ class Supervisor:
         """
         return all(s.stillborn >= GIVE_UP_AFTER for s in self.slots)
 
+    def why_hopeless(self):
+        """What server.failed says: forks fail, or the workers die unborn."""
+        if self.spawn_error:
+            return f"no worker can be forked: {self.spawn_error}"
+        return "workers die before they can start"
+
     # -- queries --------------------------------------------------------
     def workers(self):
         return [s.worker for s in self.slots if s.worker is not None]
 
     def idle(self):
         return [s.worker for s in self.slots if s.state is State.IDLE]
+
+    def any_alive(self):
+        """Is some worker ready for work, or at it?"""
+        return any(s.state in (State.IDLE, State.BUSY) for s in self.slots)
 
     def state_of(self, worker):
         return self.slots[worker.slot].state

@@ -44,8 +44,8 @@ class Trust:
         """Answer a job ERROR by the shortest way there is (no sidecar work, no
         judging): after a bug, the client must still get every verdict."""
         job.answered = True
-        if job.reverify_of is not None:     # the client keeps the result it holds
-            job.session.outstanding -= 1
+        if job.reverify_of is not None or job.proving is not None:
+            job.session.outstanding -= 1    # the client keeps the result it holds
             return
         self.answer(job.session, {"id": job.rid, "i": job.index, "status": verifier.ERROR,
                                   "expected": job.expected, "error": "internal error"},
@@ -66,7 +66,7 @@ class Trust:
             job.cross_check = verifier.wants_cross_check(
                 worker, self.sample, self.rng)
         job.opinions.append(Vote(worker.wid, result["md5"], result["stat"],
-                                 bool(result.get("racy")), worker.pid))
+                                 bool(result.get("racy")), worker.pid, worker.slot))
         # A worker that read no hash (declined) can give no opinion either.
         verdict = verifier.judge(job.expected, job.opinions, job.cross_check,
                                  self.max_opinions - len(job.declined))
@@ -77,7 +77,10 @@ class Trust:
             return
         for wid in set(verdict.liars) - job.warned:
             job.warned.add(wid)
-            self.penalize(wid, job, verdict)
+            if verifier.proven_lie(job.expected, job.opinions, wid, verdict.md5):
+                self.penalize(wid, job, verdict)
+            else:
+                self.distrust(wid, job, verdict)
         if verdict.md5 is not None:
             job.losers |= {v.wid for v in job.opinions if v.md5 != verdict.md5}
         if self.needs_repair(job, verdict):
@@ -126,6 +129,10 @@ class Trust:
             self.scheduler.submit(job, urgent=True)
             return
         self.credit(job, verdict)
+        if job.proving is not None:         # the warning, if any, is given already
+            job.answered = True
+            job.session.outstanding -= 1
+            return
         if job.write_error is None and sidecar_is_wrong(job, verdict):
             job.write_error = "its sidecar could not be repaired"
         if not verdict.checked and job.write_error is None:
@@ -170,7 +177,8 @@ class Trust:
             return
         status = verifier.ERROR if job.write_error else verdict.status
         self.log.warning("file.repaired", path=job.path, got=original,
-                         agreed=verdict.md5, status=status, error=job.write_error)
+                         agreed=verdict.md5, status=status, error=job.write_error,
+                         session=session.sid)
         try:
             session.send({"correct": {"path": job.path, "status": status,
                                       "md5": verdict.md5, "error": job.write_error}})
@@ -186,9 +194,9 @@ class Trust:
         if worker is None or self.supervisor.state_of(worker) is State.KILLED:
             # Dead or being killed already: nobody to punish, but its other
             # unchecked hashes are as suspect as if it were alive.
-            self.log.warning("worker.warned", pid=vote.pid, path=job.path, got=got,
-                             agreed=verdict.md5, gone=True)
-            self.reverify(wid, pid=vote.pid)
+            self.log.warning("worker.warned", slot=vote.slot, pid=vote.pid, path=job.path,
+                             got=got, agreed=verdict.md5, gone=True)
+            self.reverify(wid, slot=vote.slot, pid=vote.pid)
             return
         banned = self.supervisor.warn(worker)
         self.log.warning("worker.warned", slot=worker.slot, pid=worker.pid,
@@ -197,6 +205,45 @@ class Trust:
         self.reverify(wid, slot=worker.slot, pid=worker.pid)
         if banned:
             self.supervisor.ban(worker)
+
+    def distrust(self, wid, job, verdict):
+        """An outvoted reading that may be honest (the file may have moved
+        between the readings): no warning, but the worker earns its trust
+        again, its unchecked hashes are checked, and it reads the file again
+        to the proof, in case it did lie."""
+        vote = next(v for v in job.opinions if v.wid == wid)
+        worker = self.supervisor.by_wid.get(wid)
+        self.log.info("worker.outvoted", slot=vote.slot, pid=vote.pid, path=job.path,
+                      got=vote.md5, agreed=verdict.md5)
+        self.reverify(wid, slot=vote.slot, pid=vote.pid)
+        if worker is None or self.supervisor.state_of(worker) is State.KILLED:
+            return
+        worker.confirmed = 0
+        if job.proving is None:         # one proof per outvoting: a moving file
+            self.put_to_proof(wid, job, verdict)    # could ask for them for ever
+
+    def put_to_proof(self, wid, job, verdict):
+        """Have worker `wid` read the file again, right after a reading of the
+        agreed hash; another then reads it.  If those two agree and its own
+        reading differs, its reading lies between two of the agreed hash:
+        proven (verifier.proven_lie), and warned like any other.
+
+        An honest worker finds the agreed hash, or, with the file moving,
+        a reading that nothing proves.  A liar that lies again is caught.
+        """
+        before = next(v for v in reversed(job.opinions) if v.md5 == verdict.md5)
+        job.session.outstanding += 1
+        self.scheduler.submit(Job(session=job.session, rid=None, index=None,
+                                  path=job.path, sidecar=job.sidecar, size=job.size,
+                                  opinions=[before], cross_check=True, proving=wid),
+                              urgent=True)
+
+    def drop_proofs(self, wid):
+        """Forget the re-readings a worker that is gone was to give first."""
+        for job in self.scheduler.withdraw(
+                lambda j: not (j.proving == wid and len(j.opinions) == 1)):
+            job.answered = True
+            job.session.outstanding -= 1
 
     def reverify(self, wid, **who):
         """Have other workers re-check every hash worker `wid` gave unchecked.

@@ -27,6 +27,7 @@ class Vote:
     stat: tuple = ()    # (size, mtime, ctime, ino) as that worker saw them
     racy: bool = False  # read within a timestamp tick of its last change
     pid: int = None     # for the log: which process that worker was
+    slot: int = None    # ... and in which slot, for a worker gone since
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,24 @@ def _liars(opinions, agreed):
     honest_stats = {v.stat for v in opinions if v.md5 == agreed}
     return tuple(v.wid for v in opinions
                  if v.md5 != agreed and not v.racy and v.stat in honest_stats)
+
+
+def proven_lie(expected, opinions, wid, agreed):
+    """Is worker `wid`'s outvoted reading a lie beyond doubt?
+
+    Only if the agreed hash was there on both sides of it: read (or the
+    baseline) before it, and read after it.  The readings of one file are
+    taken one after another, in the order of `opinions`.  A file whose
+    content moves while its stat does not (writes through a shared mmap to
+    pages already dirty, /sys) can make an honest first reading lose to two
+    later ones; only a file that went back to its earlier content in
+    between could make a proven lie honest.  The majority's last reading is
+    always after the loser, so what a proof can lack is the reading before.
+    """
+    index = next(i for i, v in enumerate(opinions) if v.wid == wid)
+    before = expected == agreed or any(v.md5 == agreed for v in opinions[:index])
+    after = any(v.md5 == agreed for v in opinions[index + 1:])
+    return before and after
 
 
 def wants_cross_check(worker, sample, rng):

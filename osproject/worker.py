@@ -6,6 +6,7 @@ and leaves through os._exit, so nothing of the server's (atexit hooks, the
 log file, buffered stdio) runs twice.
 """
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -79,6 +80,22 @@ def _max_fd():
 
 def _exit_on_term(signum, frame):
     raise SystemExit(0)  # unwinds through write_sidecar, which removes its temp file
+
+
+@contextlib.contextmanager
+def sigterm_deferred():
+    """Hold SIGTERM back while in the block; it comes, as SystemExit, after.
+
+    write_sidecar removes its temp file in a finally, but a SIGTERM that
+    came between the temp file's open(2) and that try left it behind: a
+    worker spends much of a first run just there, so every SIGTERM of the
+    server during one left a few empty temp files.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class Worker:
@@ -191,7 +208,9 @@ class Worker:
         try:
             for pid in item.get("stale", ()):
                 remove_stale_temps(fd, pid)
-            written = store.write_sidecar(sidecar, result["md5"], name, replace, dir_fd=fd)
+            with sigterm_deferred():
+                written = store.write_sidecar(sidecar, result["md5"], name, replace,
+                                              dir_fd=fd)
         except OSError as exc:
             result["error"] = f"cannot write sidecar: {_strerror(exc)}"
             return

@@ -49,16 +49,21 @@ def parse_logfmt(line):
 class ServerProcess:
     """A running integrity-server and what a test needs to look at it."""
 
-    def __init__(self, directory, args=(), fifo=None):
+    def __init__(self, directory, args=(), fifo=None, command=None, user=None):
         self.dir = directory
         self.dir.mkdir()
+        as_user = {}
+        if user is not None:                    # run it as another uid (we are root)
+            os.chown(self.dir, user, user)
+            as_user = dict(user=user, group=user, extra_groups=[])
         self.fifo = fifo or str(self.dir / "server.fifo")
         self.log_dir = str(self.dir / "logs")
         self.log_path = os.path.join(self.log_dir, "integrity-server.log")
         self.stderr = open(self.dir / "stderr", "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, SERVER, "--fifo", self.fifo, "--log-dir", self.log_dir, *args],
-            stdout=subprocess.DEVNULL, stderr=self.stderr)
+            [*(command or [sys.executable, SERVER]), "--fifo", self.fifo,
+             "--log-dir", self.log_dir, *args],
+            stdout=subprocess.DEVNULL, stderr=self.stderr, **as_user)
         self.ps = psutil.Process(self.proc.pid)
         self.known = set()
 
@@ -165,11 +170,17 @@ def private_catalog(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def start_server(tmp_path):
-    """start_server(*args) -> a ready ServerProcess; all stopped at teardown."""
+    """start_server(*args) -> a ready ServerProcess; all stopped at teardown.
+
+    `base` is the directory to make the server's own in (default tmp_path),
+    `command` the server's argv before its options (default: this Python
+    and bin/integrity-server), `user` a uid to run it as.
+    """
     servers = []
 
-    def start(*args, workers=5, ready=True, fifo=None):
-        server = ServerProcess(tmp_path / f"server{len(servers)}", args, fifo)
+    def start(*args, workers=5, ready=True, fifo=None, base=None, command=None, user=None):
+        directory = (base or tmp_path) / f"server{len(servers)}"
+        server = ServerProcess(directory, args, fifo, command, user)
         servers.append(server)
         return server.wait_ready(workers) if ready else server
     yield start

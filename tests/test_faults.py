@@ -1,6 +1,7 @@
 """Nothing lost, nothing hangs: crashes, frozen workers, storms, hostile files."""
 
 import os
+import pathlib
 import random
 import shutil
 import signal
@@ -66,6 +67,24 @@ def test_workers_killed_many_times_a_second_lose_nothing(server, tmp_path):
     server.wait_workers(5)
     wait_until(lambda: not server.zombies(), what="no zombie")
     assert server.events("assignment.requeued")
+
+
+def test_sigterm_during_a_first_run_leaves_no_temp_sidecar(start_server, tmp_path):
+    # Workers spend much of a first run creating temp files, so each SIGTERM
+    # of the server, passed on to them, lands in or next to that.
+    for attempt in range(3):
+        server = start_server()
+        tree = tmp_path / f"tree{attempt}"
+        make_tree(tree, files=3000, dirs=100, size=100)
+        client = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo,
+                                   str(tree)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: len(sidecars_under(tree)) >= 300, what="sidecars")
+            assert server.stop() == 0
+        finally:
+            client.wait(30)
+        assert temp_files_under(tree) == [], f"run {attempt}"
 
 
 def test_a_stopped_worker_is_hung_killed_and_replaced(start_server, tmp_path):
@@ -142,6 +161,66 @@ def test_workers_that_cannot_start_at_all_stop_the_server_with_a_clear_error(
     assert server.proc.wait(60) == 1
     assert "workers die before they can start" in server.stderr_text()
     assert server.events("server.failed")
+    assert not os.path.exists(server.fifo)
+
+
+def unused_uid():
+    """A uid that no user has and no process runs as: its process count is ours."""
+    import pwd
+    taken = {p.info["uids"].real for p in psutil.process_iter(["uids"]) if p.info["uids"]}
+    for uid in range(47000, 48000):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            if uid not in taken:
+                return uid
+    pytest.skip("no free uid")
+
+
+@pytest.fixture
+def foreign_home():
+    """(uid, its directory, the Python it runs, our checkout copied there) for a
+    server run as a uid of its own; all removed afterwards."""
+    if os.geteuid() != 0 or shutil.which("prlimit") is None:
+        pytest.skip("needs root (to change uid) and prlimit")
+    uid = unused_uid()
+    base = tempfile.mkdtemp(prefix="osp-uid-")
+    try:
+        os.chmod(base, 0o755)
+        pkg = copy_checkout(base)
+        python = interpreter_for(uid, pkg)
+        if python is None:
+            pytest.skip(f"no Python >= 3.11 is runnable by uid {uid}")
+        home = pathlib.Path(base, "home")
+        home.mkdir()
+        os.chown(home, uid, uid)
+        yield uid, home, python, pkg
+    finally:
+        shutil.rmtree(base)
+
+
+def test_when_no_worker_can_be_forked_clients_are_told_and_the_server_exits_1(
+        foreign_home, start_server):
+    uid, home, python, pkg = foreign_home
+    # RLIMIT_NPROC counts every process of the uid: at 1 the server is the
+    # only one it may have, and each fork fails with EAGAIN, as under a
+    # systemd TasksMax= that is used up.
+    server = start_server(base=home, user=uid, ready=False, command=[
+        "prlimit", "--nproc=1", python, os.path.join(pkg, "bin", "integrity-server")])
+    assert server.wait_event("worker.spawn_failed")[0]["reason"] == \
+        "Resource temporarily unavailable"
+    tree = home / "tree"
+    make_tree(tree, files=3)
+    env = dict(os.environ, HOME=str(home), XDG_STATE_HOME=str(home / "state"))
+    client = subprocess.run([python, os.path.join(pkg, "bin", "integrity-client"),
+                             "--fifo", server.fifo, str(tree)],
+                            user=uid, group=uid, extra_groups=[], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert client.returncode == 2, client.stderr
+    assert "no worker" in client.stderr and "Traceback" not in client.stderr
+    assert server.proc.wait(60) == 1
+    [failed] = server.events("server.failed")
+    assert failed["reason"] == "no worker can be forked: Resource temporarily unavailable"
     assert not os.path.exists(server.fifo)
 
 

@@ -105,14 +105,20 @@ def test_started_with_stdout_and_stderr_closed(tmp_path):
         assert proc.wait(10) == 0
 
 
-def test_an_entrance_too_deep_for_a_hello_makes_the_client_exit_2(start_server, tmp_path):
+def test_an_entrance_too_deep_for_a_hello_is_refused_by_server_and_client(
+        start_server, tmp_path):
     deep = tmp_path / ("t" * 200) / ("u" * 200)      # two FIFO paths: over 512 bytes
     deep.mkdir(parents=True)
-    server = start_server(fifo=str(deep / "server.fifo"))
-    result = run_client(server, tmp_path)
+    fifo = str(deep / "server.fifo")
+    server = start_server(fifo=fifo, ready=False)
+    assert server.proc.wait(30) == 2, "a server no client can reach is no server"
+    [refused] = server.events("server.refused")
+    assert "no client could say hello" in refused["reason"]
+    assert "too long a path" in refused["reason"] and "--fifo" in refused["reason"]
+    result = run_client(fifo, tmp_path)
     assert result.status == 2
     assert "too long a path" in result.stderr and "Traceback" not in result.stderr
-    assert os.listdir(deep) == ["server.fifo"], "the client left its directory behind"
+    assert os.listdir(deep) == [], "the client left its directory behind"
 
 
 def test_a_repair_finds_a_worker_even_when_every_worker_has_voted(start_server, tmp_path):
@@ -162,3 +168,58 @@ def test_ctrl_c_stops_the_client_at_once(start_server, tmp_path):
     wait_until(lambda: server.events("session.opened"), what="the session")
     client.send_signal(signal.SIGINT)
     assert client.wait(5) == 130
+
+
+def test_idle_sessions_are_dropped_and_status_always_gets_in(start_server, tmp_path):
+    import json
+    server = start_server("--idle-timeout", "3")
+    idle = []
+    try:
+        for _ in range(100):                    # as many as the server takes
+            conn = Connection(server.fifo)
+            conn.open()                         # then send nothing
+            idle.append(conn)
+        status = run_client(server, "--status", "--json")
+        assert status.status == 0, status.stderr
+        assert json.loads(status.stdout)["clients"] == 100
+        tree = tmp_path / "tree"
+        make_tree(tree, files=5)
+        refused = run_client(server, tree)
+        assert refused.status == 2
+        assert "too many clients" in refused.stderr, refused.stderr
+        dropped = server.wait_event("session.dropped", count=101, timeout=30)
+        assert sum(e["reason"] == "idle for 3s" for e in dropped) == 100, dropped
+        assert run_client(server, tree).status == 0
+    finally:
+        for conn in idle:
+            conn.close()
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A directory on a 64 KiB tmpfs, filled up; unmounted afterwards."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k",
+                                            "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"x" * 4096):
+                pass
+        except OSError:                 # ENOSPC: full
+            pass
+        finally:
+            os.close(fd)
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_full_log_file_system_never_makes_the_server_fail(full_disk, start_server, tmp_path):
+    server = start_server("--log-dir", str(full_disk / "logs"))
+    still_serves(server, tmp_path)
+    assert server.stop() == 0, server.stderr_text()
+    assert "Traceback" not in server.stderr_text()
+    assert "event=server.stopped" in server.stderr_text().splitlines()[-1]

@@ -59,3 +59,18 @@ def test_hello_fits_pipe_buf_or_is_refused():
 def test_bogus_hellos_are_refused(line):
     with pytest.raises(protocol.ProtocolError):
         protocol.parse_hello(line)
+
+
+def test_a_hello_after_a_torn_line_is_read_whole():
+    hello = protocol.encode_hello("/r/osp-client-x/request", "/r/osp-client-x/reply")
+    assert hello.startswith(b"\n"), "its own newline ends whatever came before"
+    buf = protocol.LineBuffer(limit=protocol.HELLO_MAX)
+    assert buf.feed(b"torn" + hello) == [b"torn", hello.strip()]
+    assert buf.feed(b"x" * 2000) == [None]
+    assert buf.feed(hello) == [hello.strip()]
+
+
+def test_the_longest_hello_of_an_entrance_directory_is_known_before_any_client():
+    assert len(protocol.longest_hello("/run/osproject")) <= protocol.HELLO_MAX
+    with pytest.raises(protocol.ProtocolError):
+        protocol.longest_hello("/" + "d" * 250)

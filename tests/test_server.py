@@ -116,6 +116,20 @@ def test_client_with_a_stale_fifo_and_no_server_exits_2(tmp_path):
     assert result.status == 2 and "no integrity-server" in result.stderr
 
 
+@pytest.mark.parametrize("workers", ["600", "100000"])
+def test_more_workers_than_select_can_watch_are_refused_at_once(tmp_path, workers):
+    from osproject.server import FD_SETSIZE, MAX_WORKERS
+    assert 100 < MAX_WORKERS < FD_SETSIZE // 2 < int(workers)
+    proc = subprocess.run([sys.executable, SERVER, "--fifo", str(tmp_path / "s.fifo"),
+                           "--log-dir", str(tmp_path / "logs"), "--workers", workers,
+                           "--chaos", f"stillborn:{tmp_path}"],   # cheap forks, if any
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert f"--workers must be at most {MAX_WORKERS}: select()" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "s.fifo")
+
+
 def test_client_bad_arguments_exit_2(tmp_path):
     assert run_client(str(tmp_path / "x"), tmp_path / "does-not-exist").status == 2
     proc = subprocess.run([sys.executable, CLIENT], capture_output=True)
@@ -221,6 +235,20 @@ def test_garbage_on_the_entrance_is_refused_and_the_next_client_served(server, t
     assert "session.opened" in [e["event"] for e in server.events()]
 
 
+@pytest.mark.parametrize("garbage", [b"\x00\xff random bytes", b"A" * 3_000_000],
+                         ids=["bytes", "megabytes"])
+def test_a_partial_line_left_on_the_entrance_costs_the_next_client_nothing(
+        server, tmp_path, garbage):
+    with open(server.fifo, "wb") as entrance:     # blocking: the server drains it
+        entrance.write(garbage)                    # no newline, then close
+    tree = tmp_path / "tree"
+    make_tree(tree, files=5)
+    result = run_client(server, tree)
+    assert result.status == 0, result.stderr
+    assert len(server.events("session.opened")) == 1
+    assert len(server.events("request.refused")) == 1, "the garbage, and nothing else"
+
+
 def test_fifos_anywhere_but_beside_the_entrance_are_never_looked_at(server, tmp_path):
     # Proper FIFOs of ours, with a client's directory name, in the wrong place:
     # the server must refuse them by their names, before any lstat or open.
@@ -262,6 +290,20 @@ def test_a_client_that_dies_mid_run_costs_nothing_to_others(server, tmp_path):
     wait_until(lambda: len(server.events("session.closed"))
                + len(server.events("session.dropped")) >= 2, what="both sessions ended")
     assert server.proc.poll() is None
+
+
+def test_a_sigkilled_client_is_logged_as_dropped_not_as_a_normal_close(server, tmp_path):
+    tree = tmp_path / "tree"
+    make_tree(tree, files=3000, size=4000)
+    client = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, str(tree)],
+                              stdout=subprocess.DEVNULL)
+    wait_until(lambda: len(sidecars_under(tree)) >= 100, what="the run under way")
+    client.kill()
+    client.wait()
+    [dropped] = server.wait_event("session.dropped")
+    assert dropped["reason"] == "client vanished: its reply FIFO is closed"
+    assert int(dropped["files"]) >= 100 and int(dropped["new"]) >= 1
+    assert server.events("session.closed") == []
 
 
 def test_sighup_reopens_the_log(server):
@@ -363,3 +405,197 @@ def test_a_client_that_names_the_entrance_through_a_symlink_is_served(server, tm
     make_tree(tree, files=3)
     result = run_client(str(tmp_path / "via" / "server.fifo"), tree)
     assert result.status == 0, result.stderr
+
+
+def plant_client_dirs(where):
+    """Directories named like a client's that the sweep must leave alone, aged
+    an hour; return (them, a reader fd that keeps one 'alive' to close)."""
+    keep = {}
+    for name in ("alive", "other-uid", "not-only-fifos", "young"):
+        keep[name] = where / f"osp-client-{name}"
+        keep[name].mkdir()
+        os.mkfifo(keep[name] / "reply")
+    reader = os.open(keep["alive"] / "reply", os.O_RDONLY | os.O_NONBLOCK)
+    (keep["not-only-fifos"] / "notes").write_text("a user's file")
+    target = where.parent / f"{where.name}-elsewhere"
+    target.mkdir()
+    os.mkfifo(target / "reply")
+    keep["link"] = where / "osp-client-link"
+    keep["link"].symlink_to(target)
+    if os.geteuid() == 0:
+        os.chown(keep["other-uid"] / "reply", 12345, 12345)
+        os.chown(keep["other-uid"], 12345, 12345)
+    else:
+        del keep["other-uid"]
+    hour_ago = time.time() - 3600
+    for name, path in keep.items():
+        if name != "young":
+            os.utime(path, (hour_ago, hour_ago), follow_symlinks=False)
+    return keep, reader
+
+
+def test_a_client_killed_in_its_handshake_leaves_nothing_for_long(server, tmp_path):
+    keep, reader = plant_client_dirs(server.dir)
+    try:
+        server.proc.send_signal(signal.SIGSTOP)       # its hello waits unanswered
+        try:
+            client = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo,
+                                       str(tmp_path)], stderr=subprocess.DEVNULL)
+            mine = wait_until(lambda: [d for d in server.dir.glob("osp-client-*")
+                                       if d not in keep.values()
+                                       and sorted(os.listdir(d)) == ["reply", "request"]],
+                              what="the client's FIFOs")
+            client.kill()
+            client.wait()
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        hour_ago = time.time() - 3600
+        os.utime(mine[0], (hour_ago, hour_ago))        # as if it died long ago
+        swept = server.wait_event("entrance.swept", timeout=30)
+        assert swept[0]["dirs"] == "1"
+        assert not mine[0].exists()
+        assert all(os.path.lexists(p) for p in keep.values())
+        assert os.listdir(keep["link"]) == ["reply"], "the link's target is untouched"
+    finally:
+        os.close(reader)
+
+
+def test_litter_of_dead_clients_is_swept_when_the_server_starts(start_server, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    litter = run / "osp-client-dead"
+    litter.mkdir()
+    for name in ("request", "reply"):
+        os.mkfifo(litter / name)
+    hour_ago = time.time() - 3600
+    os.utime(litter, (hour_ago, hour_ago))
+    server = start_server(fifo=str(run / "server.fifo"))
+    names = [e["event"] for e in server.events()]
+    assert names.index("entrance.swept") < names.index("worker.forked")
+    assert not litter.exists()
+
+
+def sparse_tree(root, files, size):
+    """`files` files of `size` bytes that take no disk (all zeros), settled."""
+    past = time.time() - 10
+    paths = []
+    for i in range(files):
+        path = root / f"d{i % 10}" / f"big{i}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(size)
+        os.utime(path, (past, past))
+        paths.append(path)
+    settled = time.time() + 0.2
+    wait_until(lambda: time.time() > settled, what="the tree to settle")
+    return paths
+
+
+def test_a_one_file_client_is_served_between_another_clients_big_files(server, tmp_path):
+    big = tmp_path / "big"
+    sparse_tree(big, files=300, size=8 << 20)       # one file per assignment
+    hog = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, str(big)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def waiting():
+        status = run_client(server, "--status", "--json")
+        return json.loads(status.stdout)["waiting"]
+
+    try:
+        wait_until(lambda: len(sidecars_under(big)) >= 20, what="the big run")
+        # Freeze the workers, the big run's files waiting in line; count how
+        # many of them are done by the time the one-file client is.
+        workers = server.workers()
+        for w in workers:
+            w.suspend()
+        try:
+            polls = [waiting()]
+            wait_until(lambda: polls.append(waiting()) or polls[-1] == polls[-2],
+                       what="the big run to stop asking")
+            before = len(sidecars_under(big))
+            small = tmp_path / "small"
+            make_tree(small, files=1)
+            one = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo,
+                                    str(small)], stderr=subprocess.PIPE, text=True)
+            wait_until(lambda: waiting() == polls[-1] + 1, what="the one file in line")
+        finally:
+            for w in workers:
+                w.resume()
+        wait_until(lambda: sidecars_under(small), what="a worker for the one file")
+        done_meanwhile = len(sidecars_under(big)) - before
+        assert hog.poll() is None, "the big run was over: nothing was tested"
+        assert one.wait(60) == 0, one.stderr.read()
+        one.stderr.close()
+        # Those the frozen workers held, one turn of the big run, and what
+        # the others did meanwhile; one queue for all made the one file wait
+        # for the ~70 files queued before it.
+        assert done_meanwhile <= 3 * len(workers), f"{done_meanwhile} big files went first"
+    finally:
+        hog.wait(120)
+        hog.stderr.close()
+    assert hog.returncode == 0
+
+
+def test_a_deleted_entrance_is_made_anew_and_serves_again(server, tmp_path):
+    os.unlink(server.fifo)                          # as a tmp cleaner would
+    server.wait_event("entrance.recreated", timeout=20)
+    assert stat.S_ISFIFO(os.lstat(server.fifo).st_mode)
+    tree = tmp_path / "tree"
+    make_tree(tree, files=5)
+    assert run_client(server, tree).status == 0
+    assert server.stop() == 0
+    assert not os.path.exists(server.fifo)
+
+
+def test_an_entrance_replaced_by_something_else_stops_the_server_and_is_left_alone(
+        server, tmp_path):
+    os.unlink(server.fifo)
+    with open(server.fifo, "w") as f:               # not ours to remove
+        f.write("someone else's")
+    try:
+        assert server.proc.wait(20) == 1
+        [failed] = server.events("server.failed")
+        assert "was replaced" in failed["reason"]
+        with open(server.fifo) as f:
+            assert f.read() == "someone else's"
+    finally:
+        os.unlink(server.fifo)
+
+
+def test_logs_an_operator_can_follow(start_server, tmp_path):
+    server = start_server("--chaos", "liar:0")
+    [started] = server.events("server.started")
+    assert started["log"] == server.log_path
+    tree = tmp_path / "tree"
+    files = make_tree(tree, files=300, dirs=10)
+    client = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, "tree"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL)
+    assert client.wait(90) == 0
+    [opened] = server.events("session.opened")
+    assert opened["pid"] == str(client.pid) and opened["uid"] == str(os.geteuid())
+    [roots] = server.events("session.roots")
+    assert roots["session"] == opened["session"] and roots["count"] == "1"
+    assert json.loads(roots["roots"]) == [str(tree)]
+    with open(files[7], "ab") as f:
+        f.write(b"changed")
+    assert run_client(server, tree).status == 1
+    [changed] = server.events("file.changed")
+    assert changed["path"] == files[7]
+    assert changed["session"] == server.events("session.opened")[-1]["session"]
+    about_workers = [e for e in server.events() if e["event"].startswith("worker.")
+                     and e["event"] not in ("worker.spawn_failed", "worker.backoff")]
+    assert server.events("worker.banned")
+    assert all("slot" in e and "pid" in e for e in about_workers), \
+        [e for e in about_workers if "slot" not in e or "pid" not in e]
+
+
+def test_the_default_log_dir_is_logs_of_a_checkout_else_where_daemon_logs_belong(tmp_path):
+    from osproject.cli import ROOT_LOG_DIR, default_log_dir
+    from conftest import ROOT
+    assert default_log_dir(ROOT) == os.path.join(ROOT, "logs")
+    installed = str(tmp_path / "site-packages")          # no setup.py beside it
+    assert default_log_dir(installed, euid=0) == ROOT_LOG_DIR == "/var/log/osproject"
+    assert default_log_dir(installed, euid=1000, environ={"XDG_STATE_HOME": "/s",
+                                                          "HOME": "/h"}) == "/s/osproject"
+    assert default_log_dir(installed, euid=1000, environ={"HOME": "/h"}) == \
+        "/h/.local/state/osproject"

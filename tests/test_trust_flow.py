@@ -83,3 +83,34 @@ def test_a_bug_of_ours_while_judging_a_file_answers_it_error_instead_of_hanging(
     assert [(r["status"], r["error"]) for r in session.replies] == [("ERROR",
                                                                      "internal error")]
     assert session.outstanding == 0 and not scheduler.pending
+
+
+def test_an_outvoted_first_reading_is_warned_only_once_its_re_reading_is_proven_a_lie():
+    A, X, Y = "a" * 32, "1" * 32, "2" * 32
+    workers = {w: worker(w) for w in (1, 2, 3, 4)}
+    warned = []
+    supervisor = SimpleNamespace(by_wid=workers, state_of=lambda w: State.BUSY,
+                                 tally=lambda w: None, totals=SimpleNamespace(warnings=0),
+                                 warn=lambda w: warned.append(w.wid) or False)
+    scheduler, log, session = Scheduler(), Log(), Session()
+    session.sid, session.said_bye = 1, False
+    trust = Trust(SimpleNamespace(cross_check=0.1, workers=4), log, scheduler,
+                  supervisor, [session], drop_session=None)
+    job = Job(session=session, rid=1, index=0, path="/t/f", sidecar="/t/f.md5")
+    for wid, md5 in ((1, X), (2, A), (3, A)):     # the new file moved after its first reading?
+        trust.on_result(workers[wid], job, reading("/t/f", md5))
+        if wid < 3:
+            assert scheduler.take(workers[wid + 1]).jobs == [job]
+    assert [r["md5"] for r in session.replies] == [A]
+    assert "worker.outvoted" in log.events and warned == []
+    assert session.outstanding == 1, "the proof keeps the session open"
+
+    assert scheduler.take(workers[2]) is None, "the accused reads it again first"
+    [proof] = scheduler.take(workers[1]).jobs
+    trust.on_result(workers[1], proof, reading("/t/f", Y))      # a lie again
+    assert scheduler.take(workers[3]) is None, "it read just before the accused"
+    assert scheduler.take(workers[4]).jobs == [proof]
+    trust.on_result(workers[4], proof, reading("/t/f", A))
+    assert warned == [1] and "worker.warned" in log.events
+    assert len(session.replies) == 1 and session.outstanding == 0
+    assert not scheduler.pending

@@ -4,7 +4,7 @@ import random
 from types import SimpleNamespace
 
 from osproject.verifier import (CHANGED, MAX_OPINIONS, NEW, OK, TRUST_AFTER, UNSTABLE,
-                                Vote, judge, wants_cross_check)
+                                Vote, judge, proven_lie, wants_cross_check)
 
 A, B, C, D = ("a" * 32, "b" * 32, "c" * 32, "d" * 32)
 SAME = (100, 1, 1, 7)
@@ -98,3 +98,14 @@ def test_fresh_and_warned_workers_are_always_cross_checked():
     assert not any(wants_cross_check(trusted, 0.0, rng) for _ in range(100))
     sampled = sum(wants_cross_check(trusted, 0.1, rng) for _ in range(10_000))
     assert 800 < sampled < 1200
+
+
+def test_a_lie_is_proven_only_with_the_agreed_hash_read_before_and_after_it():
+    # The baseline is the reading before; the majority's last is after.
+    assert proven_lie(A, [vote(1, B), vote(2, A)], 1, A)
+    assert proven_lie(None, [vote(1, A), vote(2, B), vote(3, A)], 2, A)
+    # Only later readings agree: the file may have moved after the first.
+    assert not proven_lie(None, [vote(1, B), vote(2, A), vote(3, A)], 1, A)
+    assert not proven_lie(A, [vote(1, B), vote(2, C), vote(3, C)], 1, C)
+    opinions = [vote(1, B), vote(2, C), vote(3, D), vote(4, D)]
+    assert not any(proven_lie(None, opinions, wid, D) for wid in (1, 2))
