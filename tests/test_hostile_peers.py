@@ -115,7 +115,15 @@ def test_an_entrance_too_deep_for_a_hello_is_refused_by_server_and_client(
     [refused] = server.events("server.refused")
     assert "no client could say hello" in refused["reason"]
     assert "too long a path" in refused["reason"] and "--fifo" in refused["reason"]
-    result = run_client(fifo, tmp_path)
+    os.mkfifo(fifo, 0o600)          # as if something listened there after all
+    listener = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        tree = tmp_path / "tree"
+        tree.mkdir()
+        result = run_client(fifo, tree)
+    finally:
+        os.close(listener)
+        os.unlink(fifo)
     assert result.status == 2
     assert "too long a path" in result.stderr and "Traceback" not in result.stderr
     assert os.listdir(deep) == [], "the client left its directory behind"
