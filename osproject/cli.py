@@ -97,7 +97,7 @@ def server_parser():
                    help="the syslog daemon's datagram socket (default /dev/log, on "
                         "macOS /var/run/syslog); implies --syslog")
     p.add_argument("--chaos", action="append", default=[], metavar="SPEC", help=CHAOS_HELP)
-    p.add_argument("--version", action="version", version=__version__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
@@ -175,14 +175,15 @@ def client_parser():
                    help="keep sidecars mirrored under DIR instead of beside the files")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="skip files and directories whose name, or path relative to "
-                        "the PATH given, matches GLOB (repeatable)")
+                        "the PATH given, matches GLOB; a GLOB starting with / matches "
+                        "the absolute path (repeatable)")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="no progress line on the terminal (there is none unless stderr "
                         "is a terminal)")
     p.add_argument("--status", action="store_true",
                    help="show the server's pid and uptime, each worker's state, pid, "
                         "files, warnings, RSS and CPU, and the totals; no PATH needed")
-    p.add_argument("--version", action="version", version=__version__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
@@ -196,6 +197,8 @@ def client_main(argv=None):
         args = parser.parse_args(argv)
         if not args.paths and not args.status:
             parser.error("give at least one PATH, or --status")
+        if args.paths and args.status:
+            parser.error("--status shows the server: it takes no PATH")
     except SystemExit as exc:
         return EXIT_TROUBLE if exc.code else 0
     if args.status:
@@ -216,8 +219,9 @@ def client_main(argv=None):
         return EXIT_TROUBLE
     try:
         for path in roots:
-            if not os.path.lexists(path) and catalog.get(os.path.abspath(path)) is None:
-                print(f"integrity-client: {path}: no such file or directory", file=sys.stderr)
+            why = unusable(path)
+            if why and catalog.get(os.path.abspath(path)) is None:
+                print(f"integrity-client: {path}: {why}", file=sys.stderr)
                 return EXIT_TROUBLE
         report = Report(sys.stdout, as_json=args.json,
                         progress=Progress.for_terminal(sys.stderr, args.quiet))
@@ -247,6 +251,15 @@ def run_check(args, roots, report, store_dir, catalog):
         traceback.print_exc()
         print("integrity-client: internal error; the check was not done", file=sys.stderr)
         return EXIT_TROUBLE
+
+
+def unusable(path):
+    """Why PATH cannot be checked (lstat's reason, lowercase), or None."""
+    try:
+        os.lstat(path)
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    return None
 
 
 def distinct_roots(paths):

@@ -41,9 +41,13 @@ class Entry(NamedTuple):
 class Lister:
     def __init__(self, store_dir=None, excludes=(), catalog=None, update=False):
         self.store_dir = store_dir
-        self.excludes = tuple(excludes)
+        self.excludes = tuple(p for p in excludes if not p.startswith("/"))
+        self.absolute_excludes = tuple(p for p in excludes if p.startswith("/"))
         self.catalog = catalog
         self.update = update
+        # A --store inside a tree it serves is ours, not the tree's: never listed
+        # (its sidecars would otherwise get sidecars of their own, run after run).
+        self.store_identity = _identity(store_dir) if store_dir else None
 
     def walk(self, root):
         """Yield an Entry or a Finding for everything under root, depth first.
@@ -122,6 +126,8 @@ class Lister:
                 if self.excluded(path, prefix):
                     continue
                 st = listing.stat(e)
+                if st is not None and (st.st_dev, st.st_ino) == self.store_identity:
+                    continue
                 for found in self.judge(e.name, path, st, listing, context, fd):
                     if st is not None and stat.S_ISDIR(st.st_mode) and found.path == path:
                         subdirs.append((path, (st.st_dev, st.st_ino), found))
@@ -285,7 +291,12 @@ class Lister:
                                sidecar=key + store.SUFFIX, dir=(here.st_dev, here.st_ino))
 
     def excluded(self, path, prefix):
-        """Does a pattern match the name, or the path below the root (`prefix`)?"""
+        """Does a pattern match the name, or the path below the root (`prefix`)?
+        An absolute pattern matches the absolute path."""
+        if self.absolute_excludes and any(
+                fnmatch.fnmatchcase(os.path.abspath(path), pat)
+                for pat in self.absolute_excludes):
+            return True
         if not self.excludes:
             return False
         name, relative = os.path.basename(path), path[len(prefix):]
@@ -396,6 +407,14 @@ class _Sidecars:
         if self._own and self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _identity(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _record(key, st, target=None):

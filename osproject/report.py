@@ -25,9 +25,18 @@ RUN_LENGTH = 2000           # findings sorted in memory before they go to disk
 
 
 def show_path(path):
-    """A path for a terminal: control characters and undecodable bytes escaped."""
-    text = os.fsencode(path).decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    """A path for a terminal: control characters and undecodable bytes escaped,
+    and a backslash doubled, so that `a<newline>b` and `a\\nb` never look alike."""
+    text = os.fsencode(path).decode("utf-8", "surrogateescape")
+    return "".join(_shown(c) for c in text)
+
+
+def _shown(char):
+    if char == "\\":
+        return "\\\\"
+    if "\udc80" <= char <= "\udcff":                 # a byte that is not UTF-8
+        return f"\\x{ord(char) - 0xdc00:02x}"
+    return char if char.isprintable() else repr(char)[1:-1]
 
 
 def sort_key(path):
@@ -50,6 +59,7 @@ class Report:
         self._verdicts = {}         # key -> the corrected (status, md5, error)
         self._moves = _Moves()
         self._lock = threading.Lock()
+        self.out_closed = False     # the reader of our output went away
 
     def add(self, finding):
         """Hold one entry's Finding until the end; called from any thread."""
@@ -70,7 +80,7 @@ class Report:
         with self._lock:
             self._clear_progress()
             self._moves.pair(self._verdicts)
-            folder = _Folder(self.out) if not self.as_json else None
+            folder = _Folder(self._write) if not self.as_json else None
             for finding in self._runs.drain():
                 if finding.key in self._verdicts and finding.unchecked:
                     finding = corrected(finding, *self._verdicts[finding.key])
@@ -83,11 +93,21 @@ class Report:
                 accept(finding)
                 self._count(finding)
                 if self.as_json:
-                    self.out.write(json.dumps(as_record(finding, moved)) + "\n")
+                    self._write(json.dumps(as_record(finding, moved)) + "\n")
                 else:
                     folder.show(finding, moved)
             if folder is not None:
                 folder.close()
+
+    def _write(self, text):
+        """Write to the output; a reader gone (`| head`) costs the output only,
+        never the run: the catalog still records, the exit status still tells."""
+        if self.out_closed:
+            return
+        try:
+            self.out.write(text)
+        except BrokenPipeError:
+            self.out_closed = True
 
     def _count(self, finding):
         self.counts[finding.status] += 1
@@ -112,14 +132,20 @@ class Report:
             counts = {k: v for k, v in self.counts.items() if v}
             total = sum(counts.values())
             if self.as_json:
-                self.out.write(json.dumps({"summary": counts}) + "\n")
+                self._write(json.dumps({"summary": counts, "entries": total,
+                                        "files": self.files_verified + self.unverifiable})
+                            + "\n")
             else:
                 if self.first_seen:
-                    self.out.write(f"{_entries(self.first_seen)} seen for the first time "
+                    self._write(f"{_entries(self.first_seen)} seen for the first time "
                                    "recorded in the catalog (--json lists them)\n")
                 parts = ", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing"
-                self.out.write(f"{_entries(total)}: {parts}\n")
-            self.out.flush()
+                self._write(f"{_entries(total)}: {parts}\n")
+            try:
+                if not self.out_closed:
+                    self.out.flush()
+            except BrokenPipeError:
+                self.out_closed = True
         return self.exit_status()
 
     def exit_status(self):
@@ -235,8 +261,8 @@ class _Folder:
     """Human lines: OK and first-seen entries are not shown, and the entries
     below a MISSING directory fold into its line with a count."""
 
-    def __init__(self, out):
-        self.out = out
+    def __init__(self, write):
+        self._write = write
         self.gone_dir = None        # (finding, its sort key, entries below it)
 
     def show(self, finding, moved):
@@ -252,14 +278,14 @@ class _Folder:
                 and finding.was.kind == catalog.DIR:
             self.gone_dir = (finding, sort_key(finding.path), 0)
             return
-        self.out.write(format_human(finding, moved) + "\n")
+        self._write(format_human(finding, moved) + "\n")
 
     def close(self):
         if self.gone_dir is None:
             return
         directory, _, below = self.gone_dir
         self.gone_dir = None
-        self.out.write(format_human(directory, below=below) + "\n")
+        self._write(format_human(directory, below=below) + "\n")
 
 
 class _SortedRuns:

@@ -15,6 +15,7 @@ import stat
 SUFFIX = ".md5"
 MAX_SIDECAR = 64 * 1024  # a real sidecar is one line: hash, two spaces, a name
 _LINE = re.compile(rb"(\\?)([0-9a-fA-F]{32}) [ *](.*)", re.DOTALL)
+_BSD_LINE = re.compile(rb"(\\?)MD5 \((.*)\) = ([0-9a-fA-F]{32})", re.DOTALL)
 _ESCAPES = {b"\\": b"\\\\", b"\n": b"\\n", b"\r": b"\\r"}
 _UNESCAPE = re.compile(rb"\\(.)", re.DOTALL)
 TEMP_ATTEMPTS = 100      # names taken by a dead process of the same pid: skip on
@@ -60,11 +61,21 @@ def format_line(md5, name):
 
 
 def parse_line(line):
-    """Return (md5, name as bytes) from one md5sum line, or raise SidecarError."""
-    match = _LINE.fullmatch(line[:-1] if line.endswith(b"\n") else line)
-    if not match:
-        raise SidecarError("not an md5sum line")
-    escaped, md5, name = match.groups()
+    """Return (md5, name as bytes) from one md5sum line, or raise SidecarError.
+
+    As `md5sum -c` does, it takes a CRLF line end and the BSD form
+    (`MD5 (NAME) = HASH`, as `md5sum --tag` and macOS's md5 write).
+    """
+    line = line[:-1] if line.endswith(b"\n") else line
+    line = line[:-1] if line.endswith(b"\r") else line   # a raw CR in a name is escaped
+    match = _LINE.fullmatch(line)
+    if match:
+        escaped, md5, name = match.groups()
+    else:
+        match = _BSD_LINE.fullmatch(line)
+        if not match:
+            raise SidecarError("not an md5sum line")
+        escaped, name, md5 = match.groups()
     if escaped:
         def unescape(m):
             if m.group(1) not in b"\\nr":

@@ -29,7 +29,7 @@ def test_results_wait_for_the_end_sorted_and_take_corrections():
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert lines[:2] == [{"path": "a", "status": "NEW", "md5": "1" * 32},
                          {"path": "b", "status": "NEW", "md5": "f" * 32}]
-    assert lines[3] == {"summary": {"OK": 1, "NEW": 2}}
+    assert lines[3]["summary"] == {"OK": 1, "NEW": 2} and lines[3]["entries"] == 3
 
 
 def test_changed_or_missing_exit_1_and_human_lines_skip_ok():
