@@ -375,7 +375,7 @@ def check(roots, fifo, report, private_dir=False, catalog=None, **options):
         status = client.run(roots)
     finally:
         conn.close()
-    send_audit(fifo, private_dir, client.audit)
+    send_audit(fifo, private_dir, client.audit, conn.session)
     return status
 
 
@@ -411,7 +411,7 @@ def _audit_value(attribute, value):
     return None if value is None else str(value)
 
 
-def send_audit(fifo, private_dir, events):
+def send_audit(fifo, private_dir, events, check_session=None):
     """Tell the server's log what this run found: the audit trail a fleet collects.
 
     On a session of its own, once the findings are final (the check's own
@@ -423,9 +423,10 @@ def send_audit(fifo, private_dir, events):
     try:
         conn.open()
         for i in range(0, len(events), AUDIT_PER_FRAME):
-            conn.send({"audit": [{"event": event, **{k: v for k, v in fields.items()
-                                                    if v is not None}}
-                                 for event, fields in events[i:i + AUDIT_PER_FRAME]]})
+            batch = [{"event": event, "check": check_session, **fields}
+                     for event, fields in events[i:i + AUDIT_PER_FRAME]]
+            conn.send({"audit": [{k: v for k, v in e.items() if v is not None}
+                                 for e in batch]})
         conn.finish_requests()
         if not any("bye" in frame for frame in conn.frames()):
             raise ClientError("the server refused them (see its log)")

@@ -36,6 +36,7 @@ class Connection:
         self.request_fd = self.reply_fd = -1
         self.lines = protocol.LineBuffer()
         self.send_lock = threading.Lock()
+        self.session = None
 
     def open(self):
         """Say hello and wait for the welcome; raise ClientError if nobody answers.
@@ -116,6 +117,7 @@ class Connection:
                 if frame.get("welcome") != protocol.HELLO_VERSION:
                     raise ClientError("the server answered with something else than welcome")
                 self.leftover = lines[1:]
+                self.session = frame.get("session")     # our number in the server's log
                 return
 
     def send(self, frame):

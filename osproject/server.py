@@ -426,7 +426,8 @@ class Server:
             self.log.info("session.opened", session=session.sid, pid=session.pid,
                           uid=session.uid, reply=session.reply_path,
                           spare=session.spare or None)
-            session.send({"welcome": protocol.HELLO_VERSION, "server": os.getpid()})
+            session.send({"welcome": protocol.HELLO_VERSION, "server": os.getpid(),
+                          "session": session.sid})
             session.flush()
 
     def open_session(self, line):

@@ -54,6 +54,8 @@ def alteration_is_caught(server, tree, path, status, changes):
     event = "file.missing" if status == "MISSING" else "file.changed"
     logged = [e for e in server.events(event) if e["path"] == str(path)]
     assert logged, f"no {event} for {path} in the server's log"
+    checked = [e["session"] for e in server.events("session.opened")][-2]
+    assert logged[-1]["check"] == checked, "the audit names the session that checked"
     if changes:
         assert set(changes) <= set(logged[-1]["changes"].split(","))
     accepted = run_client(server, "--update", tree)
