@@ -211,6 +211,8 @@ class Worker:
             with sigterm_deferred():
                 written = store.write_sidecar(sidecar, result["md5"], name, replace,
                                               dir_fd=fd)
+            if not written:     # another client's first run, most likely: same hash?
+                written = _holds(sidecar, name, result["md5"], fd)
         except OSError as exc:
             result["error"] = f"cannot write sidecar: {_strerror(exc)}"
             return
@@ -315,6 +317,14 @@ def _open_failure(path, exc, dir_fd=None):
         except OSError:
             pass
     return {"error": _strerror(exc)}
+
+
+def _holds(sidecar, name, md5, dir_fd):
+    """Does the sidecar that appeared meanwhile hold `md5` already?"""
+    try:
+        return store.read_baseline(sidecar, name, dir_fd=dir_fd) == md5
+    except store.SidecarError:
+        return False
 
 
 def remove_stale_temps(dir_fd, pid):

@@ -367,3 +367,17 @@ def files_in(server):
     import json
     status = json.loads(run_client(server, "--status", "--json").stdout)
     return status["waiting"] + status["inflight"]
+
+
+def test_two_first_runs_of_one_tree_at_once_both_succeed(server, tmp_path):
+    """Both record the tree; a sidecar the other run wrote with the same hash is
+    no error (it once made hundreds of ERRORs)."""
+    tree = tmp_path / "same"
+    make_tree(tree, files=300, dirs=3)
+    procs = [subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, "--json",
+                               str(tree)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert not any('"ERROR"' in out for out, _ in outs)
+    assert run_client(server, tree).status == 0
