@@ -296,7 +296,7 @@ class Catalog:
         """Has a completed run committed `root`, or a directory above it?"""
         root = os.fsencode(root)
         above = [root]
-        while above[-1] != b"/" and above[-1]:
+        while os.path.dirname(above[-1]) != above[-1]:     # "//" is its own parent too
             above.append(os.path.dirname(above[-1]))
         marks = ",".join("?" * len(above))
         return bool(self._query(f"SELECT 1 FROM roots WHERE path IN ({marks}) LIMIT 1",
@@ -598,12 +598,18 @@ def _create(path):
 
 
 def _make_directory(directory):
-    """Create the catalog's directory 0700 (its parents as makedirs makes them)."""
+    """Create the catalog's directory, and any missing parent, mode 0700
+    whatever the umask (XDG asks 0700 of ~/.local/state as well)."""
     if os.path.isdir(directory):
         return
+    parent = os.path.dirname(directory)
+    if parent != directory:
+        _make_directory(parent)
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)      # whatever the umask said
+        os.mkdir(directory, 0o700)
+        os.chmod(directory, 0o700)
+    except FileExistsError:
+        pass
     except OSError as exc:
         raise CatalogError(f"cannot create the catalog's directory {_show(directory)}: "
                            f"{exc.strerror}") from None
@@ -631,6 +637,29 @@ def _check_directory(directory):
         raise CatalogError(f"catalog directory {_show(directory)} is writable by group or "
                            f"others (mode {stat.S_IMODE(st.st_mode):04o}): they could swap "
                            f"the catalog; chmod go-w it, or keep the catalog elsewhere")
+    _check_ancestors(os.path.dirname(os.path.realpath(directory)))
+
+
+def _check_ancestors(directory):
+    """Nobody else may rename a directory above the catalog (as ssh's StrictModes):
+    whoever can could move the catalog aside, and the next run would be a
+    silent first run.  A sticky world-writable one (/tmp) is fine."""
+    while True:
+        try:
+            st = os.stat(directory)
+        except OSError as exc:
+            raise CatalogError(f"catalog directory {_show(directory)}: {exc.strerror}") \
+                from None
+        if st.st_uid not in (os.geteuid(), 0) or (st.st_mode & 0o022
+                                                  and not st.st_mode & stat.S_ISVTX):
+            raise CatalogError(f"catalog: {_show(directory)}, above it, belongs to uid "
+                               f"{st.st_uid} or is writable by others (mode "
+                               f"{stat.S_IMODE(st.st_mode):04o}): they could move the "
+                               "catalog aside; keep it in a directory only you control")
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return
+        directory = parent
 
 
 def _check_file(path, st):

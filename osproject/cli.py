@@ -267,6 +267,8 @@ def distinct_roots(paths):
     named twice, are checked once (first as given)."""
     kept = []
     for path in paths:
+        if path.startswith("//") and not path.startswith("///"):
+            path = path[1:]         # POSIX leaves "//" to the system: it means "/" here
         real = os.path.realpath(path)
         if any(real == other or real.startswith(other.rstrip("/") + "/")
                for other in map(os.path.realpath, kept)):

@@ -80,7 +80,7 @@ class Client:
             self.catalog.commit_run([os.path.abspath(root) for root in roots])
         return self.report.summary()
 
-    def accept(self, finding):
+    def accept(self, finding, audit=True):
         """A final finding: the catalog records it, the audit trail hears of it."""
         if self.catalog is not None:
             if finding.stage is not None:
@@ -88,7 +88,7 @@ class Client:
             if finding.forget:
                 self.catalog.stage_delete(finding.key, subtree=finding.was is not None
                                           and finding.was.kind == "dir")
-        if finding.altered or finding.status == findings.MOVED:
+        if audit and (finding.altered or finding.status == findings.MOVED):
             self.audit.append(audit_event(finding))
 
     def fail(self, reason):
@@ -382,8 +382,6 @@ def check(roots, fifo, report, private_dir=False, catalog=None, **options):
 def audit_event(finding):
     """The server's log line for one alteration: (event, fields)."""
     fields = {"path": finding.key}
-    if finding.status == findings.MOVED:
-        return "file.moved", {**fields, "to": finding.error[3:], "md5": finding.expected}
     if finding.status == MISSING:
         return "file.missing", {**fields, "was": finding.was.kind if finding.was else None}
     fields["status"] = finding.status
@@ -395,6 +393,8 @@ def audit_event(finding):
                 fields[f"now_{change.attribute}"] = _audit_value(change.attribute, change.now)
     if finding.error:
         fields["error"] = finding.error
+    if finding.status == findings.MOVED:
+        return "file.moved", {**fields, "to": finding.moved_key, "md5": finding.expected}
     return "file.changed", fields
 
 

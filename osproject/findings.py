@@ -37,6 +37,8 @@ class Finding(NamedTuple):
     covered: bool = True        # under a root the catalog knew before this run
     unchecked: bool = False     # one worker's word: held for corrections
     updated: bool = False       # --update accepted it
+    moved_to: str = None        # MOVED: the new path, as the user sees it
+    moved_key: str = None       # MOVED: the new absolute path
 
 
 def of_entry(path, key, was, now, covered, update, **extra):
@@ -61,10 +63,11 @@ def of_file(entry, status, md5, error, update, unchecked=False):
                                   sidecar=entry.sidecar, dir=entry.dir,
                                   covered=entry.covered, unchecked=unchecked)
     if status in UNVERIFIED or md5 is None:
-        # Known to the catalog, or by its sidecar: a hidden change looks like this.
+        # Known to the catalog, or by its sidecar: a hidden change looks like
+        # this, a file swapped for a symlink after the listing (SKIPPED) too.
         recorded = was is not None or entry.expected is not None
         return Finding(status=status, md5=md5, error=error, was=was, now=entry.now,
-                       altered=recorded and status in UNVERIFIED, **common)
+                       altered=recorded, **common)
     now = entry.now._replace(md5=md5)
     if was is None:
         return _unrecorded(entry, status, now, error, update, common)
@@ -84,6 +87,7 @@ def of_file(entry, status, md5, error, update, unchecked=False):
 
 def _unrecorded(entry, status, now, error, update, common):
     """A file the catalog does not know: new, or first seen since sidecars only."""
+    error = error or entry.note
     if entry.covered:           # the catalog knew this tree: an addition
         if status == CHANGED:
             error = "its sidecar, planted beside it, records another hash"

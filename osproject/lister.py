@@ -36,6 +36,7 @@ class Entry(NamedTuple):
     sidecar_md5: str = None    # what its sidecar holds
     sidecar_error: str = None  # why its sidecar could not be read
     covered: bool = False   # under a root the catalog knew before this run
+    note: str = None        # something the user should hear of, even on a first run
 
 
 class Lister:
@@ -115,19 +116,22 @@ class Lister:
                                   f"cannot list directory: {exc.strerror}")
             return []
         recorded = self.catalog.children(absdir) if self.catalog is not None else {}
+        if not covered and recorded:    # a known tree inside a new root
+            covered = self.catalog.knows_root(absdir)
         listing = _Listing(names, fd)
         sidecars = self.sidecars_of(absdir, fd, listing, recorded)
         context = _Context(directory, absdir, identity, prefix, covered, recorded, sidecars)
         subdirs = []
         try:
             for name in names:
-                if name in sidecars.skip or store.is_temp_name(name):
+                if name in sidecars.skip:
                     continue
                 path = os.path.join(directory, name)
                 if self.excluded(path, prefix):
                     continue
                 st = listing.stat(name)
-                if st is not None and (st.st_dev, st.st_ino) == self.store_identity:
+                if st is not None and ((st.st_dev, st.st_ino) == self.store_identity or
+                                       store.is_temp_name(name) and _looks_like_temp(st)):
                     continue
                 for found in self.judge(name, path, st, listing, context, fd):
                     if st is not None and stat.S_ISDIR(st.st_mode) and found.path == path:
@@ -169,14 +173,15 @@ class Lister:
                     sidecar_md5 = sidecars.read(name)
                 except store.SidecarError as exc:
                     sidecar_error = str(exc)
-        if was is not None:
-            expected = was.md5 if was.kind == catalog_mod.FILE else None
-        elif sidecar_error:     # a sidecar we cannot read is never overwritten
+        if was is not None and was.kind == catalog_mod.FILE:
+            expected = was.md5
+        elif sidecar_error and was is None:     # a sidecar we cannot read is never overwritten
             return findings.failed(path, key, None, sidecar_error)
         else:
             expected = sidecar_md5
         return Entry(path, key, sidecar, st.st_size, expected, context.identity, was,
-                     _record(key, st), sidecar_md5, sidecar_error, context.covered)
+                     _record(key, st), sidecar_md5, sidecar_error, context.covered,
+                     sidecars.notes.get(name))
 
     def gone(self, context, listing):
         """What the catalog has here and the listing no longer finds."""
@@ -351,6 +356,7 @@ class _Sidecars:
         self.skip = set()           # listed names that are our sidecars, not entries
         self.taken = set()          # files whose sidecar name holds a file of its own
         self.orphans = {}           # stem -> the hash its lone sidecar holds
+        self.notes = {}             # stem -> why its *.md5 neighbour is no sidecar
         self._held = {}             # stem -> what its sidecar holds, read once
 
     def sort_out(self, names, recorded):
@@ -363,8 +369,12 @@ class _Sidecars:
                 if stem in names:
                     self.taken.add(stem)
                 continue
-            if stem in names and os.fsencode(stem) in recorded:
-                self.skip.add(name)          # its file's: read and judged with it
+            was = recorded.get(os.fsencode(stem))
+            if stem in names and was is not None and was.kind == catalog_mod.FILE:
+                # Its file's sidecar, read and judged with it; a directory or
+                # anything else in its place is an entry of its own as well.
+                if _is_regular(name, self.fd):
+                    self.skip.add(name)
                 continue
             try:
                 md5 = store.read_baseline(name, stem, dir_fd=self.fd)
@@ -373,10 +383,13 @@ class _Sidecars:
             if md5 is None:
                 if stem in names:
                     self.taken.add(stem)
+                    if was is None:
+                        self.notes[stem] = (f"{name} beside it is not its sidecar: checked "
+                                            "as a file of its own")
             elif stem in names:
                 self.skip.add(name)
                 self._held[stem] = md5
-            elif os.fsencode(stem) not in recorded:
+            elif was is None:
                 self.skip.add(name)
                 self.orphans[stem] = md5
             else:
@@ -409,6 +422,20 @@ class _Sidecars:
         if self._own and self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _is_regular(name, fd):
+    try:
+        return stat.S_ISREG(os.lstat(name, dir_fd=fd).st_mode)
+    except OSError:
+        return False
+
+
+def _looks_like_temp(st):
+    """A temp sidecar of ours: a small plain file. Anything else named like one
+    (a setuid binary, a directory) is an entry like any other."""
+    return (stat.S_ISREG(st.st_mode) and st.st_size <= store.MAX_SIDECAR
+            and not st.st_mode & 0o7111 and st.st_nlink == 1)
 
 
 def _identity(path):

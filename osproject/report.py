@@ -73,7 +73,7 @@ class Report:
         with self._lock:
             self._verdicts[key] = (status, md5, error)
 
-    def release(self, accept=lambda finding: None):
+    def release(self, accept=lambda finding, audit=True: None):
         """Print the findings in path order, each passed to accept() first
         (which records it in the catalog)."""
         from .findings import corrected
@@ -86,16 +86,16 @@ class Report:
                     finding = corrected(finding, *self._verdicts[finding.key])
                 moved = self._moves.of(finding)
                 if moved is _FOLDED:
-                    accept(finding)
+                    accept(finding, audit=False)    # the arrival of a MOVED: told there
                     continue
                 if moved is not None:
-                    finding = finding._replace(status=MOVED, error=f"-> {moved}")
+                    finding = as_moved(finding, *moved)
                 accept(finding)
                 self._count(finding)
                 if self.as_json:
-                    self._write(json.dumps(as_record(finding, moved)) + "\n")
+                    self._write(json.dumps(as_record(finding)) + "\n")
                 else:
-                    folder.show(finding, moved)
+                    folder.show(finding)
             if folder is not None:
                 folder.close()
 
@@ -174,13 +174,21 @@ class Report:
             self.out.flush()
 
 
-def as_record(finding, moved=None):
+def as_moved(gone, new_path, new_key, new_now):
+    """The MISSING half of a move, become the MOVED finding: what moved with it
+    (a setuid bit added on the way) is compared too."""
+    changes = tuple(catalog.compare(gone.was, new_now))
+    return gone._replace(status=MOVED, now=new_now, changes=changes, moved_to=new_path,
+                         moved_key=new_key, forget=gone.forget)
+
+
+def as_record(finding):
     """The --json object of one finding."""
     shape = finding.now or finding.was
     record = {"path": finding.path, "kind": shape.kind if shape else None,
               "status": finding.status, "md5": finding.md5,
-              "expected": finding.expected, "error": None if moved else finding.error,
-              "updated": finding.updated or None, "to": moved}
+              "expected": finding.expected, "error": finding.error,
+              "updated": finding.updated or None, "to": finding.moved_to}
     if finding.changes:
         record["changes"] = [c.attribute for c in finding.changes]
     if finding.changes or finding.status in (MISSING, MOVED, CHANGED):
@@ -189,13 +197,13 @@ def as_record(finding, moved=None):
     return {k: v for k, v in record.items() if v is not None}
 
 
-def format_human(finding, moved=None, below=0):
+def format_human(finding, below=0):
     """One finding's line for a terminal; `below`: entries folded into it."""
-    if moved is not None:
-        return f"{MOVED:<8} {show_path(finding.path)} -> {show_path(moved)}"
     line = f"{finding.status:<8} {show_path(finding.path)}"
+    if finding.moved_to is not None:
+        line += f" -> {show_path(finding.moved_to)}"
     notes = [f"a directory, and {_entries(below)} below it"] if below else []
-    if finding.status == CHANGED and finding.changes:
+    if finding.status in (CHANGED, MOVED) and catalog.is_alteration(finding.changes):
         notes.append(catalog.describe(finding.changes, finding.was, finding.now))
     if finding.error:
         notes.append(finding.error)
@@ -229,27 +237,28 @@ class _Moves:
             self.gone[finding.key] = ((finding.was.md5, finding.was.size), finding.path)
         elif finding.status == NEW and finding.covered and finding.now is not None \
                 and finding.now.kind == catalog.FILE and finding.now.size and finding.md5:
-            self.new[finding.key] = ((finding.md5, finding.now.size), finding.path)
+            self.new[finding.key] = ((finding.md5, finding.now.size), finding.path,
+                                     finding.now)
 
     def pair(self, verdicts):
         """Match them up, once the server's corrections are known."""
         by_content = {}
-        for key, (content, path) in sorted(self.new.items()):
+        for key, (content, path, now) in sorted(self.new.items()):
             if key in verdicts:
                 status, md5, _ = verdicts[key]
                 if md5 is None:
                     continue
-                content = (md5, content[1])
-            by_content.setdefault(content, []).append((key, path))
+                content, now = (md5, content[1]), now._replace(md5=md5)
+            by_content.setdefault(content, []).append((key, path, now))
         for key, (content, path) in sorted(self.gone.items()):
             candidates = by_content.get(content)
             if candidates:
-                new_key, new_path = candidates.pop(0)
-                self.old_to_new[key] = new_path
+                new_key, new_path, new_now = candidates.pop(0)
+                self.old_to_new[key] = (new_path, new_key, new_now)
                 self.new_to_old[new_key] = key
 
     def of(self, finding):
-        """The new path of a moved file, _FOLDED for its arrival, else None."""
+        """(new path, key, Record) of a moved file, _FOLDED for its arrival, else None."""
         if finding.status == MISSING and finding.key in self.old_to_new:
             return self.old_to_new[finding.key]
         if finding.status == NEW and finding.key in self.new_to_old:
@@ -265,20 +274,21 @@ class _Folder:
         self._write = write
         self.gone_dir = None        # (finding, its sort key, entries below it)
 
-    def show(self, finding, moved):
+    def show(self, finding):
         if self.gone_dir is not None:
             directory, key, below = self.gone_dir
             if finding.status == MISSING and sort_key(finding.path)[:len(key)] == key:
                 self.gone_dir = (directory, key, below + 1)
                 return
             self.close()
-        if finding.status == OK or (finding.status == NEW and not finding.covered):
+        if finding.status == OK or (finding.status == NEW and not finding.covered
+                                    and not finding.error):
             return
         if finding.status == MISSING and finding.was is not None \
                 and finding.was.kind == catalog.DIR:
             self.gone_dir = (finding, sort_key(finding.path), 0)
             return
-        self._write(format_human(finding, moved) + "\n")
+        self._write(format_human(finding) + "\n")
 
     def close(self):
         if self.gone_dir is None:

@@ -381,3 +381,98 @@ def test_two_first_runs_of_one_tree_at_once_both_succeed(server, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert not any('"ERROR"' in out for out, _ in outs)
     assert run_client(server, tree).status == 0
+
+
+class TestWhatAnIntruderTried:
+    """Found by a review that played the intruder; each hid a change at exit 0."""
+
+    def test_entries_named_like_our_temp_files_are_still_entries(self, server, tree):
+        first_run(server, tree)
+        shutil.copy("/bin/true", tree / "bin" / ".osp-1-1.tmp")
+        os.chmod(tree / "bin" / ".osp-1-1.tmp", 0o4755)
+        (tree / ".osp-7-7.tmp").mkdir()
+        (tree / ".osp-7-7.tmp" / "rootkit").write_text("payload")
+        result, records = check(server, tree)
+        assert result.status == 1
+        assert records[str(tree / "bin" / ".osp-1-1.tmp")]["status"] == "NEW"
+        assert records[str(tree / ".osp-7-7.tmp" / "rootkit")]["status"] == "NEW"
+
+    def test_a_name_dot_md5_beside_a_directory_or_symlink_is_an_entry(self, server, tree):
+        first_run(server, tree)
+        (tree / "etc.md5").write_text("evil payload\n")
+        (tree / "etc" / "current.md5").mkdir()
+        (tree / "etc" / "current.md5" / "x").write_text("hidden")
+        (tree / "bin" / "tool.md5").unlink()
+        (tree / "bin" / "tool.md5").mkdir()                 # in a sidecar's place
+        (tree / "bin" / "tool.md5" / "y").write_text("hidden too")
+        result, records = check(server, tree)
+        assert result.status == 1
+        for planted in ("etc.md5", "etc/current.md5/x", "bin/tool.md5/y"):
+            assert records[str(tree / planted)]["status"] == "NEW", planted
+        assert "sidecar" in records[str(tree / "bin" / "tool")]["changes"]
+
+    def test_a_recorded_file_swapped_for_a_symlink_after_the_listing(self, server, tree):
+        first_run(server, tree)
+        victim = tree / "etc" / "app.conf"
+        workers = server.wait_workers()
+        for w in workers:
+            w.send_signal(signal.SIGSTOP)
+        try:
+            proc = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, tree],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+            wait_until(lambda: files_in(server) == 14, what="every file with the server")
+            victim.unlink()
+            victim.symlink_to("/etc/hostname")
+        finally:
+            for w in workers:
+                w.send_signal(signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1, out + err
+
+    def test_a_new_entry_in_a_known_tree_inside_a_new_root(self, server, tree):
+        assert run_client(server, tree / "bin").status == 0
+        planted = tree / "bin" / "evil"
+        planted.write_text("evil")
+        os.chmod(planted, 0o4755)
+        result = run_client(server, tree)
+        assert result.status == 1 and f"NEW      {planted}" in result.stdout
+
+    def test_a_directory_become_a_file_is_accepted_by_update(self, server, tree):
+        first_run(server, tree)
+        shutil.rmtree(tree / "d0")
+        (tree / "d0").write_text("data")
+        assert run_client(server, tree).status == 1
+        assert run_client(server, "--update", tree).status == 1
+        again = run_client(server, tree)
+        assert again.status == 0, again.stdout
+
+    def test_what_changed_on_the_way_of_a_move_is_shown(self, server, tree):
+        first_run(server, tree)
+        os.rename(tree / "bin" / "tool", tree / "bin" / ".tool")
+        os.chmod(tree / "bin" / ".tool", 0o4755)
+        human = run_client(server, tree)
+        assert f"MOVED    {tree}/bin/tool -> {tree}/bin/.tool  (mode 0755 -> 4755)" \
+            in human.stdout
+
+    def test_a_catalog_whose_parent_another_user_owns_is_refused(self, server, tree,
+                                                                 tmp_path):
+        home = tmp_path / "home"
+        home.mkdir()
+        os.chown(home, 65534, 65534)
+        result = run_client(server, "--catalog", home / "state" / "c.sqlite", tree)
+        assert result.status == 2 and "could move the catalog aside" in result.stderr
+
+    def test_a_root_spelled_with_two_slashes(self, server, tree):
+        result = run_client(server, "/" + str(tree), timeout=30)
+        assert result.status == 0, result.stderr
+
+    def test_a_tampered_file_behind_a_junk_sidecar_is_told_on_the_upgrade(self, server,
+                                                                          tmp_path):
+        root = tmp_path / "old"
+        root.mkdir()
+        (root / "b").write_text("tampered")
+        (root / "b.md5").write_text("junk where its sidecar was\n")
+        result = run_client(server, root)
+        assert result.status == 0
+        assert f"NEW      {root}/b  (b.md5 beside it is not its sidecar" in result.stdout
