@@ -70,6 +70,7 @@ class Client:
             while t.is_alive():
                 self.report.show_progress(self.listed)
                 t.join(PROGRESS_INTERVAL)
+        self.report.show_progress(self.listed)      # the last count, however quick
         self.conn.finish_requests()
         reader.join()
         self.conn.close()
