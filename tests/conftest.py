@@ -4,6 +4,7 @@ Every process a test starts is stopped and reaped by the fixture, and the
 fixture fails the test if a worker outlives its server.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -266,6 +267,25 @@ def make_tree(root, files=50, dirs=5, size=2000, seed=0, age=10.0):
     settled = time.time() + 0.2
     wait_until(lambda: time.time() > settled, what="the tree to settle")
     return paths
+
+
+@contextlib.contextmanager
+def workers_frozen(server):
+    """SIGSTOP every worker for the block: the files wait, listed but unread."""
+    workers = server.wait_workers()
+    for w in workers:
+        w.send_signal(signal.SIGSTOP)
+    try:
+        yield workers
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGCONT)
+
+
+def files_in(server):
+    """Files the server holds: waiting for a worker, or with one (--status)."""
+    status = json.loads(run_client(server, "--status", "--json").stdout)
+    return status["waiting"] + status["inflight"]
 
 
 def tamper(path, data=b"tampered"):

@@ -7,14 +7,13 @@ right status and `changes`, the server's log has the audit line, then
 
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
 
 import pytest
 
-from conftest import CLIENT, make_tree, run_client, wait_until
+from conftest import CLIENT, files_in, make_tree, run_client, wait_until, workers_frozen
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -301,17 +300,12 @@ class TestTheCatalogItself:
         first_run(server, tree)
         os.chmod(tree / "bin" / "tool", 0o4755)
         (tree / "bin" / "planted").write_text("new")
-        for w in server.wait_workers():
-            w.send_signal(signal.SIGSTOP)           # the run cannot finish
-        try:
+        with workers_frozen(server):                # the run cannot finish
             proc = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, tree],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_until(lambda: len(server.events("session.opened")) >= 2)
             proc.kill()
             proc.wait()
-        finally:
-            for w in server.wait_workers():
-                w.send_signal(signal.SIGCONT)
         result, records = check(server, tree)
         assert result.status == 1
         assert records[str(tree / "bin" / "tool")]["status"] == "CHANGED"
@@ -339,18 +333,12 @@ class TestTheCatalogItself:
     def test_a_recorded_file_that_cannot_be_verified_exits_1(self, server, tree):
         first_run(server, tree)
         victim = tree / "etc" / "app.conf"
-        workers = server.wait_workers()
-        for w in workers:
-            w.send_signal(signal.SIGSTOP)       # listed, but not read yet
-        try:
+        with workers_frozen(server):             # listed, but not read yet
             proc = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, "--json",
                                      tree], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
             wait_until(lambda: files_in(server) == 14, what="every file with the server")
             victim.unlink()
-        finally:
-            for w in workers:
-                w.send_signal(signal.SIGCONT)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 1, out + err
         assert '"status": "ERROR"' in out
@@ -361,12 +349,6 @@ class TestTheCatalogItself:
         assert result.status == 2, result.stdout
         assert "ERROR" in result.stdout
 
-
-def files_in(server):
-    """Files the server holds: waiting for a worker, or with one."""
-    import json
-    status = json.loads(run_client(server, "--status", "--json").stdout)
-    return status["waiting"] + status["inflight"]
 
 
 def test_two_first_runs_of_one_tree_at_once_both_succeed(server, tmp_path):
@@ -414,19 +396,13 @@ class TestWhatAnIntruderTried:
     def test_a_recorded_file_swapped_for_a_symlink_after_the_listing(self, server, tree):
         first_run(server, tree)
         victim = tree / "etc" / "app.conf"
-        workers = server.wait_workers()
-        for w in workers:
-            w.send_signal(signal.SIGSTOP)
-        try:
+        with workers_frozen(server):
             proc = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, tree],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
             wait_until(lambda: files_in(server) == 14, what="every file with the server")
             victim.unlink()
             victim.symlink_to("/etc/hostname")
-        finally:
-            for w in workers:
-                w.send_signal(signal.SIGCONT)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 1, out + err
 

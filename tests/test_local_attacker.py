@@ -7,17 +7,15 @@ attacker does, nothing outside the tree is read or written.
 """
 
 import hashlib
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 
 import pytest
 
-from conftest import CLIENT, make_tree, run_client, wait_until
+from conftest import CLIENT, files_in, make_tree, run_client, wait_until, workers_frozen
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to play two uids")]
@@ -188,10 +186,7 @@ class TestADirectorySwappedMidRun:
 
     def run_with_swap(self, server, tree, swaps, *args, expected=61):
         """Run the client with the workers frozen; swap once the listing is done."""
-        workers = server.wait_workers()
-        for w in workers:
-            w.send_signal(signal.SIGSTOP)
-        try:
+        with workers_frozen(server):
             proc = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, "--json",
                                      *args, tree], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True,
@@ -201,9 +196,6 @@ class TestADirectorySwappedMidRun:
                        timeout=30, what="the server to hold every file")
             for directory, secret in swaps:
                 self.swap(directory, secret)
-        finally:
-            for w in workers:
-                w.send_signal(signal.SIGCONT)
         out, err = proc.communicate(timeout=60)
         return proc.returncode, out, err
 
@@ -246,11 +238,6 @@ def _tree(tmp_path):
     tree.mkdir(exist_ok=True)
     return tree
 
-
-def files_in(server):
-    """Files the server holds: waiting for a worker, or with one."""
-    status = json.loads(run_client(server, "--status", "--json").stdout)
-    return status["waiting"] + status["inflight"]
 
 
 def _chown_tree(top, uid):
