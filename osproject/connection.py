@@ -108,7 +108,8 @@ class Connection:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self.reply_fd], [], [], left)[0]:
                 raise ClientError(f"the server at {self.entrance} did not answer "
-                                  f"within {self.timeout:g}s")
+                                  f"within {self.timeout:g}s: our hello was lost or refused "
+                                  "(its log says why), or the server is stuck")
             lines = self.lines.feed(os.read(self.reply_fd, 65536))
             if lines:
                 frame = protocol.decode(lines[0]) if lines[0] else {}
