@@ -1,8 +1,15 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# One version, in the package: --version and the package metadata agree.
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    (Path(__file__).parent / "osproject" / "__init__.py").read_text()).group(1)
 
 setup(
     name="osproject",
-    version="0.1.0",
+    version=VERSION,
     description="File-integrity checker: a pre-fork server of untrusted MD5 workers",
     packages=find_packages(include=["osproject", "osproject.*"]),
     python_requires=">=3.11",
