@@ -13,7 +13,8 @@ What is measured
              peers: md5deep -r, and find | xargs -0 -P2 -n500 md5sum.
   S create   the same tree with every *.md5 moved away before each run (ours and
              peer alike; moved, not unlinked: see Graveyard), so each run
-             writes all the sidecars.
+             writes all the sidecars, and our catalog deleted too: a true
+             first run, the catalog's first filling included.
              peer: a plain one-process Python reference (`reference_create`
              below: os.scandir walk, hashlib.md5, temp file + os.replace).
   RSS        peak RSS of the server, of its biggest worker, of server plus
@@ -32,7 +33,13 @@ How
   and the peer then run alternately (ours, peer, ours, peer ...) BENCH_REPEAT
   times and the table shows the medians and peer/ours (> 1: we are faster).
   Each server is probed with a one-file check before timing, so worker
-  start-up is never timed.  A peer that is not installed is skipped (say so,
+  start-up is never timed.
+
+  The client keeps a catalog of every entry it checked.  Each measured
+  scenario has a catalog of its own in the temp directory (--catalog), never
+  the user's: a verify (L, S, T) uses one filled by an untimed run of ours
+  first; a first run (S create, T create) starts with none, catalog.sqlite
+  and its -wal and -shm deleted untimed before each run.  A peer that is not installed is skipped (say so,
   go on); the bench never installs anything.
 
   A corpus the file system has no room for is skipped too (L needs about
@@ -201,6 +208,22 @@ def files_without_sidecar(root):
     return sorted(p for p in paths if not p.endswith(SUFFIX) and p + SUFFIX not in paths)
 
 
+def catalog_path(work, name):
+    """The catalog file of one scenario, in a directory of its own under work."""
+    directory = os.path.join(work, "catalogs", name)
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, "catalog.sqlite")
+
+
+def delete_catalog(path):
+    """Remove a catalog and its WAL files, so that the next run of ours is a first one."""
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+
+
 def has_room(where, need_bytes, need_inodes):
     """Return None if the file system of `where` has the room, else why not."""
     st = os.statvfs(where)
@@ -268,7 +291,7 @@ class Server:
         os.makedirs(probe)
         with open(os.path.join(probe, "file"), "wb") as f:
             f.write(b"probe\n")
-        run_ours(self, probe)
+        run_ours(self, probe, os.path.join(self.dir, "probe.sqlite"))
 
     def stop(self):
         """SIGTERM, wait, SIGKILL if it will not go; return its exit status."""
@@ -286,8 +309,8 @@ class Server:
         return tail(self.stderr_path, lines, "server stderr")
 
 
-def run_ours(server, tree, sampler=None):
-    """Run the client once on tree; return its wall-clock seconds.
+def run_ours(server, tree, catalog, sampler=None):
+    """Run the client once on tree with the catalog file `catalog`; return its seconds.
 
     Any exit status but 0 is a failure: the trees the bench checks are never
     altered, so 1 (CHANGED or MISSING) is as wrong as 2 (could not check).
@@ -295,7 +318,8 @@ def run_ours(server, tree, sampler=None):
     err_path = os.path.join(server.dir, "client.stderr")
     with open(err_path, "wb") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo, tree],
+        proc = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo,
+                                 "--catalog", catalog, tree],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=err)
         try:
@@ -317,9 +341,9 @@ def run_ours(server, tree, sampler=None):
     return seconds
 
 
-def first_run(server, tree):
+def first_run(server, tree, catalog):
     """Run ours on a tree without sidecars; fail unless every file got one."""
-    seconds = run_ours(server, tree)
+    seconds = run_ours(server, tree, catalog)
     missing = files_without_sidecar(tree)
     if missing:
         raise OursFailed(f"a first run left {len(missing)} files without a sidecar, "
@@ -479,7 +503,7 @@ class Bench:
         self.settings = settings
         self.report = report
 
-    def compare(self, label, server, tree, peer, prepare=None):
+    def compare(self, label, server, tree, catalog, peer, prepare=None):
         """Ours and peer alternately, `repeat` times each; add and return their medians.
 
         `prepare` runs untimed before every run of either side.  Returns
@@ -490,7 +514,7 @@ class Bench:
                              "not installed")
             return None
         peer_err = os.path.join(self.work, "peer.stderr")
-        sides = {"ours": (lambda: run_ours(server, tree), []),
+        sides = {"ours": (lambda: run_ours(server, tree, catalog), []),
                  peer.name: (lambda: run_peer(peer, tree, peer_err), [])}
         for i in range(1, self.settings.repeat + 1):
             for name, (run, times) in sides.items():
@@ -516,10 +540,11 @@ class Bench:
         log(f"building L: {count} files of {fmt_bytes(size)}")
         build_large(root, count, size)
         try:
+            catalog = catalog_path(self.work, "L-verify")
             with Server(self.work, "L") as server:
-                first_run(server, root)
+                first_run(server, root, catalog)
                 warm_cache(root)
-                times = self.compare(label, server, root, xargs_md5sum(1))
+                times = self.compare(label, server, root, catalog, xargs_md5sum(1))
             self.ceiling(count * size, times)
         finally:
             shutil.rmtree(root, ignore_errors=True)
@@ -553,16 +578,23 @@ class Bench:
         log(f"building S: {files} files of 1-16 KiB in {dirs} directories")
         build_tree(root, files, dirs, 1 * KiB, 16 * KiB, seed=1)
         graveyard = Graveyard(self.work)
+        verify_catalog = catalog_path(self.work, "S-verify")
+        create_catalog = catalog_path(self.work, "S-create")
+
+        def first_run_again():
+            graveyard.bury_sidecars(root)
+            delete_catalog(create_catalog)
         try:
             with Server(self.work, "S-verify") as server:
-                first_run(server, root)
+                first_run(server, root, verify_catalog)     # fills the verify catalog
                 warm_cache(root)
                 for peer in (MD5DEEP, xargs_md5sum(500)):
-                    self.compare(f"S verify {files} files", server, root, peer)
-            self.measure_rss(f"S verify {files} files", root)
+                    self.compare(f"S verify {files} files", server, root, verify_catalog,
+                                 peer)
+            self.measure_rss(f"S verify {files} files", root, verify_catalog)
             with Server(self.work, "S-create") as server:
-                self.compare(f"S create {files} files", server, root, PYTHON_REFERENCE,
-                             prepare=lambda: graveyard.bury_sidecars(root))
+                self.compare(f"S create {files} files", server, root, create_catalog,
+                             PYTHON_REFERENCE, prepare=first_run_again)
         finally:
             shutil.rmtree(root, ignore_errors=True)
             graveyard.clear()
@@ -581,19 +613,31 @@ class Bench:
         build_tree(root, files, dirs, 100, 100, seed=2)
         try:
             warm_cache(root)
-            self.measure_rss(f"T create {files} files", root, first=True)
-            self.measure_rss(f"T verify {files} files", root)
+            self.measure_rss(f"T create {files} files", root,
+                             catalog_path(self.work, "T-create"), first=True)
+            self.measure_rss(f"T verify {files} files", root,
+                             catalog_path(self.work, "T-verify"), seed=True)
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
-    def measure_rss(self, label, tree, first=False):
-        """One run of ours on a fresh server, sampled; add its peaks and seconds."""
+    def measure_rss(self, label, tree, catalog, first=False, seed=False):
+        """One run of ours on a fresh server, sampled; add its peaks and seconds.
+
+        first: the catalog is deleted before the run; seed: an untimed run of
+        ours on a server of its own fills the catalog first.
+        """
         if psutil is None:
             self.report.skip(f"RSS of {label}: psutil not installed")
             return
-        with Server(self.work, label.replace(" ", "-")) as server:
+        name = label.replace(" ", "-")
+        if first:
+            delete_catalog(catalog)
+        if seed:
+            with Server(self.work, f"{name}-seed") as server:
+                run_ours(server, tree, catalog)
+        with Server(self.work, name) as server:
             sampler = RssSampler(server.proc.pid)
-            seconds = run_ours(server, tree, sampler)
+            seconds = run_ours(server, tree, catalog, sampler)
         if first and files_without_sidecar(tree):
             raise OursFailed(f"{label}: a first run left files without a sidecar")
         log(f"{label} (RSS run): ours {fmt_seconds(seconds)}")
