@@ -173,6 +173,7 @@ class Lister:
                     sidecar_md5 = sidecars.read(name)
                 except store.SidecarError as exc:
                     sidecar_error = str(exc)
+                    sidecars.unless_regular(name + store.SUFFIX)
         if was is not None and was.kind == catalog_mod.FILE:
             expected = was.md5
         elif sidecar_error and was is None:     # a sidecar we cannot read is never overwritten
@@ -371,10 +372,10 @@ class _Sidecars:
                 continue
             was = recorded.get(os.fsencode(stem))
             if stem in names and was is not None and was.kind == catalog_mod.FILE:
-                # Its file's sidecar, read and judged with it; a directory or
-                # anything else in its place is an entry of its own as well.
-                if _is_regular(name, self.fd):
-                    self.skip.add(name)
+                # Its file's sidecar, read and judged with it.  A directory or
+                # anything else in its place is found when it is read, and is
+                # then an entry of its own too (X sorts before X.md5).
+                self.skip.add(name)
                 continue
             try:
                 md5 = store.read_baseline(name, stem, dir_fd=self.fd)
@@ -408,6 +409,11 @@ class _Sidecars:
                 md5 = None
             if md5 is not None:
                 self.orphans[stem] = md5
+
+    def unless_regular(self, sidecar):
+        """A sidecar's place holds something else (a directory, a link): list it."""
+        if sidecar in self.skip and not _is_regular(sidecar, self.fd):
+            self.skip.discard(sidecar)
 
     def read(self, name):
         """The hash recorded for `name`, None when it has no sidecar."""

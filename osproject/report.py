@@ -62,9 +62,17 @@ class Report:
         self.out_closed = False     # the reader of our output went away
 
     def add(self, finding):
-        """Hold one entry's Finding until the end; called from any thread."""
+        """Hold one entry's Finding until the end; called from any thread.
+
+        On a terminal, an entry that is as recorded is only counted: nothing
+        of it would be printed, recorded or corrected, so a clean verify
+        holds (and pickles, and sorts) nothing at all.
+        """
         with self._lock:
             self.received += 1
+            if not self.as_json and _silent(finding):
+                self._count(finding)
+                return
             self._moves.note(finding)
             self._runs.add(sort_key(finding.path), finding)
 
@@ -172,6 +180,11 @@ class Report:
         with self._lock:
             self._clear_progress()
             self.out.flush()
+
+
+def _silent(finding):
+    return (finding.status == OK and finding.covered and finding.stage is None
+            and not finding.unchecked and not finding.forget and not finding.repair)
 
 
 def as_moved(gone, new_path, new_key, new_now):

@@ -131,6 +131,7 @@ class Worker:
     def handle(self, frame):
         """Do one assignment and send its results."""
         self._aid = frame["id"]
+        self.dirs.next_assignment()
         self.misbehave()
         results = [self.do_file(item) for item in frame["files"]]
         if self.rng.random() < self.chaos.get("garble", 0.0):
@@ -357,6 +358,7 @@ class Directories:
 
     def __init__(self):
         self.fds = {}
+        self.checked = set()        # keys whose path was stat'ed in this assignment
 
     def open(self, path, identity):
         """Return an fd of the directory at `path` that is `identity`, or raise OSError."""
@@ -364,7 +366,7 @@ class Directories:
             raise store.DirectoryReplaced(errno.EINVAL, "no identity for its directory")
         key = (path, tuple(identity))
         fd = self.fds.pop(key, None)
-        if fd is not None:
+        if fd is not None and key not in self.checked:
             try:
                 st = os.stat(path)
             except OSError:
@@ -377,7 +379,12 @@ class Directories:
             if len(self.fds) >= self.KEEP:
                 os.close(self.fds.pop(next(iter(self.fds))))
         self.fds[key] = fd          # most recently used last
+        self.checked.add(key)
         return fd
+
+    def next_assignment(self):
+        """Paths are re-checked once per assignment, not once per file."""
+        self.checked.clear()
 
 
 def _strerror(exc):
