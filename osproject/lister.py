@@ -130,6 +130,9 @@ class Lister:
                 if self.excluded(path, prefix):
                     continue
                 st = listing.stat(name)
+                if st is None and name in listing.vanished:
+                    listing.names.discard(name)     # gone since the listing: as if unlisted
+                    continue
                 if st is not None and ((st.st_dev, st.st_ino) == self.store_identity or
                                        store.is_temp_name(name) and _looks_like_temp(st)):
                     continue
@@ -328,11 +331,15 @@ class _Listing:
     def __init__(self, names, fd):
         self.names = set(names)
         self.fd = fd
+        self.vanished = set()       # names gone between the listing and their lstat
         self._errors = {}
 
     def stat(self, name):
         try:
             return os.lstat(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            self.vanished.add(name)
+            return None
         except OSError as exc:
             self._errors[name] = exc.strerror
             return None
@@ -440,8 +447,9 @@ def _is_regular(name, fd):
 def _looks_like_temp(st):
     """A temp sidecar of ours: a small plain file. Anything else named like one
     (a setuid binary, a directory) is an entry like any other."""
+    # Two links: caught between the link(2) to its sidecar name and its unlink.
     return (stat.S_ISREG(st.st_mode) and st.st_size <= store.MAX_SIDECAR
-            and not st.st_mode & 0o7111 and st.st_nlink == 1)
+            and not st.st_mode & 0o7111 and st.st_nlink <= 2)
 
 
 def _identity(path):

@@ -361,7 +361,8 @@ def test_two_first_runs_of_one_tree_at_once_both_succeed(server, tmp_path):
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert not any('"ERROR"' in out for out, _ in outs)
+    errors = [line for out, _ in outs for line in out.splitlines() if '"ERROR"' in line]
+    assert not errors, errors
     assert run_client(server, tree).status == 0
 
 
