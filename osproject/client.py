@@ -22,7 +22,7 @@ from . import findings, protocol, store
 from .connection import ClientError, Connection
 from .lister import Entry, Lister
 from .progress import INTERVAL as PROGRESS_INTERVAL
-from .verifier import MISSING
+from .verifier import MISSING, MOVED
 
 CHECKERS = 5
 WINDOW = 3              # requests each checker keeps in flight: 75 files in all
@@ -89,7 +89,7 @@ class Client:
             if finding.forget:
                 self.catalog.stage_delete(finding.key, subtree=finding.was is not None
                                           and finding.was.kind == "dir")
-        if audit and (finding.altered or finding.status == findings.MOVED):
+        if audit and (finding.altered or finding.status == MOVED):
             self.audit.append(audit_event(finding))
 
     def fail(self, reason):
@@ -394,7 +394,7 @@ def audit_event(finding):
                 fields[f"now_{change.attribute}"] = _audit_value(change.attribute, change.now)
     if finding.error:
         fields["error"] = finding.error
-    if finding.status == findings.MOVED:
+    if finding.status == MOVED:
         return "file.moved", {**fields, "to": finding.moved_key, "md5": finding.expected}
     return "file.changed", fields
 

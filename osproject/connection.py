@@ -168,12 +168,7 @@ def open_entrance(path, private_dir):
     nobody = nobody_listens(path, private_dir)
     if private_dir:
         _check_runtime_dir(os.path.dirname(path), nobody)
-    try:
-        before = os.lstat(path)
-    except FileNotFoundError:
-        raise ClientError(nobody) from None
-    except OSError as exc:
-        raise ClientError(f"cannot use {path}: {exc.strerror}") from None
+    before = _lstat(path, nobody)
     _check_entrance(before, path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -187,6 +182,16 @@ def open_entrance(path, private_dir):
         os.close(fd)
         raise ClientError(f"refusing {path}: it was replaced while it was opened")
     return fd
+
+
+def _lstat(path, nobody):
+    """lstat() the entrance or its directory; absent means no server there."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        raise ClientError(nobody) from None
+    except OSError as exc:
+        raise ClientError(f"cannot use {path}: {exc.strerror}") from None
 
 
 def nobody_listens(path, private_dir):
@@ -208,12 +213,7 @@ def _check_entrance(st, path):
 
 def _check_runtime_dir(directory, nobody):
     """The default runtime directory must be ours, a real directory, mode 0700."""
-    try:
-        st = os.lstat(directory)
-    except FileNotFoundError:
-        raise ClientError(nobody) from None
-    except OSError as exc:
-        raise ClientError(f"cannot use {directory}: {exc.strerror}") from None
+    st = _lstat(directory, nobody)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
         raise ClientError(f"refusing {directory}: it must be a directory of ours with "
                           f"mode 0700 (someone else may have made it); remove it, or "

@@ -12,7 +12,7 @@ always judged against the catalog's hash.
 from typing import NamedTuple
 
 from . import catalog
-from .verifier import CHANGED, ERROR, MISSING, MOVED, NEW, OK, UNSTABLE  # noqa: F401 - MOVED for users
+from .verifier import CHANGED, ERROR, MISSING, NEW, OK, UNSTABLE
 
 UNVERIFIED = (ERROR, UNSTABLE)
 
@@ -109,10 +109,11 @@ def _unrecorded(entry, status, now, error, update, common):
     return Finding(status=status, md5=now.md5, error=error, now=now, stage=now, **common)
 
 
-def missing(path, key, was, update, **extra):
-    """An entry the catalog has and the listing no longer finds."""
-    return Finding(path, key, MISSING, expected=was.md5 if was else None, was=was,
-                   forget=update, altered=True, updated=update, **extra)
+def missing(path, key, was, update, expected=None, **extra):
+    """An entry the catalog has and the listing no longer finds; with was None,
+    a file known only by its lone sidecar, which holds `expected`."""
+    return Finding(path, key, MISSING, expected=expected or (was.md5 if was else None),
+                   was=was, forget=update, altered=True, updated=update, **extra)
 
 
 def failed(path, key, was, reason, **extra):

@@ -205,8 +205,7 @@ class Lister:
             if self.excluded(path, context.prefix):
                 continue
             key = os.path.join(context.absdir, stem)
-            yield findings.Finding(path, key, findings.MISSING, expected=recorded,
-                                   forget=self.update, altered=True, updated=self.update,
+            yield findings.missing(path, key, None, self.update, expected=recorded,
                                    sidecar=store.sidecar_path(key, self.store_dir),
                                    dir=context.identity)
 
@@ -259,7 +258,8 @@ class Lister:
         try:
             here = os.fstat(fd)
             st = os.lstat(name, dir_fd=fd)
-            recorded = {os.fsencode(name): self.recorded(key)} if self.recorded(key) else {}
+            was = self.recorded(key)
+            recorded = {os.fsencode(name): was} if was is not None else {}
             listing = _Listing([name, name + store.SUFFIX], fd)
             if self.is_own_sidecar(name, fd):   # `integrity-client dir/*` names them too
                 yield from self.single_sidecar(root, directory, name, here, fd)
@@ -295,9 +295,8 @@ class Lister:
         except FileNotFoundError:
             pass
         key = os.path.join(directory, stem)
-        yield findings.Finding(root[:-len(store.SUFFIX)], key, findings.MISSING,
+        yield findings.missing(root[:-len(store.SUFFIX)], key, None, self.update,
                                expected=store.read_baseline(name, stem, dir_fd=fd),
-                               forget=self.update, altered=True, updated=self.update,
                                sidecar=key + store.SUFFIX, dir=(here.st_dev, here.st_ino))
 
     def excluded(self, path, prefix):
