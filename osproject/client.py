@@ -48,6 +48,7 @@ class Client:
         self.rids = itertools.count(1)
         self.listed = 0                     # entries listed: for the progress line
         self.failure = None                 # the first reason we cannot go on
+        self.failure_said = False           # ... and whether the server gave it
         self.stop = threading.Event()
         self.bye = None
         self.audit = []                     # alterations, for the server's log
@@ -92,9 +93,12 @@ class Client:
         if audit and (finding.altered or finding.status == MOVED):
             self.audit.append(audit_event(finding))
 
-    def fail(self, reason):
-        if self.failure is None:
+    def fail(self, reason, said_by_server=False):
+        """Stop the run; the first reason stands, unless the server's own word
+        (an error frame) comes after a mere broken pipe, which it explains."""
+        if self.failure is None or (said_by_server and not self.failure_said):
             self.failure = reason
+            self.failure_said = said_by_server
         self.stop.set()
 
     # -- the lister thread ------------------------------------------------
@@ -235,7 +239,7 @@ class Client:
         except (OSError, protocol.ProtocolError) as exc:
             self.fail(f"lost the server: {exc}")
         except ClientError as exc:          # the server said why it ends the session
-            self.fail(str(exc))
+            self.fail(str(exc), said_by_server=True)
         finally:
             if self.bye is None:
                 self.fail("the server closed the session before it was done")
