@@ -16,7 +16,7 @@ setup(
     install_requires=["psutil>=5.9"],     # --status: workers' RSS and CPU
     extras_require={"test": ["pytest>=7", "pytest-timeout>=2.1", "psutil>=5.9"]},
     entry_points={"console_scripts": [
-        "integrity-server=osproject.cli:server_main",
-        "integrity-client=osproject.cli:client_main",
+        "integrity-server=osproject.server.cli:main",
+        "integrity-client=osproject.client.cli:main",
     ]},
 )

@@ -29,6 +29,15 @@ HELLO_VERSION = 1
 CLIENT_DIR_PREFIX = "osp-client-"   # a client's FIFOs: ENTRANCE_DIR/osp-client-XXXX/
 
 
+def default_fifo():
+    """$INTEGRITY_FIFO, else a private runtime directory of this user."""
+    if os.environ.get("INTEGRITY_FIFO"):
+        return os.environ["INTEGRITY_FIFO"]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = os.path.join(runtime, "osproject") if runtime else f"/tmp/osproject-{os.geteuid()}"
+    return os.path.join(base, "server.fifo")
+
+
 class ProtocolError(ValueError):
     """A peer sent something that is not a frame of ours."""
 

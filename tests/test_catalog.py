@@ -19,8 +19,8 @@ import traceback
 
 import pytest
 
-from osproject import catalog
-from osproject.catalog import (ALTERATIONS, FILE, DIR, SYMLINK, FIFO, SOCKET, CHARDEV,
+from osproject.client import catalog
+from osproject.client.catalog import (ALTERATIONS, FILE, DIR, SYMLINK, FIFO, SOCKET, CHARDEV,
                                BLOCKDEV, Catalog, CatalogError, Change, Record)
 
 NOBODY = 65534
@@ -482,7 +482,7 @@ def test_refuses_a_catalog_reached_through_a_bind_mount_of_the_tree(tmp_path):
     tree, mirror = tmp_path / "tree", tmp_path / "state"
     tree.mkdir()
     mirror.mkdir()
-    probe = ("import sys; from osproject.catalog import Catalog, CatalogError\n"
+    probe = ("import sys; from osproject.client.catalog import Catalog, CatalogError\n"
              "try: Catalog.open(sys.argv[1], [sys.argv[2]])\n"
              "except CatalogError as e: print(e)\n")
     script = 'mount --bind "$1" "$2" && exec "$3" -c "$4" "$2/c.sqlite" "$1"'

@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from conftest import CLIENT, ROOT, SERVER, make_tree, tamper
-from osproject import cli
+from osproject.client import cli as client_cli
+from osproject.server import cli as server_cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,7 +43,7 @@ def test_exec_start_is_a_command_line_the_server_accepts():
     [exec_start] = settings["ExecStart"]
     argv = shlex.split(exec_start)
     assert os.path.basename(argv[0]) == "integrity-server"
-    args = cli.server_parser().parse_args(argv[1:])    # exits (fails) on a bad option
+    args = server_cli.server_parser().parse_args(argv[1:])    # exits (fails) on a bad option
     assert args.syslog
     [runtime] = settings["RuntimeDirectory"]
     assert args.fifo == f"/run/{runtime}/server.fifo"
@@ -78,7 +79,7 @@ def test_systemd_accepts_the_unit(tmp_path):
 
 def server_args():
     [exec_start] = unit_settings()["ExecStart"]
-    return cli.server_parser().parse_args(shlex.split(exec_start)[1:])
+    return server_cli.server_parser().parse_args(shlex.split(exec_start)[1:])
 
 
 def test_the_nightly_check_is_a_client_command_line_on_the_servers_fifo():
@@ -88,7 +89,7 @@ def test_the_nightly_check_is_a_client_command_line_on_the_servers_fifo():
     [exec_start] = settings["ExecStart"]
     argv = shlex.split(exec_start)
     assert os.path.basename(argv[0]) == "integrity-client"
-    args = cli.client_parser().parse_args(argv[1:])
+    args = client_cli.client_parser().parse_args(argv[1:])
     assert args.fifo == server_args().fifo and args.quiet and args.paths
     timer = unit_settings(TIMER)
     assert timer["Unit"] == ["integrity-check.service"]

@@ -104,7 +104,7 @@ def test_sidecars_named_as_paths_or_a_store_inside_never_get_sidecars(server, tm
 def test_a_wide_directory_costs_its_names_not_its_entries(tmp_path):
     """100,000 files in one directory once took 139 MiB; its names take a few."""
     import tracemalloc
-    from osproject.lister import Lister
+    from osproject.client.lister import Lister
     wide = tmp_path / "wide"
     wide.mkdir()
     for i in range(20_000):

@@ -241,7 +241,7 @@ def test_a_garbling_worker_is_killed_and_its_work_redone(start_server, tmp_path)
 
 
 def test_killing_a_process_group_takes_a_workers_children_with_it():
-    from osproject.supervisor import kill_group
+    from osproject.server.supervisor import kill_group
     parent = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60; wait"],
                               process_group=0)
     kids = wait_until(lambda: psutil.Process(parent.pid).children(), what="children")
@@ -267,7 +267,7 @@ def test_devices_and_fifos_are_never_read(server, tmp_path):
 
 
 def test_hash_file_never_blocks_or_follows(tmp_path):
-    from osproject.worker import hash_file
+    from osproject.server.worker import hash_file
     os.mkfifo(tmp_path / "fifo")                       # no writer: a read would block
     (tmp_path / "link").symlink_to("/dev/zero")
     assert hash_file(str(tmp_path / "fifo")) == {"skipped": "FIFO"}
@@ -277,7 +277,7 @@ def test_hash_file_never_blocks_or_follows(tmp_path):
 
 
 def test_a_file_swapped_while_read_is_unstable(tmp_path):
-    from osproject.worker import hash_file
+    from osproject.server.worker import hash_file
     path = tmp_path / "f"
     path.write_bytes(b"a" * 1_000_000)
     other = tmp_path / "g"
@@ -481,7 +481,7 @@ def test_a_client_that_never_reads_is_dropped_and_others_are_served(server, tmp_
     import select
     import time
     from osproject import protocol
-    from osproject.connection import Connection
+    from osproject.client.connection import Connection
     small = tmp_path / "small"
     small.write_bytes(b"tiny")
     item = {"kind": "check", "path": str(small), "sidecar": str(small) + ".md5",

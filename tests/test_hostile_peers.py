@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import CLIENT, SERVER, make_tree, run_client, wait_until
-from osproject.connection import Connection
+from osproject.client.connection import Connection
 
 pytestmark = pytest.mark.timeout(90)
 

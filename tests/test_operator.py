@@ -199,14 +199,14 @@ class TestForgetOnlyWhatIsStillMissing:
     symlink into another tree. Driven directly: no timing could hit the window."""
 
     def orphan(self, directory):
-        from osproject.lister import Lister
+        from osproject.client.lister import Lister
         [entry] = [e for e in Lister().walk(str(directory))
                    if getattr(e, "status", None) == "MISSING"]
         return entry
 
     def client(self):
-        from osproject.client import Client
-        from osproject.report import Report
+        from osproject.client.checkers import Client
+        from osproject.client.report import Report
         return Client(connection=None, report=Report(open(os.devnull, "w")))
 
     def tree_with_a_missing_file(self, root):

@@ -4,8 +4,8 @@ import io
 import os
 import json
 
-from osproject.findings import Finding
-from osproject.report import EXIT_ALTERED, EXIT_OK, Report, format_status, show_path
+from osproject.client.findings import Finding
+from osproject.client.report import EXIT_ALTERED, EXIT_OK, Report, format_status, show_path
 
 
 def finding(path, status, md5=None, unchecked=False, **extra):

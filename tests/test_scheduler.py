@@ -3,7 +3,7 @@ sessions' files in turn."""
 
 from types import SimpleNamespace
 
-from osproject.scheduler import Job, Scheduler
+from osproject.server.scheduler import Job, Scheduler
 
 
 def jobs(session, count, size=0):

@@ -118,7 +118,7 @@ def test_client_with_a_stale_fifo_and_no_server_exits_2(tmp_path):
 
 @pytest.mark.parametrize("workers", ["600", "100000"])
 def test_more_workers_than_select_can_watch_are_refused_at_once(tmp_path, workers):
-    from osproject.server import FD_SETSIZE, MAX_WORKERS
+    from osproject.server.loop import FD_SETSIZE, MAX_WORKERS
     assert 100 < MAX_WORKERS < FD_SETSIZE // 2 < int(workers)
     proc = subprocess.run([sys.executable, SERVER, "--fifo", str(tmp_path / "s.fifo"),
                            "--log-dir", str(tmp_path / "logs"), "--workers", workers,
@@ -595,7 +595,7 @@ def test_logs_an_operator_can_follow(start_server, tmp_path):
 
 
 def test_the_default_log_dir_is_logs_of_a_checkout_else_where_daemon_logs_belong(tmp_path):
-    from osproject.cli import ROOT_LOG_DIR, default_log_dir
+    from osproject.server.cli import ROOT_LOG_DIR, default_log_dir
     from conftest import ROOT
     assert default_log_dir(ROOT) == os.path.join(ROOT, "logs")
     installed = str(tmp_path / "site-packages")          # no setup.py beside it

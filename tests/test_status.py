@@ -6,7 +6,7 @@ import subprocess
 import psutil
 import pytest
 
-from osproject import status
+from osproject.server import status
 
 pytestmark = pytest.mark.timeout(30)
 

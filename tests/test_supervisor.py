@@ -5,8 +5,8 @@ import signal
 
 import pytest
 
-from osproject import supervisor as sup
-from osproject.supervisor import State, Supervisor, Worker
+from osproject.server import supervisor as sup
+from osproject.server.supervisor import State, Supervisor, Worker
 
 
 class FakeClock:

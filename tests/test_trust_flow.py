@@ -3,10 +3,10 @@ here, a new file that vanishes between its first and its second reading."""
 
 from types import SimpleNamespace
 
-from osproject.scheduler import Job, Scheduler
-from osproject.session import Unchecked
-from osproject.supervisor import State
-from osproject.trust import Trust
+from osproject.server.scheduler import Job, Scheduler
+from osproject.server.session import Unchecked
+from osproject.server.supervisor import State
+from osproject.server.trust import Trust
 
 
 class Log:

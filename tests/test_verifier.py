@@ -3,7 +3,7 @@
 import random
 from types import SimpleNamespace
 
-from osproject.verifier import (CHANGED, MAX_OPINIONS, NEW, OK, TRUST_AFTER, UNSTABLE,
+from osproject.server.verifier import (CHANGED, MAX_OPINIONS, NEW, OK, TRUST_AFTER, UNSTABLE,
                                 Vote, judge, proven_lie, wants_cross_check)
 
 A, B, C, D = ("a" * 32, "b" * 32, "c" * 32, "d" * 32)

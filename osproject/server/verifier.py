@@ -9,9 +9,7 @@ Two matching votes settle a file; the votes in the minority are the lies.
 from collections import Counter
 from dataclasses import dataclass
 
-OK, NEW, CHANGED, MISSING, MOVED = "OK", "NEW", "CHANGED", "MISSING", "MOVED"
-UNSTABLE, ERROR, SKIPPED = "UNSTABLE", "ERROR", "SKIPPED"
-STATUSES = (OK, NEW, CHANGED, MISSING, MOVED, UNSTABLE, ERROR, SKIPPED)
+from ..statuses import CHANGED, NEW, OK, UNSTABLE
 # Worker opinions per file: two that disagree, then more until two agree.
 # Honest workers always agree, so with at most two faulty workers of five a
 # majority appears by the fifth opinion; random lies never agree.

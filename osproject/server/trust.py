@@ -9,6 +9,7 @@ rewritten, and answers the client.
 
 import random
 
+from .. import statuses
 from . import verifier
 from .scheduler import Job
 from .session import Refused
@@ -47,9 +48,9 @@ class Trust:
         if job.reverify_of is not None or job.proving is not None:
             job.session.outstanding -= 1    # the client keeps the result it holds
             return
-        self.answer(job.session, {"id": job.rid, "i": job.index, "status": verifier.ERROR,
+        self.answer(job.session, {"id": job.rid, "i": job.index, "status": statuses.ERROR,
                                   "expected": job.expected, "error": "internal error"},
-                    verifier.ERROR)
+                    statuses.ERROR)
 
     def on_result(self, worker, job, result):
         """Record one worker's reading of a file; settle it or ask another worker."""
@@ -140,11 +141,11 @@ class Trust:
         if job.reverify_of is not None:
             return self.finish_reverify(job, verdict)
         status, error = verdict.status, verdict.reason
-        if job.write_error and status == verifier.NEW:
-            status, error = verifier.ERROR, job.write_error
-        elif job.write_error and status == verifier.CHANGED:   # still exit 1
+        if job.write_error and status == statuses.NEW:
+            status, error = statuses.ERROR, job.write_error
+        elif job.write_error and status == statuses.CHANGED:   # still exit 1
             error = f"baseline not updated: {job.write_error}"
-        md5 = None if status == verifier.ERROR and not verdict.checked else verdict.md5
+        md5 = None if status == statuses.ERROR and not verdict.checked else verdict.md5
         reply = {"id": job.rid, "i": job.index, "status": status, "md5": md5,
                  "expected": job.expected, "error": error}
         if not verdict.checked:
@@ -175,7 +176,7 @@ class Trust:
         original = job.opinions[0].md5
         if verdict.md5 == original and not job.write_error:
             return
-        status = verifier.ERROR if job.write_error else verdict.status
+        status = statuses.ERROR if job.write_error else verdict.status
         self.log.warning("file.repaired", path=job.path, got=original,
                          agreed=verdict.md5, status=status, error=job.write_error,
                          session=session.sid)
@@ -274,14 +275,14 @@ def sidecar_is_wrong(job, verdict):
     baseline is rewritten only once the change is agreed.
     """
     return (job.keeps_sidecar and not job.write_error
-            and verdict.status in (verifier.NEW, verifier.CHANGED)
+            and verdict.status in (statuses.NEW, statuses.CHANGED)
             and job.written != verdict.md5)
 
 
 def outcome_without_hash(result):
     """The verdict for a reading that produced no usable hash."""
     if "unstable" in result:     # its md5 is of no version of the file: not shown
-        return Verdict(verifier.UNSTABLE, reason=str(result["unstable"]))
+        return Verdict(statuses.UNSTABLE, reason=str(result["unstable"]))
     if "skipped" in result:
-        return Verdict(verifier.SKIPPED, reason=str(result["skipped"]))
-    return Verdict(verifier.ERROR, reason=str(result.get("error", "no hash")))
+        return Verdict(statuses.SKIPPED, reason=str(result["skipped"]))
+    return Verdict(statuses.ERROR, reason=str(result.get("error", "no hash")))

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 
-from . import protocol
+from .. import protocol
 
 CONNECT_TIMEOUT = 5.0
 

@@ -15,7 +15,8 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from . import protocol, worker as worker_mod
+from .. import protocol
+from . import worker as worker_mod
 
 BACKOFF_FIRST = 0.1    # seconds before re-forking after a worker died young
 BACKOFF_MAX = 5.0      # ... doubling per consecutive failure, up to this

@@ -16,8 +16,8 @@ import stat
 import sys
 import time
 
-from . import protocol, store
-from .lister import describe_kind
+from .. import protocol, store
+from ..statuses import describe_kind
 
 CHUNK = 128 * 1024          # measured: larger reads are no faster, and cost RSS
 PROGRESS_INTERVAL = 0.25    # seconds between "still alive" frames on a big file

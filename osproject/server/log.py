@@ -12,7 +12,7 @@ import sys
 import time
 from syslog import LOG_DAEMON, LOG_ERR, LOG_INFO, LOG_WARNING
 
-from .protocol import PIPE_BUF
+from ..protocol import PIPE_BUF
 
 LOG_NAME = "integrity-server.log"
 SYSLOG_IDENT = "integrity-server"

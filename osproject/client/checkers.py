@@ -18,11 +18,12 @@ import queue
 import sys
 import threading
 
-from . import findings, protocol, store
+from .. import protocol, store
+from . import findings
 from .connection import ClientError, Connection
 from .lister import Entry, Lister
 from .progress import INTERVAL as PROGRESS_INTERVAL
-from .verifier import MISSING, MOVED
+from ..statuses import MISSING, MOVED
 
 CHECKERS = 5
 WINDOW = 3              # requests each checker keeps in flight: 75 files in all

@@ -16,7 +16,8 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from . import protocol, verifier
+from .. import protocol, statuses
+from . import verifier
 from .entrance import Entrance, EntranceError
 from .scheduler import Job, Scheduler
 from .session import Refused, Session, Unchecked
@@ -350,7 +351,7 @@ class Server:
                 continue
             self.log.error("file.abandoned", path=job.path, deaths=job.deaths,
                            session=job.session.sid)
-            self.trust.finish(job, Verdict(verifier.ERROR, reason=f"{job.deaths} "
+            self.trust.finish(job, Verdict(statuses.ERROR, reason=f"{job.deaths} "
                                            "workers died or hung reading it"))
 
     # -- workers ----------------------------------------------------------
@@ -485,9 +486,9 @@ class Server:
                 self.log.warning("file.missing", path=item["path"],
                                  sidecar=item["sidecar"], session=session.sid)
                 self.trust.answer(session, {"id": frame["id"], "i": index,
-                                      "status": verifier.MISSING,
+                                      "status": statuses.MISSING,
                                       "expected": item.get("expected")},
-                            verifier.MISSING)
+                            statuses.MISSING)
                 continue
             self.scheduler.submit(Job(
                 session=session, rid=frame["id"], index=index, path=item["path"],

@@ -4,7 +4,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from .protocol import MAX_PATHS
+from ..protocol import MAX_PATHS
 
 BATCH_BYTES = 4 * 1024 * 1024   # an assignment stops growing past this many bytes
 

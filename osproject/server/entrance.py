@@ -5,7 +5,7 @@ import os
 import stat
 import time
 
-from . import protocol
+from .. import protocol
 
 # Clients give up their handshake after 5 seconds (connection.CONNECT_TIMEOUT):
 # a client directory older than this, whose FIFOs nobody holds, was left by
@@ -16,15 +16,6 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O
 
 class EntranceError(Exception):
     """The entrance FIFO cannot be used; str() says why and what to do."""
-
-
-def default_fifo():
-    """$INTEGRITY_FIFO, else a private runtime directory of this user."""
-    if os.environ.get("INTEGRITY_FIFO"):
-        return os.environ["INTEGRITY_FIFO"]
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = os.path.join(runtime, "osproject") if runtime else f"/tmp/osproject-{os.geteuid()}"
-    return os.path.join(base, "server.fifo")
 
 
 def ensure_private_dir(path):

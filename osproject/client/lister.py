@@ -20,7 +20,8 @@ import stat
 from typing import NamedTuple
 
 from . import catalog as catalog_mod
-from . import findings, store
+from .. import store
+from . import findings
 
 
 class Entry(NamedTuple):
@@ -469,12 +470,3 @@ def _readlink(name, fd):
     except OSError:
         return None
 
-
-def describe_kind(mode):
-    """Name the kind of a file that is not regular."""
-    for test, name in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):
-        if test(mode):
-            return name
-    return "not a regular file"

@@ -5,7 +5,7 @@ import os
 import re
 import stat
 
-from . import protocol
+from .. import protocol
 from .verifier import Vote
 
 MAX_OUTPUT = 4 * 1024 * 1024   # a client that stops reading is dropped past this

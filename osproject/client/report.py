@@ -18,9 +18,8 @@ import tempfile
 import threading
 
 from . import catalog
-from .verifier import CHANGED, ERROR, MISSING, MOVED, NEW, OK, STATUSES, UNSTABLE
-
-EXIT_OK, EXIT_ALTERED, EXIT_TROUBLE = 0, 1, 2
+from ..statuses import (CHANGED, ERROR, EXIT_ALTERED, EXIT_OK, EXIT_TROUBLE, MISSING,
+                        MOVED, NEW, OK, STATUSES, UNSTABLE)
 RUN_LENGTH = 2000           # findings sorted in memory before they go to disk
 
 

@@ -12,7 +12,7 @@ always judged against the catalog's hash.
 from typing import NamedTuple
 
 from . import catalog
-from .verifier import CHANGED, ERROR, MISSING, NEW, OK, UNSTABLE
+from ..statuses import CHANGED, ERROR, MISSING, NEW, OK, UNSTABLE
 
 UNVERIFIED = (ERROR, UNSTABLE)
 

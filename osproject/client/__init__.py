@@ -1,0 +1,1 @@
+"""The client wing: the lister and checker threads, the catalog, the report."""

@@ -1,0 +1,1 @@
+"""The server wing: one select() loop, its sessions, the untrusted workers."""

@@ -1,0 +1,69 @@
+"""The package's layout holds: two wings that never import each other.
+
+The server (osproject/server/) and the client (osproject/client/) share only
+the core beside them: protocol.py, store.py and statuses.py.  A client that
+imported the server's code, or the reverse, would tie the two together again.
+"""
+
+import ast
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PACKAGE = os.path.join(ROOT, "osproject")
+CORE = {"osproject", "osproject.protocol", "osproject.store", "osproject.statuses"}
+
+
+def modules(wing):
+    folder = os.path.join(PACKAGE, wing)
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                  if name.endswith(".py"))
+
+
+def imported(path):
+    """Every module `path` imports, by absolute name, however it spells it."""
+    package = "osproject." + os.path.basename(os.path.dirname(path))
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = ".".join(parts[:len(parts) - node.level + 1]) if node.level else ""
+            module = ".".join(p for p in (base, node.module) if p)
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def ours(names):
+    return {n for n in names if n == "osproject" or n.startswith("osproject.")}
+
+
+def test_the_wings_do_not_import_each_other():
+    for wing, other in (("server", "client"), ("client", "server")):
+        paths = modules(wing)
+        assert len(paths) >= 6, f"osproject/{wing}/ holds too few modules"
+        for path in paths:
+            crossing = {n for n in ours(imported(path))
+                        if n == f"osproject.{other}" or n.startswith(f"osproject.{other}.")}
+            assert not crossing, f"{path} imports the {other} wing: {sorted(crossing)}"
+
+
+def test_the_core_imports_only_the_standard_library():
+    for name in ("protocol.py", "store.py", "statuses.py"):
+        path = os.path.join(PACKAGE, name)
+        names = imported(path)
+        assert not ours(names), f"{name} imports {sorted(ours(names))}"
+        top = {n.split(".")[0] for n in names}
+        assert top <= set(sys.stdlib_module_names), f"{name} imports {top - set(sys.stdlib_module_names)}"
+
+
+def test_the_import_checker_sees_relative_imports():
+    """The test above cannot pass for a checker blind to `from ..client import x`."""
+    seen = imported(os.path.join(PACKAGE, "client", "cli.py"))
+    assert "osproject.protocol.default_fifo" in seen
+    assert "osproject.client.checkers" in seen
