@@ -1,10 +1,22 @@
-"""Wire format: one JSON object per line, on pipes and FIFOs alike.
+"""The wire protocol: framing, and the shape of every frame, in one place.
 
-JSON with ensure_ascii escapes every control character and every byte that
-is not ASCII, so a frame never contains a raw newline whatever the file
-names hold.  Names that are not UTF-8 travel as os.fsdecode() strings
-(surrogateescape); JSON carries the lone surrogates as \\udcXX and
-os.fsencode() restores the original bytes on the other side.
+One JSON object per line, on pipes and FIFOs alike.  JSON with ensure_ascii
+escapes every control character and every byte that is not ASCII, so a
+frame never contains a raw newline whatever the file names hold.  Names
+that are not UTF-8 travel as os.fsdecode() strings (surrogateescape); JSON
+carries the lone surrogates as \\udcXX and os.fsencode() restores the
+original bytes on the other side.
+
+Each frame is built by one function here and checked by one function here,
+so a field is added or renamed in one module (and in docs/protocol.md,
+which lists every frame and field).  Three channels:
+
+- the entrance FIFO: a client's hello (encode_hello, read_hello);
+- a client's two FIFOs: requests up (request, check_item, roots,
+  STATUS_REQUEST, audit; validate_request), replies down (welcome,
+  verdict, replies, correction, bye, error);
+- a worker's two pipes: assignments down (assignment, assignment_item),
+  results up (ready, progress, results; check_results).
 
 The server may end a session with `{"error": REASON}`, in place of the
 welcome or of the bye: the client reports REASON and exits 2.
@@ -12,6 +24,7 @@ welcome or of the bye: the client reports REASON and exits 2.
 
 import json
 import os
+import re
 import select
 
 # POSIX guarantees atomic writes up to PIPE_BUF: 4096 on Linux, 512 on macOS.
@@ -26,6 +39,8 @@ MAX_PATHS = 5          # files per worker assignment, and per client request
 MAX_ROOTS = 64         # roots a client names in its roots frame, for the log
 PID_MAX = 4194304      # the widest pid (Linux's limit): the longest hello has it
 HELLO_VERSION = 1
+MAX_AUDIT = 100        # events per audit frame
+MD5 = re.compile(r"[0-9a-f]{32}")   # a digest as md5sum prints it, and only that
 CLIENT_DIR_PREFIX = "osp-client-"   # a client's FIFOs: ENTRANCE_DIR/osp-client-XXXX/
 
 
@@ -159,3 +174,200 @@ def is_absolute_path(value):
     except UnicodeEncodeError:
         return False
     return True
+
+
+# -- a client's requests (client -> server, on its request FIFO) ---------------------
+
+STATUS_REQUEST = {"status": True}       # integrity-client --status: the whole request
+AUDIT_EVENTS = ("file.changed", "file.missing", "file.moved")
+_FIELD = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def roots(paths, count):
+    """What the client checks, for the server's log: the first MAX_ROOTS roots."""
+    return {"roots": list(paths[:MAX_ROOTS]), "count": count}
+
+
+def check_item(path, sidecar, directory, expected=None, size=0, update=False):
+    """One file of a request: its absolute path, its sidecar (None: the sidecar's
+    name is a file of its own), its directory's (st_dev, st_ino), the baseline
+    hash the client holds, its size (for batching) and whether to rewrite a
+    changed baseline."""
+    item = {"kind": "check", "path": path, "sidecar": sidecar, "dir": directory,
+            "expected": expected, "size": size}
+    if update:
+        item["update"] = True
+    return item
+
+
+def request(rid, items):
+    """A request: up to MAX_PATHS files, answered one verdict each under `rid`."""
+    return {"id": rid, "files": items}
+
+
+def audit(events):
+    """Up to MAX_AUDIT alterations a client found, each {"event": ..., fields}."""
+    return {"audit": [{k: v for k, v in event.items() if v is not None}
+                      for event in events]}
+
+
+def validate_request(frame):
+    """Check a frame from a client; return it, or raise ProtocolError saying why."""
+    if frame.get("status") is True and len(frame) == 1:
+        return frame
+    if "audit" in frame and len(frame) == 1:
+        return validate_audit(frame)
+    if "roots" in frame:
+        paths, count = frame["roots"], frame.get("count")
+        if not (isinstance(paths, list) and len(paths) <= MAX_ROOTS
+                and all(is_absolute_path(r) for r in paths)
+                and type(count) is int and count >= len(paths)):
+            raise ProtocolError("roots: a list of absolute paths, and their count")
+        return frame
+    files = frame.get("files")
+    if not isinstance(frame.get("id"), int) or not isinstance(files, list) \
+            or not 0 < len(files) <= MAX_PATHS:
+        raise ProtocolError("a request has an id and 1 to 5 files")
+    for item in files:
+        _validate_item(item)
+    return frame
+
+
+def _validate_item(item):
+    if not isinstance(item, dict) or item.get("kind") not in ("check", "missing"):
+        raise ProtocolError("a file entry needs kind check or missing")
+    if not is_absolute_path(item.get("path")):
+        raise ProtocolError("a file entry needs an absolute path")
+    if not (is_absolute_path(item.get("sidecar"))
+            or item.get("sidecar") is None and item["kind"] == "check"):
+        raise ProtocolError("a file entry needs an absolute sidecar (or null: none)")
+    if not isinstance(item.get("size", 0), int):
+        raise ProtocolError("size must be an integer")
+    identity = item.get("dir")          # without one, the worker reads nothing
+    if identity is not None and not (isinstance(identity, list) and len(identity) == 2
+                                     and all(type(n) is int for n in identity)):
+        raise ProtocolError("dir must be its directory's [st_dev, st_ino]")
+    expected = item.get("expected")
+    if expected is not None and not (isinstance(expected, str) and MD5.fullmatch(expected)):
+        raise ProtocolError("expected must be 32 lowercase hex digits")
+
+
+def validate_audit(frame):
+    """An audit frame: the alterations a client found, for the server's log."""
+    events = frame["audit"]
+    if not isinstance(events, list) or not 0 < len(events) <= MAX_AUDIT:
+        raise ProtocolError(f"an audit frame has 1 to {MAX_AUDIT} events")
+    for event in events:
+        if not isinstance(event, dict) or event.get("event") not in AUDIT_EVENTS:
+            raise ProtocolError(f"an audit event is one of {', '.join(AUDIT_EVENTS)}")
+        for key, value in event.items():
+            if not _FIELD.fullmatch(key) or key == "session" \
+                    or not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ProtocolError("audit fields are lowercase names with a string "
+                                    "or number")
+    return frame
+
+
+# -- the server's replies (server -> client, on its reply FIFO) ----------------------
+
+def welcome(session, server_pid):
+    """The first frame of a session: the protocol version, who serves, our number."""
+    return {"welcome": HELLO_VERSION, "server": server_pid, "session": session}
+
+
+def read_welcome(frame):
+    """Return the session number a welcome gives, or raise ProtocolError."""
+    if frame.get("welcome") != HELLO_VERSION:
+        raise ProtocolError("the server answered with something else than welcome")
+    return frame.get("session")
+
+
+def verdict(rid, index, status, md5=None, expected=None, error=None, unchecked=False):
+    """One file's verdict: file `index` ("i") of request `rid` ("id").
+
+    `md5` is the agreed hash, `expected` the baseline the client sent, and
+    `unchecked` says one worker's word stands for it (the server may still
+    correct it before the bye).  Fields that are None are left out.
+    """
+    frame = {"id": rid, "i": index, "status": status, "md5": md5, "expected": expected,
+             "error": error}
+    if unchecked:
+        frame["unchecked"] = True
+    return {k: v for k, v in frame.items() if v is not None}
+
+
+def replies(verdicts):
+    """A loop pass's verdicts for one client, REPLIES_PER_FRAME at most."""
+    return {"replies": verdicts}
+
+
+def correction(path, status, md5, error):
+    """An unchecked verdict overturned: its worker was caught lying since."""
+    return {"correct": {"path": path, "status": status, "md5": md5, "error": error}}
+
+
+def bye(counts):
+    """The last frame of a session served to the end: the verdicts by status."""
+    return {"bye": counts}
+
+
+def error(reason):
+    """The last frame of a session the server ends early, in place of the bye."""
+    return {"error": reason}
+
+
+def status_report(report):
+    return {"status": report}
+
+
+# -- a worker's assignments and results (on its pipes) -------------------------------
+
+WRITE_MODES = ("new", "replace", "keep", "discard")
+
+
+def assignment_item(path, sidecar, directory, write, stale=()):
+    """One file of an assignment.  Never its expected hash: a worker that knew
+    it could agree without reading."""
+    item = {"path": path, "sidecar": sidecar, "dir": directory, "write": write}
+    if stale:
+        item["stale"] = list(stale)      # pids of dead workers that may have left temp files
+    return item
+
+
+def assignment(aid, items):
+    return {"id": aid, "files": items}
+
+
+def ready(pid):
+    return {"ready": pid}
+
+
+def progress(aid):
+    """Still alive, on a big file: resets the server's hang clock."""
+    return {"progress": aid}
+
+
+def results(aid, answers):
+    return {"id": aid, "results": answers}
+
+
+def check_results(frame, aid, paths):
+    """Return the results of a worker's answer to assignment `aid` of `paths`,
+    each with "stat": (size, mtime, ctime, ino) when it has an md5; raise
+    ProtocolError if it is not such an answer."""
+    answers = frame.get("results")
+    if frame.get("id") != aid or not isinstance(answers, list) \
+            or len(answers) != len(paths):
+        raise ProtocolError("answer does not match its assignment")
+    for path, result in zip(paths, answers):
+        if not isinstance(result, dict) or result.get("path") != path:
+            raise ProtocolError("answered for a path it was not given")
+        if "md5" in result:
+            if not (isinstance(result["md5"], str) and MD5.fullmatch(result["md5"])):
+                raise ProtocolError("malformed md5")
+            stat = (result.get("size"), result.get("mtime"), result.get("ctime"),
+                    result.get("ino"))
+            if not all(type(v) is int for v in stat):
+                raise ProtocolError("malformed stat")
+            result["stat"] = stat
+    return answers

@@ -10,7 +10,7 @@ _EMIT = re.compile(r'log\.(?:info|warning|error|emit)\(\s*(?:\w+,\s*)?"([\w.]+)"
 
 def emitted_events():
     """Events the server's code names, and those it logs for clients (audit)."""
-    from osproject.server.session import AUDIT_EVENTS
+    from osproject.protocol import AUDIT_EVENTS
     events = set(AUDIT_EVENTS)
     package = os.path.join(ROOT, "osproject", "server")
     for name in os.listdir(package):

@@ -39,5 +39,5 @@ def test_a_newcomer_waits_one_turn_of_each_client_at_most():
     assert taken(scheduler) == ["/a/1"]
     assert taken(scheduler) == ["/b/0"]
     assert taken(scheduler) == ["/a/2"]
-    scheduler.drop_session("a")
+    scheduler.forget("a")
     assert scheduler.pending == []

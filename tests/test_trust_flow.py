@@ -7,6 +7,7 @@ from osproject.server.scheduler import Job, Scheduler
 from osproject.server.session import Unchecked
 from osproject.server.supervisor import State
 from osproject.server.trust import Trust
+from osproject.server.verifier import write_mode
 
 
 class Log:
@@ -20,14 +21,21 @@ class Log:
 
 
 class Session:
+    """What Trust uses of a session: its count of jobs owed, and the verdicts."""
+
     def __init__(self):
         self.outstanding, self.replies, self.unchecked = 1, [], Unchecked()
+        self.sid, self.said_bye = 1, False
 
-    def reply(self, verdict):
+    def expect(self):
+        self.outstanding += 1
+
+    def answered(self, verdict, status):
+        self.outstanding -= 1
         self.replies.append(verdict)
 
-    def count(self, status):
-        pass
+    def settled_aside(self):
+        self.outstanding -= 1
 
 
 def worker(wid):
@@ -48,17 +56,17 @@ def test_a_new_file_whose_second_reading_fails_loses_the_sidecar_nobody_vouches_
                                  tally=lambda w: None)
     scheduler, log, session = Scheduler(), Log(), Session()
     trust = Trust(SimpleNamespace(cross_check=0.1, workers=3), log, scheduler,
-                  supervisor, [session], drop_session=None)
+                  supervisor, [session])
     job = Job(session=session, rid=1, index=0, path="/t/f", sidecar="/t/f.md5")
 
-    assert job.write_mode() == "new"
+    assert write_mode(job) == "new"
     trust.on_result(workers[1], job, reading("/t/f", "a" * 32))  # fresh: cross-checked
     assert scheduler.take(workers[1]) is None, "not a second opinion of its own"
-    assert scheduler.take(workers[2]).jobs == [job] and job.write_mode() == "keep"
+    assert scheduler.take(workers[2]).jobs == [job] and write_mode(job) == "keep"
     trust.on_result(workers[2], job, reading("/t/f", error="No such file or directory"))
 
     assert "sidecar.discard" in log.events and session.replies == []
-    assert scheduler.take(workers[1]).jobs == [job] and job.write_mode() == "discard"
+    assert scheduler.take(workers[1]).jobs == [job] and write_mode(job) == "discard"
     trust.on_result(workers[1], job, {"path": "/t/f", "discarded": True})
     assert [r["status"] for r in session.replies] == ["ERROR"]
     assert "md5" not in session.replies[0]
@@ -74,10 +82,10 @@ def test_a_bug_of_ours_while_judging_a_file_answers_it_error_instead_of_hanging(
                                  tally=tally)
     scheduler, log, session = Scheduler(), Log(), Session()
     trust = Trust(SimpleNamespace(cross_check=0.1, workers=3), log, scheduler,
-                  supervisor, [session], drop_session=None)
+                  supervisor, [session])
     job = Job(session=session, rid=1, index=0, path="/t/f", sidecar="/t/f.md5")
 
-    trust.judge(workers[1], job, reading("/t/f", "a" * 32))
+    trust.take_result(workers[1], job, reading("/t/f", "a" * 32))
 
     assert "server.error" in log.events
     assert [(r["status"], r["error"]) for r in session.replies] == [("ERROR",
@@ -93,9 +101,8 @@ def test_an_outvoted_first_reading_is_warned_only_once_its_re_reading_is_proven_
                                  tally=lambda w: None, totals=SimpleNamespace(warnings=0),
                                  warn=lambda w: warned.append(w.wid) or False)
     scheduler, log, session = Scheduler(), Log(), Session()
-    session.sid, session.said_bye = 1, False
     trust = Trust(SimpleNamespace(cross_check=0.1, workers=4), log, scheduler,
-                  supervisor, [session], drop_session=None)
+                  supervisor, [session])
     job = Job(session=session, rid=1, index=0, path="/t/f", sidecar="/t/f.md5")
     for wid, md5 in ((1, X), (2, A), (3, A)):     # the new file moved after its first reading?
         trust.on_result(workers[wid], job, reading("/t/f", md5))

@@ -56,8 +56,8 @@ class Client:
 
     def run(self, roots):
         """Check every root; return the exit status."""
-        self.conn.send({"roots": [os.path.abspath(r) for r in roots[:protocol.MAX_ROOTS]],
-                        "count": len(roots)})           # for the server's log
+        self.conn.send(protocol.roots([os.path.abspath(r) for r in roots],
+                                      len(roots)))      # for the server's log
         reader = threading.Thread(target=self.read_replies, name="reader", daemon=True)
         # Daemons, so that Ctrl-C in the main thread ends the client at once.
         lister = threading.Thread(target=self.list_all, args=(roots,), name="lister",
@@ -163,11 +163,8 @@ class Client:
         # then (by a second client on this tree) makes the worker's link(2)
         # fail, an ERROR; if that worker dies first, its successor replaces the
         # sidecar (it cannot tell it from one the dead worker wrote).
-        item = {"kind": "check", "path": entry.key, "sidecar": entry.sidecar,
-                "dir": entry.dir, "expected": entry.expected, "size": entry.size}
-        if self.update:
-            item["update"] = True
-        return entry, item
+        return entry, protocol.check_item(entry.key, entry.sidecar, entry.dir,
+                                          entry.expected, entry.size, self.update)
 
     def forget(self, finding):
         """--update: remove the sidecar of a MISSING file; return why not, or None.
@@ -313,7 +310,7 @@ class Checker:
             return
         rid = self.client.register(self.replies)
         self.inflight[rid] = [asked, len(asked)]
-        self.client.conn.send({"id": rid, "files": [item for _, item in asked]})
+        self.client.conn.send(protocol.request(rid, [item for _, item in asked]))
 
     def collect(self, block):
         """Report the replies that have arrived; with block, wait for some first."""
@@ -361,7 +358,7 @@ def server_status(fifo, private_dir=False):
     conn = Connection(fifo, private_dir=private_dir)
     conn.open()
     try:
-        conn.send({"status": True})
+        conn.send(protocol.STATUS_REQUEST)
         for frame in conn.frames():
             if "status" in frame:
                 return frame["status"]
@@ -429,10 +426,8 @@ def send_audit(fifo, private_dir, events, check_session=None):
     try:
         conn.open()
         for i in range(0, len(events), AUDIT_PER_FRAME):
-            batch = [{"event": event, "check": check_session, **fields}
-                     for event, fields in events[i:i + AUDIT_PER_FRAME]]
-            conn.send({"audit": [{k: v for k, v in e.items() if v is not None}
-                                 for e in batch]})
+            conn.send(protocol.audit([{"event": event, "check": check_session, **fields}
+                                      for event, fields in events[i:i + AUDIT_PER_FRAME]]))
         conn.finish_requests()
         if not any("bye" in frame for frame in conn.frames()):
             raise ClientError("the server refused them (see its log)")

@@ -115,10 +115,11 @@ class Connection:
                 frame = protocol.decode(lines[0]) if lines[0] else {}
                 if "error" in frame:
                     raise ClientError(f"the server refused: {frame['error']}")
-                if frame.get("welcome") != protocol.HELLO_VERSION:
-                    raise ClientError("the server answered with something else than welcome")
+                try:
+                    self.session = protocol.read_welcome(frame)  # our number in its log
+                except protocol.ProtocolError as exc:
+                    raise ClientError(str(exc)) from None
                 self.leftover = lines[1:]
-                self.session = frame.get("session")     # our number in the server's log
                 return
 
     def send(self, frame):

@@ -7,10 +7,8 @@ never blocks on a client, a worker or a file, and never starts a thread:
 it forks, and fork in a threaded process can deadlock.
 """
 
-import itertools
 import json
 import os
-import re
 import select
 import signal
 import time
@@ -20,16 +18,12 @@ from .. import protocol, statuses
 from . import verifier
 from .entrance import Entrance, EntranceError
 from .scheduler import Job, Scheduler
-from .session import Refused, Session, Unchecked
+from .session import MAX_SESSIONS, SPARE_SESSIONS, Refused, Session, Sessions
 from .status import gather_status
 from .supervisor import ForkSpawner, State, Supervisor, Worker, kill_group
 from .trust import Trust
-from .verifier import Verdict
 
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-MAX_SESSIONS = 100        # two fds each: select() cannot watch fds >= FD_SETSIZE
-SPARE_SESSIONS = 4        # beyond MAX_SESSIONS, for --status only: it always gets in
-SPARE_IDLE = 5.0          # seconds a spare session may take to ask for the status
 FD_SETSIZE = 1024         # select() takes no fd at or above this (Linux, macOS)
 # stdio, the log, syslog, the wakeup pipe, the entrance both ways, and the
 # fds a fork, a refused hello or a sweep of stale client directories holds
@@ -42,8 +36,6 @@ STOP_GRACE = 2.0          # seconds workers get to leave after SIGTERM
 NO_WORKER_GRACE = 10.0    # seconds with no live worker before waiting clients are told
 SWEEP_INTERVAL = 10.0     # seconds between sweeps of dead clients' directories
 ENTRANCE_CHECK = 5.0      # seconds between checks that the entrance FIFO is still ours
-MAX_DEATHS = 3            # workers a file may kill or hang before it is an ERROR
-_MD5 = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass
@@ -61,7 +53,7 @@ class Config:
     stillborn: str = None
 
 
-class Fault(Exception):
+class Fault(protocol.ProtocolError):
     """A worker broke the protocol; it is killed and its work redone."""
 
 
@@ -74,13 +66,11 @@ class Server:
         self.scheduler = Scheduler()
         self.supervisor = Supervisor(config.workers, spawner or ForkSpawner(self.chaos_for),
                                      clock, log, config.hang_timeout)
-        self.sessions = []
-        self.trust = Trust(config, log, self.scheduler, self.supervisor, self.sessions,
-                           self.drop_session)
-        self._sids = itertools.count(1)
+        self.sessions = Sessions(log, self.scheduler, clock, config.idle_timeout)
+        self.trust = Trust(config, log, self.scheduler, self.supervisor, self.sessions)
         self.stopping = False
         self.stop_reason = "the server stopped"    # what clients still served are told
-        self.status = 0
+        self.exit_status = 0
         self.workerless_since = None    # when the last live worker went, if none lives
         self.next_sweep = 0.0           # when to sweep dead clients' directories
         self.next_entrance_check = 0.0
@@ -110,7 +100,7 @@ class Server:
                 self.step()
         finally:
             self.shutdown()
-        return self.status
+        return self.exit_status
 
     def install_signals(self):
         """Handlers only wake the loop: the C handler writes the signal to a pipe."""
@@ -123,16 +113,13 @@ class Server:
 
     def shutdown(self):
         self.entrance.close()
-        for session in self.sessions:
-            if not session.said_bye:
-                session.say_goodbye(self.stop_reason)
-            session.close()
+        self.sessions.close_all(self.stop_reason)
         self.stop_workers()
         if self._wake_w >= 0:
             signal.set_wakeup_fd(-1)
             os.close(self._wake_r)
             os.close(self._wake_w)
-        self.log.info("server.stopped", pid=os.getpid(), status=self.status,
+        self.log.info("server.stopped", pid=os.getpid(), status=self.exit_status,
                       unlogged=self.log.lost or None, unsent=self.log.unsent or None)
 
     def stop_workers(self):
@@ -173,9 +160,9 @@ class Server:
             self.give_up_if_hopeless()   # forks that fail leave no child to reap
         self.check_workers_alive()
         self.dispatch()
-        self.send_replies()
-        self.close_finished_sessions()
-        self.drop_idle_sessions()
+        self.sessions.send_replies()
+        self.sessions.close_finished()
+        self.sessions.drop_idle()
         self.housekeeping()
 
     def housekeeping(self):
@@ -199,7 +186,7 @@ class Server:
             self.entrance.recreate()
         except EntranceError as exc:
             self.log.error("server.failed", reason=str(exc))
-            self.stopping, self.status = True, 1
+            self.stopping, self.exit_status = True, 1
             self.stop_reason = "the server's entrance FIFO was taken away"
             return
         self.log.warning("entrance.recreated", path=self.entrance.path)
@@ -224,7 +211,7 @@ class Server:
         for s in self.sessions:
             # A client with many files in flight waits: its writes block in
             # the FIFO, and our queue stays bounded however fast it asks.
-            if not s.eof and not s.dead and s.outstanding < MAX_OUTSTANDING:
+            if s.wants_requests and s.outstanding < MAX_OUTSTANDING:
                 readers[s.request_fd] = (lambda s=s: self.on_session_readable(s), s)
             if s.outbuf and not s.dead:
                 writers[s.reply_fd] = (s.flush, s)
@@ -239,13 +226,13 @@ class Server:
                            peer=type(owner).__name__ if owner else "server",
                            **_who(owner))
             if isinstance(owner, Session):
-                self.drop_session(owner, f"internal error: {exc!r}")
+                self.sessions.drop(owner, f"internal error: {exc!r}")
             elif isinstance(owner, Worker):
                 self.supervisor.kill(owner, "internal error")
 
     def timeout(self):
         deadlines = [self.supervisor.next_deadline(), self.workerless_deadline(),
-                     self.idle_deadline(), self.next_sweep, self.next_entrance_check]
+                     self.sessions.idle_deadline(), self.next_sweep, self.next_entrance_check]
         deadlines = [d for d in deadlines if d is not None]
         if not deadlines:
             return None             # idle: sleep until something happens
@@ -297,10 +284,7 @@ class Server:
                 os.close(fd)
         worker.to_worker = worker.from_worker = -1
         if worker.assignment is not None:
-            # A worker we killed for lying or garbling says nothing about its
-            # files; one that crashed or hung on them might have met a poison.
-            blame = worker.killed_for in (None, "hung")
-            self.requeue(worker.assignment, pid, blame)
+            self.requeue(worker.assignment, pid, verifier.blamed_for_death(worker.killed_for))
         self.trust.drop_proofs(worker.wid)
         self.give_up_if_hopeless()
 
@@ -309,7 +293,7 @@ class Server:
         if not self.stopping and self.supervisor.hopeless():
             reason = self.supervisor.why_hopeless()
             self.log.error("server.failed", reason=reason)
-            self.stopping, self.status = True, 1
+            self.stopping, self.exit_status = True, 1
             self.stop_reason = f"the server gave up: {reason}"
 
     def check_workers_alive(self):
@@ -329,13 +313,12 @@ class Server:
         why = self.supervisor.spawn_error
         reason = (f"no worker has been running for {NO_WORKER_GRACE:g}s"
                   + (f" (fork failed: {why})" if why else "") + "; see the server's log")
-        for session in list(self.sessions):
-            if session.outstanding > 0:
-                self.refuse(session, reason)
+        for session in self.sessions.waiting():
+            self.sessions.refuse(session, reason)
 
     def workerless_deadline(self):
         """When waiting clients are to be told that no worker runs, or None."""
-        if self.workerless_since is None or not any(s.outstanding for s in self.sessions):
+        if self.workerless_since is None or not self.sessions.waiting():
             return None
         return self.workerless_since + NO_WORKER_GRACE
 
@@ -346,13 +329,12 @@ class Server:
         alone = len(assignment.jobs) == 1
         for job in reversed(assignment.jobs):
             job.held_by_dead(pid, blame, alone)
-            if job.deaths < MAX_DEATHS:
+            if not verifier.is_poison(job.deaths):
                 self.scheduler.requeue(job)
                 continue
             self.log.error("file.abandoned", path=job.path, deaths=job.deaths,
                            session=job.session.sid)
-            self.trust.finish(job, Verdict(statuses.ERROR, reason=f"{job.deaths} "
-                                           "workers died or hung reading it"))
+            self.trust.give_up(job, f"{job.deaths} workers died or hung reading it")
 
     # -- workers ----------------------------------------------------------
     def dispatch(self):
@@ -405,11 +387,12 @@ class Server:
         elif "progress" in frame and state is State.BUSY:
             self.supervisor.heard_from(worker)
         elif "results" in frame and state is State.BUSY:
-            jobs = worker.assignment.jobs
-            results = check_results(frame, worker.assignment)
+            assignment = worker.assignment
+            results = protocol.check_results(frame, assignment.aid,
+                                             [job.path for job in assignment.jobs])
             self.supervisor.answered(worker)
-            for job, result in zip(jobs, results):
-                self.trust.judge(worker, job, result)
+            for job, result in zip(assignment.jobs, results):
+                self.trust.take_result(worker, job, result)
         else:
             raise Fault(f"unexpected frame in state {state.name}")
 
@@ -419,41 +402,18 @@ class Server:
             if line == b"":
                 continue            # a hello's leading newline: see encode_hello
             try:
-                session = self.open_session(line)
+                self.open_session(line)
             except (Refused, protocol.ProtocolError) as exc:
                 self.log.warning("request.refused", reason=str(exc))
-                continue
-            self.sessions.append(session)
-            self.log.info("session.opened", session=session.sid, pid=session.pid,
-                          uid=session.uid, reply=session.reply_path,
-                          spare=session.spare or None)
-            session.send({"welcome": protocol.HELLO_VERSION, "server": os.getpid(),
-                          "session": session.sid})
-            session.flush()
 
     def open_session(self, line):
-        """Return the Session a hello asks for, or raise Refused.
-
-        Past MAX_SESSIONS a few spare sessions are for --status only, so that
-        it gets in however many clients there are; past those, the client is
-        told it is refused.
-        """
+        """Serve the client a hello line is from, or raise Refused saying why not."""
         if line is None:
             raise Refused(f"hello longer than {protocol.HELLO_MAX} bytes")
         request, reply, pid = protocol.read_hello(line)
         if not (self.entrance.beside(request) and self.entrance.beside(reply)):
             raise Refused("FIFOs must be in a client directory beside the entrance")
-        session = Session(next(self._sids), request, reply)
-        session.heard_at = self.clock()
-        session.pid = pid
-        regular = sum(not s.spare for s in self.sessions)
-        if regular >= MAX_SESSIONS:
-            if len(self.sessions) - regular >= SPARE_SESSIONS:
-                session.say_goodbye("too many clients; try again later")
-                session.close()
-                raise Refused("too many clients")
-            session.spare = True
-        return session
+        self.sessions.open(request, reply, pid)
 
     def on_session_readable(self, session):
         session.heard_at = self.clock()
@@ -462,11 +422,11 @@ class Server:
                 self.accept_request(session, frame)
         except (Refused, protocol.ProtocolError) as exc:
             self.log.warning("request.refused", session=session.sid, reason=str(exc))
-            self.refuse(session, str(exc))
+            self.sessions.refuse(session, str(exc))
 
     def accept_request(self, session, frame):
         if frame.get("status"):
-            session.send({"status": self.status_report(asker=session)})
+            session.send(protocol.status_report(self.status_report(asker=session)))
             return
         if "audit" in frame:            # what a client found: the audit trail
             for event in frame["audit"]:
@@ -480,15 +440,14 @@ class Server:
         if session.spare:
             raise Refused("too many clients; only --status is served until some leave")
         for index, item in enumerate(frame["files"]):
-            session.outstanding += 1
+            session.expect()
             session.files += 1
             if item["kind"] == "missing":
                 self.log.warning("file.missing", path=item["path"],
                                  sidecar=item["sidecar"], session=session.sid)
-                self.trust.answer(session, {"id": frame["id"], "i": index,
-                                      "status": statuses.MISSING,
-                                      "expected": item.get("expected")},
-                            statuses.MISSING)
+                session.answered(protocol.verdict(frame["id"], index, statuses.MISSING,
+                                                  expected=item.get("expected")),
+                                 statuses.MISSING)
                 continue
             self.scheduler.submit(Job(
                 session=session, rid=frame["id"], index=index, path=item["path"],
@@ -499,81 +458,6 @@ class Server:
     def status_report(self, asker=None):
         """What `integrity-client --status` shows (see status.py)."""
         return gather_status(self, asker)
-
-    def idle_limit(self, session):
-        if session.spare:
-            return min(self.config.idle_timeout, SPARE_IDLE)
-        return self.config.idle_timeout
-
-    def drop_idle_sessions(self):
-        """Drop each session that has sent nothing, and waits for nothing, too long.
-
-        Idle sessions would otherwise hold their places for ever: a hundred
-        of them lock every other client out.
-        """
-        now = self.clock()
-        for session in list(self.sessions):
-            limit = self.idle_limit(session)
-            if session.outstanding <= 0 and now - session.heard_at >= limit:
-                self.refuse(session, f"idle for {limit:g}s")
-
-    def idle_deadline(self):
-        """When the next idle session is to be dropped, or None."""
-        return min((s.heard_at + self.idle_limit(s) for s in self.sessions
-                    if s.outstanding <= 0), default=None)
-
-    def refuse(self, session, reason):
-        """Drop a client, telling it why if its reply FIFO takes one more frame."""
-        session.say_goodbye(reason)
-        self.drop_session(session, reason)
-
-    def drop_session(self, session, reason):
-        """Stop serving a client; its queued files are forgotten."""
-        if session.dead and session not in self.sessions:
-            return
-        session.dead = True
-        session.outbuf.clear()
-        self.scheduler.drop_session(session)
-        if session in self.sessions:
-            self.sessions.remove(session)
-            session.close()
-            self.log.warning("session.dropped", session=session.sid, reason=reason,
-                             files=session.files, unanswered=session.outstanding or None,
-                             **_lower(session.counts))
-
-    def send_replies(self):
-        """Send each client this pass's verdicts, batched, and start writing them."""
-        for session in list(self.sessions):
-            try:
-                session.pack()
-            except Refused as exc:
-                self.drop_session(session, str(exc))
-                continue
-            session.flush()
-
-    def close_finished_sessions(self):
-        for session in list(self.sessions):
-            if session.dead:    # a write met EPIPE: SIGKILLed, or it closed its end
-                self.drop_session(session, "client vanished: its reply FIFO is closed")
-                continue
-            if (session.eof or session.dead) and session.outstanding <= 0 \
-                    and not session.said_bye:
-                session.said_bye = True
-                session.unchecked = Unchecked()   # free it: no re-checks after the bye
-                try:
-                    session.send({"bye": session.counts})
-                except Refused as exc:
-                    self.drop_session(session, str(exc))
-                    continue
-                session.flush()
-                if session.dead:
-                    self.drop_session(session, "client vanished: its reply FIFO is closed")
-                    continue
-            if session.said_bye and not session.outbuf:
-                self.sessions.remove(session)
-                session.close()
-                self.log.info("session.closed", session=session.sid,
-                              files=session.files, **_lower(session.counts))
 
 
 def _wake_only(signum, frame):
@@ -588,26 +472,3 @@ def _who(owner):
         return {"session": owner.sid}
     return {}
 
-
-def _lower(counts):
-    return {k.lower(): v for k, v in sorted(counts.items())}
-
-
-def check_results(frame, assignment):
-    """Return the results of an answer, or raise Fault if it is not one."""
-    results = frame.get("results")
-    if frame.get("id") != assignment.aid or not isinstance(results, list) \
-            or len(results) != len(assignment.jobs):
-        raise Fault("answer does not match its assignment")
-    for job, result in zip(assignment.jobs, results):
-        if not isinstance(result, dict) or result.get("path") != job.path:
-            raise Fault("answered for a path it was not given")
-        if "md5" in result:
-            if not (isinstance(result["md5"], str) and _MD5.fullmatch(result["md5"])):
-                raise Fault("malformed md5")
-            stat = (result.get("size"), result.get("mtime"), result.get("ctime"),
-                    result.get("ino"))
-            if not all(type(v) is int for v in stat):
-                raise Fault("malformed stat")
-            result["stat"] = stat
-    return results

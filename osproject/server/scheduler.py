@@ -1,17 +1,43 @@
 """The scheduler: files waiting for a worker, and assignments of at most five."""
 
+import enum
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
+from .. import protocol
 from ..protocol import MAX_PATHS
+from . import verifier
 
 BATCH_BYTES = 4 * 1024 * 1024   # an assignment stops growing past this many bytes
 
 
+class Phase(enum.Enum):
+    READING = "reading"         # gathering opinions until the votes settle it
+    REPAIRING = "repairing"     # a worker of the majority rewrites a liar's sidecar
+    DISCARDING = "discarding"   # a worker removes a sidecar no reading vouches for
+    DONE = "done"               # its verdict went out (or its re-check is over)
+
+
+# Job.enter() refuses what this table does not list.  A repair may need another
+# try, or end in a verdict of no hash, whose sidecar then goes.
+TRANSITIONS = {
+    Phase.READING: {Phase.REPAIRING, Phase.DISCARDING, Phase.DONE},
+    Phase.REPAIRING: {Phase.REPAIRING, Phase.DISCARDING, Phase.DONE},
+    Phase.DISCARDING: {Phase.DONE},
+    Phase.DONE: set(),
+}
+
+
 @dataclass(eq=False)
 class Job:
-    """One file of one client request, from arrival until its verdict is sent."""
+    """One file to be settled, from arrival until its verdict is sent.
+
+    Three kinds: a client's file (rid and index say where its verdict goes);
+    a re-check of a hash a liar gave unchecked (reverify_of); a re-reading
+    that puts an outvoted reading to the proof (proving).  Its phase says
+    what the next worker does with it; verifier.py says who may, and how.
+    """
     session: object
     rid: int                    # the client's request id and the file's index in it
     index: int
@@ -21,61 +47,44 @@ class Job:
     update: bool = False        # the user asked to rewrite changed baselines
     size: int = 0               # as the client's lister saw it: only for batching
     dir: tuple = None           # (st_dev, st_ino) of its directory, as the lister saw it
-    opinions: list = field(default_factory=list)
-    cross_check: bool = False
     reverify_of: int = None     # wid whose unchecked hash this job re-checks
     proving: int = None         # wid whose outvoted reading this re-reading puts to the
                                 # proof (Trust.put_to_proof): nothing goes to the client
-    retried: bool = False       # a worker died holding this job
-    stale: list = field(default_factory=list)   # pids that may have left temp files
-    write_error: str = None
-    written: str = None         # the hash its sidecar now holds, as its writer said
-    repairs: int = 0            # sidecar rewrites asked for after the verdict
+    phase: Phase = Phase.READING
+    # the votes
+    opinions: list = field(default_factory=list)
+    cross_check: bool = False
+    declined: set = field(default_factory=set)  # wids that read no hash (error...)
     warned: set = field(default_factory=set)    # wids already warned over this file
     losers: set = field(default_factory=set)    # wids whose hash lost, warned or not
-    declined: set = field(default_factory=set)  # wids that read no hash (error...)
+    # the sidecar
+    written: str = None         # the hash its sidecar now holds, as its writer said
+    write_error: str = None
+    repairs: int = 0            # sidecar rewrites asked for after the verdict
+    settled: object = None      # the verdict, kept while its sidecar is discarded
+    # workers that died holding it
+    retried: bool = False
+    stale: list = field(default_factory=list)   # pids that may have left temp files
     deaths: int = 0             # workers that died holding it alone: a poison file?
     suspect: bool = False       # was in a batch whose worker died: goes alone now
-    settled: object = None      # the verdict, kept while its sidecar is discarded
-    answered: bool = False      # its verdict went out (or its re-check is done)
 
-    def allows(self, wid):
-        """May worker `wid` take this file now?
-
-        An opinion must come from a worker that has not given one (nor
-        declined to); a repair, which writes the agreed hash, from any worker
-        not caught lying over this file.
-        """
-        if self.settled is not None:
-            return True             # a discard is no opinion: any worker will do
-        if self.proving is not None and len(self.opinions) == 1:
-            return wid == self.proving  # the accused reads next, after the agreed hash
-        if self.repairs:            # never the worker whose lie is being repaired
-            return wid not in self.losers and wid != self.reverify_of
-        return (wid != self.reverify_of and wid not in self.declined
-                and all(v.wid != wid for v in self.opinions))
+    def enter(self, new):
+        """Move to phase `new`; the transition table is the law."""
+        if new not in TRANSITIONS[self.phase]:
+            raise RuntimeError(f"job {self.path!r}: {self.phase.name} -> {new.name}")
+        self.phase = new
 
     @property
-    def keeps_sidecar(self):
-        """True when the sidecar must hold the file's agreed hash when done."""
-        return (self.sidecar is not None and (self.expected is None or self.update)
-                and self.proving is None)
+    def repairing(self):
+        return self.phase is Phase.REPAIRING
 
-    def write_mode(self):
-        """How the next worker treats the sidecar: new, replace or keep.
+    @property
+    def discarding(self):
+        return self.phase is Phase.DISCARDING
 
-        The first reading of a file without a baseline writes it; second
-        opinions only read.  A repair (the agreed hash differs from the one
-        written) rewrites it.
-        """
-        if self.settled is not None:
-            return "discard"
-        if self.repairs:
-            return "replace"
-        if self.opinions or self.expected is not None or self.reverify_of is not None \
-                or self.sidecar is None:
-            return "keep"
-        return "replace" if self.retried else "new"
+    @property
+    def done(self):
+        return self.phase is Phase.DONE
 
     def held_by_dead(self, pid, blame, alone):
         """Note that worker `pid` died holding this file.
@@ -91,11 +100,8 @@ class Job:
 
     def item(self):
         """The assignment entry a worker sees: no expected hash."""
-        entry = {"path": self.path, "sidecar": self.sidecar, "dir": self.dir,
-                 "write": self.write_mode()}
-        if self.stale:
-            entry["stale"] = self.stale
-        return entry
+        return protocol.assignment_item(self.path, self.sidecar, self.dir,
+                                        verifier.write_mode(self), self.stale)
 
 
 @dataclass(eq=False)
@@ -105,7 +111,7 @@ class Assignment:
     jobs: list
 
     def frame(self):
-        return {"id": self.aid, "files": [job.item() for job in self.jobs]}
+        return protocol.assignment(self.aid, [job.item() for job in self.jobs])
 
 
 class Scheduler:
@@ -169,7 +175,7 @@ class Scheduler:
         self.urgent = deque(job for job in self.urgent if keep(job))
         return gone
 
-    def drop_session(self, session):
+    def forget(self, session):
         """Forget the waiting jobs of a client that went away."""
         self.urgent = deque(j for j in self.urgent if j.session is not session)
         self.queues.pop(session, None)
@@ -185,7 +191,7 @@ def _fill(batch, size, queue, worker):
     passed = []
     while queue and not _full(batch, size):
         job = queue.popleft()
-        if not job.allows(worker.wid) or (job.suspect and batch):
+        if not verifier.may_read(job, worker.wid) or (job.suspect and batch):
             passed.append(job)
             continue
         batch.append(job)

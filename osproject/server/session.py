@@ -1,8 +1,18 @@
-"""A client's session on the server side: its two private FIFOs and their buffers."""
+"""Client sessions on the server side: each one's FIFOs and buffers, and the
+registry that owns them all and takes each through its life.
 
+A session is SERVING while its client may send requests, DRAINING once the
+client closed its request FIFO and verdicts are still owed, LEAVING once
+the bye is queued and until it is written; then it is CLOSED.  A client
+that vanishes, is refused or falls behind is DROPPED, from any state.
+`Session.enter` is the one place a state changes, checked against the
+table, as a worker slot's is (supervisor.py).
+"""
+
+import enum
 import errno
+import itertools
 import os
-import re
 import stat
 
 from .. import protocol
@@ -11,7 +21,27 @@ from .verifier import Vote
 MAX_OUTPUT = 4 * 1024 * 1024   # a client that stops reading is dropped past this
 REPLIES_PER_FRAME = 50         # verdicts are ~150 bytes: a frame stays far below MAX_FRAME
 READ_SIZE = 64 * 1024
-_MD5 = re.compile(r"[0-9a-f]{32}")
+MAX_SESSIONS = 100        # two fds each: select() cannot watch fds >= FD_SETSIZE
+SPARE_SESSIONS = 4        # beyond MAX_SESSIONS, for --status only: it always gets in
+SPARE_IDLE = 5.0          # seconds a spare session may take to ask for the status
+VANISHED = "client vanished: its reply FIFO is closed"
+
+
+class State(enum.Enum):
+    SERVING = "serving"
+    DRAINING = "draining"
+    LEAVING = "leaving"
+    CLOSED = "closed"
+    DROPPED = "dropped"
+
+
+TRANSITIONS = {
+    State.SERVING: {State.DRAINING, State.LEAVING, State.DROPPED},
+    State.DRAINING: {State.LEAVING, State.DROPPED},
+    State.LEAVING: {State.CLOSED, State.DROPPED},
+    State.CLOSED: set(),
+    State.DROPPED: set(),
+}
 
 
 class Refused(Exception):
@@ -65,11 +95,10 @@ class Session:
             raise
         self.lines = protocol.LineBuffer()
         self.outbuf = bytearray()
-        self.eof = False          # the client closed its request FIFO
-        self.dead = False         # gone or dropped: replies go nowhere
+        self.state = State.SERVING
+        self.dead = False         # a write failed, or it is closed: replies go nowhere
         self.outstanding = 0      # jobs whose verdict is not sent yet
         self.replies = []         # verdicts of this loop pass, sent together by pack()
-        self.said_bye = False
         self.files = 0
         self.counts = {}
         self.unchecked = Unchecked()
@@ -77,10 +106,32 @@ class Session:
         self.pid = None           # the client's, as its hello says
         self.spare = False        # admitted past MAX_SESSIONS: for --status only
 
-    def read(self):
-        """Return the request frames now readable; set eof when the client is done.
+    def enter(self, new):
+        """Move to state `new`; the transition table is the law."""
+        if new not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"session {self.sid}: {self.state.name} -> {new.name}")
+        self.state = new
 
-        Raises Refused for a frame that is not a valid request.
+    @property
+    def eof(self):
+        """The client closed its request FIFO: it asks for nothing more."""
+        return self.state is not State.SERVING
+
+    @property
+    def said_bye(self):
+        """Its bye is out (or on its way): no more re-checks for it."""
+        return self.state in (State.LEAVING, State.CLOSED)
+
+    @property
+    def wants_requests(self):
+        """Is the client's request FIFO worth watching?"""
+        return self.state is State.SERVING and not self.dead
+
+    def read(self):
+        """Return the request frames now readable; DRAINING once the client is done.
+
+        Raises ProtocolError for a frame that is not a valid request, Refused
+        for one torn or too long.
         """
         if self.dead:
             return []
@@ -89,7 +140,7 @@ class Session:
         except BlockingIOError:
             return []
         if not data:
-            self.eof = True
+            self.enter(State.DRAINING)
             if self.lines.pending:
                 raise Refused("request torn at end of file")
             return []
@@ -97,7 +148,7 @@ class Session:
         for line in self.lines.feed(data):
             if line is None:
                 raise Refused("request frame too long")
-            frames.append(validate_request(protocol.decode(line)))
+            frames.append(protocol.validate_request(protocol.decode(line)))
         return frames
 
     def send(self, frame):
@@ -110,17 +161,12 @@ class Session:
             self.outbuf.clear()
             raise Refused(f"client read nothing of {MAX_OUTPUT} bytes of replies")
 
-    def reply(self, verdict):
-        """Queue one file's verdict; a loop pass's verdicts leave as one frame."""
-        if not self.dead:
-            self.replies.append(verdict)
-
     def pack(self):
         """Frame the queued verdicts (raises Refused like send)."""
         while self.replies:
             batch = self.replies[:REPLIES_PER_FRAME]
             del self.replies[:REPLIES_PER_FRAME]
-            self.send({"replies": batch})
+            self.send(protocol.replies(batch))
 
     def flush(self):
         """Write what the reply FIFO takes now; mark the session dead on EPIPE."""
@@ -141,11 +187,24 @@ class Session:
         reply FIFO takes now: best effort, a client that reads nothing misses it."""
         if self.dead:
             return
-        self.outbuf += protocol.encode({"error": reason})
+        self.outbuf += protocol.encode(protocol.error(reason))
         self.flush()
 
-    def count(self, status):
+    def expect(self):
+        """One more job whose end the session waits for."""
+        self.outstanding += 1
+
+    def answered(self, verdict, status):
+        """Queue one file's verdict; a loop pass's verdicts leave as one frame."""
+        self.outstanding -= 1
         self.counts[status] = self.counts.get(status, 0) + 1
+        if not self.dead:
+            self.replies.append(verdict)
+
+    def settled_aside(self):
+        """A job it waited for ended with nothing to tell (a re-check that
+        confirmed, a proof)."""
+        self.outstanding -= 1
 
     def close(self):
         """Close both FIFOs; a handler still queued for them in this pass sees dead."""
@@ -195,58 +254,149 @@ class Unchecked:
         return entries
 
 
-AUDIT_EVENTS = ("file.changed", "file.missing", "file.moved")
-_FIELD = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+class Sessions:
+    """Every session the server serves: the one owner of the list.
+
+    It opens sessions from hellos, sends their replies, drops the ones that
+    go wrong and closes the ones served to the end, taking each through its
+    states.  The loop and the trust code go through it; nothing else keeps
+    a session list.
+    """
+
+    def __init__(self, log, scheduler, clock, idle_timeout):
+        self.log = log
+        self.scheduler = scheduler      # a dropped session's waiting jobs go with it
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self._live = []
+        self._sids = itertools.count(1)
+
+    def __iter__(self):
+        return iter(list(self._live))   # a copy: handlers drop sessions as they go
+
+    def __len__(self):
+        return len(self._live)
+
+    def waiting(self):
+        """The sessions that wait for verdicts."""
+        return [s for s in self._live if s.outstanding > 0]
+
+    def open(self, request_fifo, reply_fifo, pid):
+        """Serve the client whose hello names these FIFOs; return its Session.
+
+        Past MAX_SESSIONS a few spare sessions are for --status only, so that
+        it gets in however many clients there are; past those, the client is
+        told it is refused (Refused is raised).
+        """
+        session = Session(next(self._sids), request_fifo, reply_fifo)
+        session.heard_at = self.clock()
+        session.pid = pid
+        regular = sum(not s.spare for s in self._live)
+        if regular >= MAX_SESSIONS:
+            if len(self._live) - regular >= SPARE_SESSIONS:
+                session.say_goodbye("too many clients; try again later")
+                session.close()
+                raise Refused("too many clients")
+            session.spare = True
+        self._live.append(session)
+        self.log.info("session.opened", session=session.sid, pid=session.pid,
+                      uid=session.uid, reply=session.reply_path,
+                      spare=session.spare or None)
+        session.send(protocol.welcome(session.sid, os.getpid()))
+        session.flush()
+        return session
+
+    def send(self, session, frame):
+        """Queue a frame for a client; drop it if it lets too much pile up."""
+        try:
+            session.send(frame)
+        except Refused as exc:
+            self.drop(session, str(exc))
+
+    def refuse(self, session, reason):
+        """Drop a client, telling it why if its reply FIFO takes one more frame."""
+        session.say_goodbye(reason)
+        self.drop(session, reason)
+
+    def drop(self, session, reason):
+        """Stop serving a client; its queued files are forgotten."""
+        if session not in self._live:
+            session.dead = True
+            return
+        session.dead = True
+        session.outbuf.clear()
+        self.scheduler.forget(session)
+        self._live.remove(session)
+        session.enter(State.DROPPED)
+        session.close()
+        self.log.warning("session.dropped", session=session.sid, reason=reason,
+                         files=session.files, unanswered=session.outstanding or None,
+                         **_lower(session.counts))
+
+    def send_replies(self):
+        """Send each client this pass's verdicts, batched, and start writing them."""
+        for session in self:
+            try:
+                session.pack()
+            except Refused as exc:
+                self.drop(session, str(exc))
+                continue
+            session.flush()
+
+    def close_finished(self):
+        """Drop the vanished; say bye to the served; close those whose bye is out."""
+        for session in self:
+            if session.dead:    # a write met EPIPE: SIGKILLed, or it closed its end
+                self.drop(session, VANISHED)
+                continue
+            if session.state is State.DRAINING and session.outstanding <= 0:
+                self.say_bye(session)
+            if session.state is State.LEAVING and not session.outbuf:
+                self._live.remove(session)
+                session.enter(State.CLOSED)
+                session.close()
+                self.log.info("session.closed", session=session.sid,
+                              files=session.files, **_lower(session.counts))
+
+    def say_bye(self, session):
+        session.enter(State.LEAVING)
+        session.unchecked = Unchecked()     # free it: no re-checks after the bye
+        self.send(session, protocol.bye(session.counts))
+        session.flush()
+        if session.dead:
+            self.drop(session, VANISHED)
+
+    def idle_limit(self, session):
+        if session.spare:
+            return min(self.idle_timeout, SPARE_IDLE)
+        return self.idle_timeout
+
+    def drop_idle(self):
+        """Drop each session that has sent nothing, and waits for nothing, too long.
+
+        Idle sessions would otherwise hold their places for ever: a hundred
+        of them lock every other client out.
+        """
+        now = self.clock()
+        for session in self:
+            limit = self.idle_limit(session)
+            if session.outstanding <= 0 and now - session.heard_at >= limit:
+                self.refuse(session, f"idle for {limit:g}s")
+
+    def idle_deadline(self):
+        """When the next idle session is to be dropped, or None."""
+        return min((s.heard_at + self.idle_limit(s) for s in self._live
+                    if s.outstanding <= 0), default=None)
+
+    def close_all(self, reason):
+        """The server stops: tell every client still served why, and close."""
+        for session in self:
+            if not session.said_bye:
+                session.say_goodbye(reason)
+            session.close()
+        self._live.clear()
 
 
-def validate_request(frame):
-    """Check a client request; return it, or raise Refused."""
-    if frame.get("status") is True and len(frame) == 1:
-        return frame                    # integrity-client --status
-    if "audit" in frame and len(frame) == 1:
-        return validate_audit(frame)
-    if "roots" in frame:                # what the client checks, for the log
-        roots, count = frame["roots"], frame.get("count")
-        if not (isinstance(roots, list) and len(roots) <= protocol.MAX_ROOTS
-                and all(protocol.is_absolute_path(r) for r in roots)
-                and type(count) is int and count >= len(roots)):
-            raise Refused("roots: a list of absolute paths, and their count")
-        return frame
-    files = frame.get("files")
-    if not isinstance(frame.get("id"), int) or not isinstance(files, list) \
-            or not 0 < len(files) <= protocol.MAX_PATHS:
-        raise Refused("a request has an id and 1 to 5 files")
-    for item in files:
-        if not isinstance(item, dict) or item.get("kind") not in ("check", "missing"):
-            raise Refused("a file entry needs kind check or missing")
-        if not protocol.is_absolute_path(item.get("path")):
-            raise Refused("a file entry needs an absolute path")
-        if not (protocol.is_absolute_path(item.get("sidecar"))
-                or item.get("sidecar") is None and item["kind"] == "check"):
-            raise Refused("a file entry needs an absolute sidecar (or null: none)")
-        if not isinstance(item.get("size", 0), int):
-            raise Refused("size must be an integer")
-        identity = item.get("dir")      # without one, the worker reads nothing
-        if identity is not None and not (isinstance(identity, list) and len(identity) == 2
-                                         and all(type(n) is int for n in identity)):
-            raise Refused("dir must be its directory's [st_dev, st_ino]")
-        expected = item.get("expected")
-        if expected is not None and not (isinstance(expected, str)
-                                         and _MD5.fullmatch(expected)):
-            raise Refused("expected must be 32 lowercase hex digits")
-    return frame
-
-
-def validate_audit(frame):
-    """An audit frame: the alterations a client found, for the log (see client.py)."""
-    events = frame["audit"]
-    if not isinstance(events, list) or not 0 < len(events) <= 100:
-        raise Refused("an audit frame has 1 to 100 events")
-    for event in events:
-        if not isinstance(event, dict) or event.get("event") not in AUDIT_EVENTS:
-            raise Refused(f"an audit event is one of {', '.join(AUDIT_EVENTS)}")
-        for key, value in event.items():
-            if not _FIELD.fullmatch(key) or key == "session" \
-                    or not isinstance(value, (str, int)) or isinstance(value, bool):
-                raise Refused("audit fields are lowercase names with a string or number")
-    return frame
+def _lower(counts):
+    return {k.lower(): v for k, v in sorted(counts.items())}

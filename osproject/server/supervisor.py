@@ -16,12 +16,12 @@ import sys
 from dataclasses import dataclass, field
 
 from .. import protocol
+from . import verifier
 from . import worker as worker_mod
 
 BACKOFF_FIRST = 0.1    # seconds before re-forking after a worker died young
 BACKOFF_MAX = 5.0      # ... doubling per consecutive failure, up to this
 GIVE_UP_AFTER = 8      # every slot's workers died this often before saying ready: stop
-MAX_WARNINGS = 2       # more than this and a worker is banned
 MAX_FORKS_PER_SECOND = 5   # re-forks after infant deaths, however many slots fail
 
 
@@ -194,7 +194,7 @@ class Supervisor:
         if self.slots[worker.slot].state is State.KILLED:
             return False                # already on its way out
         worker.warnings += 1
-        return worker.warnings > MAX_WARNINGS
+        return verifier.banned(worker.warnings)
 
     def ban(self, worker):
         self.totals.bans += 1

@@ -1,20 +1,28 @@
-"""The verifier: decides a file's status from untrusted opinions, BOINC style.
+"""The trust rules, all of them: how untrusted readings become a verdict.
 
-Pure functions of the votes, no processes and no clock, so every rule of the
-trust model has a fast unit test (tests/test_verifier.py).  A vote is a hash
-with its source: the baseline the client read from the sidecar, or a worker.
-Two matching votes settle a file; the votes in the minority are the lies.
+Every threshold and every rule of the trust model lives here, as pure
+functions of a file's votes and of its Job's state: no processes, no clock,
+no I/O, so each rule has a fast unit test (tests/test_verifier.py).  trust.py
+carries the decisions out; scheduler.py holds the jobs.
+
+A vote is a hash with its source: the baseline the client holds, or a
+worker.  Two matching votes settle a file (BOINC style); the votes in the
+minority are lies, warned once proven (proven_lie).  More than MAX_WARNINGS
+warnings and a worker is banned.
 """
 
 from collections import Counter
 from dataclasses import dataclass
 
-from ..statuses import CHANGED, NEW, OK, UNSTABLE
+from ..statuses import CHANGED, ERROR, NEW, OK, SKIPPED, UNSTABLE
 # Worker opinions per file: two that disagree, then more until two agree.
 # Honest workers always agree, so with at most two faulty workers of five a
 # majority appears by the fifth opinion; random lies never agree.
 MAX_OPINIONS = 5
 TRUST_AFTER = 10   # confirmed results a worker needs before it is only sampled
+MAX_WARNINGS = 2   # proven lies a worker may tell; one more and it is banned
+MAX_REPAIRS = 3    # rewrites of a sidecar a liar wrote, before giving up on it
+MAX_DEATHS = 3     # workers a file may kill or hang, alone, before it is an ERROR
 
 
 @dataclass(frozen=True)
@@ -105,3 +113,131 @@ def wants_cross_check(worker, sample, rng):
     """
     return (worker.warnings > 0 or worker.confirmed < TRUST_AFTER
             or rng.random() < sample)
+
+
+def banned(warnings):
+    """Has a worker with this many warnings lied once too often?"""
+    return warnings > MAX_WARNINGS
+
+
+# -- deaths -------------------------------------------------------------------------
+
+def blamed_for_death(killed_for):
+    """Does a worker's death count against the files it held?
+
+    A worker we killed for lying, for garbling or on a ban says nothing about
+    its files; one that crashed (killed_for None) or hung on them may have
+    met a poison file.
+    """
+    return killed_for in (None, "hung")
+
+
+def is_poison(deaths):
+    """Has a file killed or hung so many workers, alone, that it is an ERROR?"""
+    return deaths >= MAX_DEATHS
+
+
+# -- who reads a file next, and what it does with the sidecar -----------------------
+
+def may_read(job, wid):
+    """May worker `wid` take this job now?
+
+    An opinion must come from a worker that has not given one (nor declined
+    to); a repair, which writes the agreed hash, from any worker not caught
+    lying over this file; a discard from any worker at all.
+    """
+    if job.discarding:
+        return True
+    if job.proving is not None and len(job.opinions) == 1:
+        return wid == job.proving       # the accused reads next, after the agreed hash
+    if job.repairing:                   # never the worker whose lie is being repaired
+        return wid not in job.losers and wid != job.reverify_of
+    return (wid != job.reverify_of and wid not in job.declined
+            and all(v.wid != wid for v in job.opinions))
+
+
+def write_mode(job):
+    """How the next worker treats the sidecar: "new", "replace", "keep" or "discard".
+
+    The first reading of a file without a baseline writes it; second
+    opinions only read.  A repair (the agreed hash differs from the one
+    written) rewrites it; a sidecar nobody vouches for is discarded.  After
+    a worker died holding the file, its sidecar may be that worker's: it is
+    replaced, not refused.
+    """
+    if job.discarding:
+        return "discard"
+    if job.repairing:
+        return "replace"
+    if job.opinions or job.expected is not None or job.reverify_of is not None \
+            or job.sidecar is None:
+        return "keep"
+    return "replace" if job.retried else "new"
+
+
+def keeps_sidecar(job):
+    """Must the sidecar hold the file's agreed hash when the job is done?"""
+    return (job.sidecar is not None and (job.expected is None or job.update)
+            and job.proving is None)
+
+
+def sidecar_is_wrong(job, verdict):
+    """Does the sidecar lack the agreed hash it should now hold?
+
+    A liar that read first wrote its lie; under --update, a changed file's
+    baseline is rewritten only once the change is agreed.
+    """
+    return (keeps_sidecar(job) and not job.write_error
+            and verdict.status in (NEW, CHANGED) and job.written != verdict.md5)
+
+
+def needs_repair(job, verdict):
+    """Must a worker of the majority (re)write the sidecar?"""
+    return sidecar_is_wrong(job, verdict) and job.repairs < MAX_REPAIRS
+
+
+def needs_discard(job, verdict):
+    """Did we write a new file's sidecar, and then agree on no hash at all?
+
+    No reading can vouch for that sidecar (its writer may have lied), so it
+    goes: the next run records the file as NEW rather than CHANGED.
+    """
+    return (not job.discarding and job.written is not None and not job.write_error
+            and job.expected is None and verdict.md5 is None)
+
+
+# -- readings without a hash, and the verdict the client gets -----------------------
+
+def without_hash(result):
+    """The verdict for a reading that produced no usable hash."""
+    if "unstable" in result:     # its md5 is of no version of the file: not shown
+        return Verdict(UNSTABLE, reason=str(result["unstable"]))
+    if "skipped" in result:
+        return Verdict(SKIPPED, reason=str(result["skipped"]))
+    return Verdict(ERROR, reason=str(result.get("error", "no hash")))
+
+
+def wants_second_reading(job):
+    """Must another worker read a file the first one read no hash of?
+
+    Against a baseline one worker's word is not enough: a liar could hide a
+    change behind an error, so a second worker must read no hash too.
+    """
+    return (job.expected is not None and not job.declined and not job.repairing
+            and job.reverify_of is None)
+
+
+def client_verdict(job, verdict):
+    """(status, md5, error) the client is told for a settled file.
+
+    A new file whose sidecar could not be written has no baseline: ERROR.
+    A change whose baseline was not updated is still CHANGED (exit 1), with
+    why.  One worker's hash of a file that then failed is not shown.
+    """
+    status, error = verdict.status, verdict.reason
+    if job.write_error and status == NEW:
+        status, error = ERROR, job.write_error
+    elif job.write_error and status == CHANGED:
+        error = f"baseline not updated: {job.write_error}"
+    md5 = None if status == ERROR and not verdict.checked else verdict.md5
+    return status, md5, error

@@ -35,7 +35,7 @@ def child_main(to_worker, from_worker, chaos):
     status = EXIT_PROTOCOL
     try:
         _sanitize(keep=(to_worker, from_worker))
-        status = Worker(to_worker, from_worker, chaos).serve()
+        status = WorkerProcess(to_worker, from_worker, chaos).serve()
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 0
     except BaseException:  # noqa: BLE001 - last words go to the inherited stderr
@@ -98,7 +98,7 @@ def sigterm_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-class Worker:
+class WorkerProcess:
     """Serve assignments from one pipe, answer on the other."""
 
     def __init__(self, to_worker, from_worker, chaos):
@@ -117,7 +117,7 @@ class Worker:
         stillborn = self.chaos.get("stillborn")
         if stillborn and os.path.exists(stillborn):
             return EXIT_CHAOS             # chaos: die before we ever say ready
-        self.send({"ready": os.getpid()})
+        self.send(protocol.ready(os.getpid()))
         lines = protocol.LineBuffer()
         while True:
             data = os.read(self.rfd, 65536)
@@ -136,7 +136,7 @@ class Worker:
         results = [self.do_file(item) for item in frame["files"]]
         if self.rng.random() < self.chaos.get("garble", 0.0):
             return self.garble(results)
-        self.send({"id": self._aid, "results": results})
+        self.send(protocol.results(self._aid, results))
 
     def garble(self, results):
         """Chaos: answer with garbage, an oversized frame, or a path not given."""
@@ -147,7 +147,7 @@ class Worker:
             os.write(self.wfd, b"[" * (protocol.MAX_FRAME + 1024))
         else:
             results[0]["path"] = "/etc/passwd"
-            self.send({"id": self._aid, "results": results})
+            self.send(protocol.results(self._aid, results))
 
     def misbehave(self):
         """Chaos: crash or freeze on this assignment, as --chaos asked."""
@@ -231,7 +231,7 @@ class Worker:
             self._last_progress = now
             if os.getppid() != self.parent:
                 os._exit(EXIT_SERVER_GONE)
-            self.send({"progress": self._aid})
+            self.send(protocol.progress(self._aid))
 
     def send(self, frame):
         data = protocol.encode(frame)
