@@ -74,3 +74,75 @@ def test_the_longest_hello_of_an_entrance_directory_is_known_before_any_client()
     assert len(protocol.longest_hello("/run/osproject")) <= protocol.HELLO_MAX
     with pytest.raises(protocol.ProtocolError):
         protocol.longest_hello("/" + "d" * 250)
+
+
+# -- every frame is built here and checked here --------------------------------------
+
+MD5 = "0123456789abcdef" * 2
+
+
+def test_a_request_built_by_the_client_is_one_the_server_accepts():
+    item = protocol.check_item("/t/f", "/t/f.md5", (1, 2), MD5, 10, update=True)
+    frame = protocol.decode(protocol.encode(protocol.request(7, [item] * 5)))
+    assert protocol.validate_request(frame)["files"][0] == {
+        "kind": "check", "path": "/t/f", "sidecar": "/t/f.md5", "dir": [1, 2],
+        "expected": MD5, "size": 10, "update": True}
+    for frame in (protocol.STATUS_REQUEST, protocol.roots(["/a", "/b"], 2),
+                  protocol.audit([{"event": "file.moved", "path": "/a", "to": "/b",
+                                   "check": 3, "md5": None}])):
+        assert protocol.validate_request(protocol.decode(protocol.encode(frame))) == frame
+    assert "md5" not in protocol.audit([{"event": "file.moved", "md5": None}])["audit"][0]
+
+
+@pytest.mark.parametrize("frame, why", [
+    ({"id": 1, "files": []}, "1 to 5 files"),
+    ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None}] * 6}, "1 to 5"),
+    ({"id": "1", "files": [{"kind": "check", "path": "/f", "sidecar": None}]}, "an id"),
+    ({"id": 1, "files": [{"kind": "read", "path": "/f"}]}, "kind check or missing"),
+    ({"id": 1, "files": [{"kind": "check", "path": "f", "sidecar": None}]}, "absolute path"),
+    ({"id": 1, "files": [{"kind": "missing", "path": "/f", "sidecar": None}]}, "sidecar"),
+    ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None, "size": "9"}]},
+     "size"),
+    ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None, "dir": [1]}]},
+     "dir must be"),
+    ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None,
+                          "expected": MD5.upper()}]}, "32 lowercase hex"),
+    ({"roots": ["/a", "rel"], "count": 2}, "absolute paths"),
+    ({"roots": ["/a"], "count": 0}, "their count"),
+    ({"audit": []}, "1 to 100 events"),
+    ({"audit": [{"event": "worker.warned"}]}, "one of file.changed"),
+    ({"audit": [{"event": "file.changed", "session": 9}]}, "lowercase names"),
+    ({"audit": [{"event": "file.changed", "Path": "/a"}]}, "lowercase names"),
+    ({"audit": [{"event": "file.changed", "ok": True}]}, "string or number"),
+])
+def test_the_server_refuses_a_request_that_breaks_a_rule_and_says_which(frame, why):
+    with pytest.raises(protocol.ProtocolError, match=why):
+        protocol.validate_request(frame)
+
+
+def test_a_verdict_leaves_out_what_it_does_not_know():
+    assert protocol.verdict(3, 4, "OK", MD5, MD5) == {"id": 3, "i": 4, "status": "OK",
+                                                      "md5": MD5, "expected": MD5}
+    assert protocol.verdict(3, 0, "NEW", MD5, unchecked=True) == {
+        "id": 3, "i": 0, "status": "NEW", "md5": MD5, "unchecked": True}
+    assert protocol.read_welcome(protocol.welcome(12, 999)) == 12
+    with pytest.raises(protocol.ProtocolError):
+        protocol.read_welcome(protocol.bye({}))
+
+
+def test_a_worker_answer_must_match_its_assignment_path_for_path():
+    item = protocol.assignment_item("/t/f", "/t/f.md5", (1, 2), "new", stale=(41,))
+    assert "expected" not in item and item["stale"] == [41]
+    assert "stale" not in protocol.assignment_item("/t/f", None, None, "keep")
+    good = {"path": "/t/f", "md5": MD5, "size": 1, "mtime": 2, "ctime": 3, "ino": 4}
+    [result] = protocol.check_results(protocol.results(5, [dict(good)]), 5, ["/t/f"])
+    assert result["stat"] == (1, 2, 3, 4)
+    for frame, why in ((protocol.results(6, [good]), "does not match"),
+                       (protocol.results(5, [good, good]), "does not match"),
+                       (protocol.results(5, [{**good, "path": "/etc/passwd"}]), "not given"),
+                       (protocol.results(5, [{**good, "md5": "x" * 32}]), "malformed md5"),
+                       (protocol.results(5, [{**good, "ino": "4"}]), "malformed stat"),
+                       (protocol.results(5, [{**good, "size": 1.5}]),
+                        "malformed stat")):
+        with pytest.raises(protocol.ProtocolError, match=why):
+            protocol.check_results(frame, 5, ["/t/f"])

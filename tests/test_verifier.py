@@ -1,10 +1,14 @@
-"""The trust model's decisions, as pure functions: no processes, no clock."""
+"""The trust model's rules, as pure functions: no processes, no clock."""
 
 import random
+
+import pytest
 from types import SimpleNamespace
 
+from osproject.server import verifier
+from osproject.server.scheduler import Job, Phase
 from osproject.server.verifier import (CHANGED, MAX_OPINIONS, NEW, OK, TRUST_AFTER, UNSTABLE,
-                                Vote, judge, proven_lie, wants_cross_check)
+                                       Verdict, Vote, judge, proven_lie, wants_cross_check)
 
 A, B, C, D = ("a" * 32, "b" * 32, "c" * 32, "d" * 32)
 SAME = (100, 1, 1, 7)
@@ -109,3 +113,113 @@ def test_a_lie_is_proven_only_with_the_agreed_hash_read_before_and_after_it():
     assert not proven_lie(A, [vote(1, B), vote(2, C), vote(3, C)], 1, C)
     opinions = [vote(1, B), vote(2, C), vote(3, D), vote(4, D)]
     assert not any(proven_lie(None, opinions, wid, D) for wid in (1, 2))
+
+
+# -- the rules that say who reads a job next and what it does with its sidecar --
+
+
+def job(**fields):
+    return Job(session=None, rid=1, index=0, path="/t/f",
+               **{"sidecar": "/t/f.md5", **fields})
+
+
+def test_a_worker_gives_one_opinion_of_a_file_and_none_after_declining():
+    j = job(opinions=[vote(1, A)], declined={2})
+    assert [w for w in (1, 2, 3) if verifier.may_read(j, w)] == [3]
+
+
+def test_a_repair_goes_to_any_worker_but_the_liars_and_a_discard_to_anyone():
+    j = job(opinions=[vote(1, B), vote(2, A), vote(3, A)], losers={1}, reverify_of=4)
+    j.enter(Phase.REPAIRING)
+    assert [w for w in (1, 2, 3, 4, 5) if verifier.may_read(j, w)] == [2, 3, 5]
+    j = job(opinions=[vote(1, A)], declined={2})
+    j.enter(Phase.DISCARDING)
+    assert all(verifier.may_read(j, w) for w in (1, 2, 3))
+
+
+def test_the_accused_reads_its_proof_first_and_only_it():
+    j = job(opinions=[vote(2, A)], proving=1)
+    assert [w for w in (1, 2, 3) if verifier.may_read(j, w)] == [1]
+    j.opinions.append(vote(1, B))
+    assert [w for w in (1, 2, 3) if verifier.may_read(j, w)] == [3]
+
+
+def test_write_modes_follow_the_phase_and_the_readings():
+    assert verifier.write_mode(job()) == "new"
+    assert verifier.write_mode(job(retried=True)) == "replace", "a dead worker's sidecar"
+    assert verifier.write_mode(job(opinions=[vote(1, A)])) == "keep"
+    assert verifier.write_mode(job(expected=A)) == "keep"
+    assert verifier.write_mode(job(sidecar=None)) == "keep"
+    assert verifier.write_mode(job(reverify_of=1)) == "keep"
+    repairing, discarding = job(expected=A), job()
+    repairing.enter(Phase.REPAIRING)
+    discarding.enter(Phase.DISCARDING)
+    assert verifier.write_mode(repairing) == "replace"
+    assert verifier.write_mode(discarding) == "discard"
+
+
+def test_a_sidecar_is_repaired_a_few_times_only_and_only_where_it_must_hold_the_hash():
+    lie = job(written=B)
+    agreed = Verdict(NEW, A)
+    assert verifier.sidecar_is_wrong(lie, agreed) and verifier.needs_repair(lie, agreed)
+    lie.repairs = verifier.MAX_REPAIRS
+    assert verifier.sidecar_is_wrong(lie, agreed) and not verifier.needs_repair(lie, agreed)
+    assert not verifier.sidecar_is_wrong(job(written=A), agreed)
+    assert not verifier.sidecar_is_wrong(job(expected=B, written=None), Verdict(CHANGED, A)), \
+        "without --update a changed file keeps its baseline"
+    assert verifier.sidecar_is_wrong(job(expected=B, update=True), Verdict(CHANGED, A))
+    assert not verifier.sidecar_is_wrong(job(written=B, proving=1), agreed), \
+        "a proof reads only"
+    assert not verifier.sidecar_is_wrong(job(written=B, write_error="EROFS"), agreed)
+
+
+def test_a_sidecar_written_for_a_file_that_then_agreed_on_no_hash_is_discarded_once():
+    unvouched = job(written=A)
+    assert verifier.needs_discard(unvouched, Verdict(UNSTABLE))
+    assert not verifier.needs_discard(unvouched, Verdict(NEW, A))
+    assert not verifier.needs_discard(job(written=A, expected=A), Verdict(UNSTABLE))
+    assert not verifier.needs_discard(job(), Verdict(UNSTABLE)), "nothing was written"
+    unvouched.enter(Phase.DISCARDING)
+    assert not verifier.needs_discard(unvouched, Verdict(UNSTABLE)), "discarding already"
+
+
+def test_a_reading_without_a_hash_needs_a_second_one_only_against_a_baseline():
+    assert verifier.wants_second_reading(job(expected=A))
+    assert not verifier.wants_second_reading(job())
+    assert not verifier.wants_second_reading(job(expected=A, declined={1}))
+    assert not verifier.wants_second_reading(job(expected=A, reverify_of=1))
+    assert [verifier.without_hash(r).status for r in
+            ({"unstable": "moved"}, {"skipped": "FIFO"}, {"error": "EIO"}, {})] \
+        == ["UNSTABLE", "SKIPPED", "ERROR", "ERROR"]
+
+
+def test_what_the_client_is_told_when_the_sidecar_could_not_be_written():
+    assert verifier.client_verdict(job(write_error="EROFS"), Verdict(NEW, A)) \
+        == ("ERROR", A, "EROFS")
+    assert verifier.client_verdict(job(write_error="EROFS"), Verdict(CHANGED, A)) \
+        == ("CHANGED", A, "baseline not updated: EROFS")
+    assert verifier.client_verdict(job(), Verdict("ERROR", A, checked=False)) \
+        == ("ERROR", None, None), "one worker's hash of a failed file is not shown"
+    assert verifier.client_verdict(job(), Verdict(OK, A)) == (OK, A, None)
+
+
+def test_bans_deaths_and_poison_files():
+    assert [verifier.banned(n) for n in range(verifier.MAX_WARNINGS + 2)] \
+        == [False] * (verifier.MAX_WARNINGS + 1) + [True]
+    assert verifier.blamed_for_death(None) and verifier.blamed_for_death("hung")
+    assert not any(verifier.blamed_for_death(why) for why in ("banned", "faulty"))
+    assert not verifier.is_poison(verifier.MAX_DEATHS - 1)
+    assert verifier.is_poison(verifier.MAX_DEATHS)
+
+
+def test_a_job_moves_only_along_its_transition_table():
+    j = job()
+    j.enter(Phase.REPAIRING)
+    j.enter(Phase.REPAIRING)            # another try
+    j.enter(Phase.DISCARDING)
+    j.enter(Phase.DONE)
+    for phase in Phase:
+        with pytest.raises(RuntimeError):
+            j.enter(phase)              # done is done
+    with pytest.raises(RuntimeError):
+        job(phase=Phase.DISCARDING).enter(Phase.REPAIRING)

@@ -1,0 +1,104 @@
+"""A session's life in the Sessions registry, on real FIFOs, without a server."""
+
+import os
+
+import pytest
+
+from osproject import protocol
+from osproject.server.scheduler import Scheduler
+from osproject.server.session import Refused, Sessions, State
+
+
+class Log:
+    def __init__(self):
+        self.events = []
+
+    def info(self, event, **fields):
+        self.events.append((event, fields))
+
+    warning = error = info
+
+
+@pytest.fixture
+def client(tmp_path):
+    """A client's two FIFOs, its ends open: (request path, reply path, fds)."""
+    request, reply = str(tmp_path / "request"), str(tmp_path / "reply")
+    os.mkfifo(request, 0o600)
+    os.mkfifo(reply, 0o600)
+    reader = os.open(reply, os.O_RDONLY | os.O_NONBLOCK)
+    fds = {"reply": reader}
+    yield request, reply, fds
+    for fd in fds.values():
+        os.close(fd)
+
+
+def frames_from(fd):
+    lines = protocol.LineBuffer().feed(os.read(fd, 1 << 16))
+    return [protocol.decode(line) for line in lines]
+
+
+def test_a_session_served_to_the_end_goes_serving_draining_leaving_closed(client):
+    request, reply, fds = client
+    log = Log()
+    sessions = Sessions(log, Scheduler(), clock=lambda: 0.0, idle_timeout=60)
+    session = sessions.open(request, reply, pid=123)
+    fds["request"] = os.open(request, os.O_WRONLY | os.O_NONBLOCK)
+    assert session.state is State.SERVING and len(sessions) == 1
+    assert frames_from(fds["reply"])[0]["welcome"] == protocol.HELLO_VERSION
+
+    session.expect()
+    os.close(fds.pop("request"))            # the client asks for nothing more
+    assert session.read() == [] and session.state is State.DRAINING
+    sessions.close_finished()
+    assert session.state is State.DRAINING, "a verdict is still owed"
+
+    session.answered(protocol.verdict(1, 0, "OK", "a" * 32), "OK")
+    sessions.send_replies()
+    sessions.close_finished()
+    assert session.state is State.CLOSED and len(sessions) == 0
+    assert [next(iter(f)) for f in frames_from(fds["reply"])] == ["replies", "bye"]
+    assert [e for e, _ in log.events] == ["session.opened", "session.closed"]
+    with pytest.raises(RuntimeError):
+        session.enter(State.SERVING)
+
+
+def test_a_client_that_vanishes_is_dropped_and_its_waiting_files_forgotten(client):
+    request, reply, fds = client
+    log, scheduler = Log(), Scheduler()
+    sessions = Sessions(log, scheduler, clock=lambda: 0.0, idle_timeout=60)
+    session = sessions.open(request, reply, pid=None)
+    scheduler.queues[session] = ["a job"]
+    os.close(fds.pop("reply"))              # SIGKILLed: nobody reads its replies
+    sessions.send(session, protocol.bye({}))
+    session.flush()
+    sessions.close_finished()
+    assert session.state is State.DROPPED and len(sessions) == 0
+    assert session not in scheduler.queues
+    assert log.events[-1] == ("session.dropped",
+                              {"session": session.sid, "reason": "client vanished: its "
+                               "reply FIFO is closed", "files": 0, "unanswered": None})
+
+
+def test_an_idle_session_is_refused_with_the_reason_and_the_registry_forgets_it(client):
+    request, reply, fds = client
+    now = [0.0]
+    sessions = Sessions(Log(), Scheduler(), clock=lambda: now[0], idle_timeout=60)
+    session = sessions.open(request, reply, pid=None)
+    assert sessions.idle_deadline() == 60
+    now[0] = 59.9
+    sessions.drop_idle()
+    assert session.state is State.SERVING
+    now[0] = 60
+    sessions.drop_idle()
+    assert session.state is State.DROPPED and sessions.idle_deadline() is None
+    assert frames_from(fds["reply"])[-1] == {"error": "idle for 60s"}
+
+
+def test_a_fifo_that_is_not_the_clients_own_is_refused(client, tmp_path):
+    request, reply, fds = client
+    sessions = Sessions(Log(), Scheduler(), clock=lambda: 0.0, idle_timeout=60)
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    with pytest.raises(Refused, match="not a FIFO"):
+        sessions.open(request, str(plain), pid=None)
+    assert len(sessions) == 0
