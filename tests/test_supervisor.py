@@ -222,3 +222,17 @@ def test_totals_outlive_the_workers_they_count(world):
     assert s.slots[1].worker is not w and s.slots[1].worker.results == 0
     assert (s.totals.files, s.totals.bans, s.totals.reforks) == (2, 1, 1)
     assert w.results == 2
+
+
+def test_trust_reaches_workers_by_incarnation_only_while_they_live(world):
+    s, _, _, _, _ = world
+    w = busy(s, 2)
+    s.confirm(w.wid)
+    assert s.alive(w.wid) is w and w.confirmed == 1
+    assert s.note_lie(w.wid) is w and s.totals.warnings == 1
+    s.kill(w, "banned")
+    assert s.alive(w.wid) is None, "being killed: no longer one to warn"
+    assert s.note_lie(w.wid) is None and s.totals.warnings == 2, "its lie still counts"
+    s.on_exit(w.pid, signal.SIGKILL)
+    s.confirm(w.wid)                    # gone: nothing to credit, and no error
+    assert s.alive(w.wid) is None and w.confirmed == 1

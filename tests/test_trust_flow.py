@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 from osproject.server.scheduler import Job, Scheduler
 from osproject.server.session import Unchecked
-from osproject.server.supervisor import State
 from osproject.server.trust import Trust
 from osproject.server.verifier import write_mode
 
@@ -43,6 +42,14 @@ def worker(wid):
                            confirmed=0)
 
 
+def supervisor(workers, **methods):
+    """What Trust asks of the supervisor, for workers that all live."""
+    def confirm(wid):
+        workers[wid].confirmed += 1
+    return SimpleNamespace(alive=workers.get, confirm=confirm, note_lie=workers.get,
+                           **methods)
+
+
 def reading(path, md5=None, **extra):
     result = {"path": path, **extra}
     if md5:
@@ -52,11 +59,9 @@ def reading(path, md5=None, **extra):
 
 def test_a_new_file_whose_second_reading_fails_loses_the_sidecar_nobody_vouches_for():
     workers = {1: worker(1), 2: worker(2), 3: worker(3)}
-    supervisor = SimpleNamespace(by_wid=workers, state_of=lambda w: State.BUSY,
-                                 tally=lambda w: None)
     scheduler, log, session = Scheduler(), Log(), Session()
     trust = Trust(SimpleNamespace(cross_check=0.1, workers=3), log, scheduler,
-                  supervisor, [session])
+                  supervisor(workers, tally=lambda w: None), [session])
     job = Job(session=session, rid=1, index=0, path="/t/f", sidecar="/t/f.md5")
 
     assert write_mode(job) == "new"
@@ -78,11 +83,9 @@ def test_a_bug_of_ours_while_judging_a_file_answers_it_error_instead_of_hanging(
 
     def tally(w):
         raise KeyError("a bug of ours")          # stands in for any bug in on_result
-    supervisor = SimpleNamespace(by_wid=workers, state_of=lambda w: State.BUSY,
-                                 tally=tally)
     scheduler, log, session = Scheduler(), Log(), Session()
     trust = Trust(SimpleNamespace(cross_check=0.1, workers=3), log, scheduler,
-                  supervisor, [session])
+                  supervisor(workers, tally=tally), [session])
     job = Job(session=session, rid=1, index=0, path="/t/f", sidecar="/t/f.md5")
 
     trust.take_result(workers[1], job, reading("/t/f", "a" * 32))
@@ -97,12 +100,10 @@ def test_an_outvoted_first_reading_is_warned_only_once_its_re_reading_is_proven_
     A, X, Y = "a" * 32, "1" * 32, "2" * 32
     workers = {w: worker(w) for w in (1, 2, 3, 4)}
     warned = []
-    supervisor = SimpleNamespace(by_wid=workers, state_of=lambda w: State.BUSY,
-                                 tally=lambda w: None, totals=SimpleNamespace(warnings=0),
-                                 warn=lambda w: warned.append(w.wid) or False)
     scheduler, log, session = Scheduler(), Log(), Session()
     trust = Trust(SimpleNamespace(cross_check=0.1, workers=4), log, scheduler,
-                  supervisor, [session])
+                  supervisor(workers, tally=lambda w: None,
+                             warn=lambda w: warned.append(w.wid) or False), [session])
     job = Job(session=session, rid=1, index=0, path="/t/f", sidecar="/t/f.md5")
     for wid, md5 in ((1, X), (2, A), (3, A)):     # the new file moved after its first reading?
         trust.on_result(workers[wid], job, reading("/t/f", md5))

@@ -189,6 +189,24 @@ class Supervisor:
         self.log.warning("worker.killed", slot=slot.index, pid=worker.pid,
                          reason=reason)
 
+    def alive(self, wid):
+        """The worker of incarnation `wid`, or None once it is gone or being killed."""
+        worker = self.by_wid.get(wid)
+        if worker is None or self.slots[worker.slot].state is State.KILLED:
+            return None
+        return worker
+
+    def confirm(self, wid):
+        """Another reading agreed with worker `wid`'s: it earns trust (if it lives)."""
+        worker = self.by_wid.get(wid)
+        if worker is not None:
+            worker.confirmed += 1
+
+    def note_lie(self, wid):
+        """Count a proven lie for the server's life; return its liar if it is alive."""
+        self.totals.warnings += 1
+        return self.alive(wid)
+
     def warn(self, worker):
         """Count a detected lie; return True when the worker has earned a ban."""
         if self.slots[worker.slot].state is State.KILLED:

@@ -13,7 +13,6 @@ import random
 from .. import protocol, statuses
 from . import verifier
 from .scheduler import Job, Phase
-from .supervisor import State
 from .verifier import Verdict, Vote
 
 
@@ -138,9 +137,8 @@ class Trust:
         if not verdict.checked or verdict.md5 is None:
             return
         for vote in job.opinions:
-            worker = self.supervisor.by_wid.get(vote.wid)
-            if worker is not None and vote.md5 == verdict.md5:
-                worker.confirmed += 1
+            if vote.md5 == verdict.md5:
+                self.supervisor.confirm(vote.wid)
 
     def answer(self, job, verdict):
         """Send a client's file its verdict; keep a hash nobody checked, for
@@ -186,9 +184,8 @@ class Trust:
         """Warn the worker whose hash was outvoted; ban it past MAX_WARNINGS."""
         vote = next(v for v in job.opinions if v.wid == wid)
         got = vote.md5
-        self.supervisor.totals.warnings += 1
-        worker = self.supervisor.by_wid.get(wid)
-        if worker is None or self.supervisor.state_of(worker) is State.KILLED:
+        worker = self.supervisor.note_lie(wid)
+        if worker is None:
             # Dead or being killed already: nobody to punish, but its other
             # unchecked hashes are as suspect as if it were alive.
             self.log.warning("worker.warned", slot=vote.slot, pid=vote.pid, path=job.path,
@@ -209,11 +206,11 @@ class Trust:
         again, its unchecked hashes are checked, and it reads the file again
         to the proof, in case it did lie."""
         vote = next(v for v in job.opinions if v.wid == wid)
-        worker = self.supervisor.by_wid.get(wid)
+        worker = self.supervisor.alive(wid)
         self.log.info("worker.outvoted", slot=vote.slot, pid=vote.pid, path=job.path,
                       got=vote.md5, agreed=verdict.md5)
         self.reverify(wid, slot=vote.slot, pid=vote.pid)
-        if worker is None or self.supervisor.state_of(worker) is State.KILLED:
+        if worker is None:
             return
         worker.confirmed = 0
         if job.proving is None:         # one proof per outvoting: a moving file
