@@ -62,6 +62,12 @@ def test_the_core_imports_only_the_standard_library():
         assert top <= set(sys.stdlib_module_names), f"{name} imports {top - set(sys.stdlib_module_names)}"
 
 
+def test_a_server_run_from_the_checkout_logs_to_its_logs_directory():
+    """Its modules moved a level down once, and it silently logged elsewhere."""
+    from osproject.server.cli import DEFAULT_LOG_DIR
+    assert DEFAULT_LOG_DIR == os.path.join(ROOT, "logs")
+
+
 def test_the_import_checker_sees_relative_imports():
     """The test above cannot pass for a checker blind to `from ..client import x`."""
     seen = imported(os.path.join(PACKAGE, "client", "cli.py"))

@@ -122,3 +122,34 @@ def test_an_outvoted_first_reading_is_warned_only_once_its_re_reading_is_proven_
     assert warned == [1] and "worker.warned" in log.events
     assert len(session.replies) == 1 and session.outstanding == 0
     assert not scheduler.pending
+
+
+def test_a_proof_re_reading_reads_the_very_file_in_its_directory(tmp_path):
+    """A proof job once lost its directory's identity: its worker read nothing,
+    the proof ended in silence, and a liar outvoted on a new file went unwarned."""
+    import hashlib
+    import os
+
+    from osproject.server.worker import WorkerProcess
+    data = b"the agreed content\n"
+    (tmp_path / "f").write_bytes(data)
+    here = os.stat(tmp_path)
+    path, agreed = str(tmp_path / "f"), hashlib.md5(data).hexdigest()
+    workers = {w: worker(w) for w in (1, 2, 3)}
+    scheduler, session = Scheduler(), Session()
+    trust = Trust(SimpleNamespace(cross_check=0.1, workers=3), Log(), scheduler,
+                  supervisor(workers, tally=lambda w: None), [session])
+    job = Job(session=session, rid=1, index=0, path=path, sidecar=path + ".md5",
+              dir=(here.st_dev, here.st_ino))
+    for wid, md5 in ((1, "1" * 32), (2, agreed), (3, agreed)):
+        trust.on_result(workers[wid], job, reading(path, md5))
+        if wid < 3:
+            scheduler.take(workers[wid + 1])
+    [proof] = scheduler.take(workers[1]).jobs
+    to_worker, from_worker = os.pipe()
+    try:
+        result = WorkerProcess(to_worker, from_worker, {}).do_file(proof.item())
+    finally:
+        os.close(to_worker)
+        os.close(from_worker)
+    assert result.get("md5") == agreed, result

@@ -8,7 +8,8 @@ from .. import __version__
 from ..protocol import default_fifo
 from ..statuses import EXIT_TROUBLE
 
-_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# osproject/server/cli.py: the checkout (or site-packages) is three levels up.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROOT_LOG_DIR = "/var/log/osproject"
 
 

@@ -229,7 +229,8 @@ class Trust:
         job.session.expect()
         self.scheduler.submit(Job(session=job.session, rid=None, index=None,
                                   path=job.path, sidecar=job.sidecar, size=job.size,
-                                  opinions=[before], cross_check=True, proving=wid),
+                                  dir=job.dir, opinions=[before], cross_check=True,
+                                  proving=wid),
                               urgent=True)
 
     def drop_proofs(self, wid):
