@@ -212,12 +212,18 @@ def audit(events):
 
 
 def validate_request(frame):
-    """Check a frame from a client; return it, or raise ProtocolError saying why."""
+    """Check a frame from a client; return it, or raise ProtocolError saying why.
+
+    Each kind of frame has its keys and no others, so the server can tell
+    them apart by one key: a status request is {"status": true} alone.
+    """
     if frame.get("status") is True and len(frame) == 1:
         return frame
     if "audit" in frame and len(frame) == 1:
         return validate_audit(frame)
     if "roots" in frame:
+        if set(frame) != {"roots", "count"}:
+            raise ProtocolError("a roots frame has roots and count, nothing else")
         paths, count = frame["roots"], frame.get("count")
         if not (isinstance(paths, list) and len(paths) <= MAX_ROOTS
                 and all(is_absolute_path(r) for r in paths)
@@ -225,24 +231,27 @@ def validate_request(frame):
             raise ProtocolError("roots: a list of absolute paths, and their count")
         return frame
     files = frame.get("files")
-    if not isinstance(frame.get("id"), int) or not isinstance(files, list) \
-            or not 0 < len(files) <= MAX_PATHS:
-        raise ProtocolError("a request has an id and 1 to 5 files")
+    if set(frame) != {"id", "files"} or type(frame["id"]) is not int \
+            or not isinstance(files, list) or not 0 < len(files) <= MAX_PATHS:
+        raise ProtocolError("a request has an id and 1 to 5 files, nothing else")
     for item in files:
         _validate_item(item)
     return frame
 
 
 def _validate_item(item):
-    if not isinstance(item, dict) or item.get("kind") not in ("check", "missing"):
-        raise ProtocolError("a file entry needs kind check or missing")
+    if not isinstance(item, dict) or item.get("kind") != "check":
+        raise ProtocolError('a file entry needs kind "check"')
+    if not set(item) <= _ITEM_KEYS:
+        raise ProtocolError(f"a file entry has only {', '.join(sorted(_ITEM_KEYS))}")
     if not is_absolute_path(item.get("path")):
         raise ProtocolError("a file entry needs an absolute path")
-    if not (is_absolute_path(item.get("sidecar"))
-            or item.get("sidecar") is None and item["kind"] == "check"):
+    if not (is_absolute_path(item.get("sidecar")) or item.get("sidecar") is None):
         raise ProtocolError("a file entry needs an absolute sidecar (or null: none)")
-    if not isinstance(item.get("size", 0), int):
+    if type(item.get("size", 0)) is not int:
         raise ProtocolError("size must be an integer")
+    if item.get("update", False) is not True and item.get("update", False) is not False:
+        raise ProtocolError("update must be true or false")
     identity = item.get("dir")          # without one, the worker reads nothing
     if identity is not None and not (isinstance(identity, list) and len(identity) == 2
                                      and all(type(n) is int for n in identity)):
@@ -250,6 +259,9 @@ def _validate_item(item):
     expected = item.get("expected")
     if expected is not None and not (isinstance(expected, str) and MD5.fullmatch(expected)):
         raise ProtocolError("expected must be 32 lowercase hex digits")
+
+
+_ITEM_KEYS = {"kind", "path", "sidecar", "dir", "expected", "size", "update"}
 
 
 def validate_audit(frame):
@@ -339,6 +351,7 @@ def assignment(aid, items):
 
 
 def ready(pid):
+    """A new worker is up: the first frame it sends."""
     return {"ready": pid}
 
 
@@ -351,10 +364,18 @@ def results(aid, answers):
     return {"id": aid, "results": answers}
 
 
+MAX_REASON = 1000       # characters of a worker's error, skipped or unstable reason
+_REASONS = ("error", "skipped", "unstable")
+_FLAGS = ("wrote", "racy", "discarded")
+
+
 def check_results(frame, aid, paths):
     """Return the results of a worker's answer to assignment `aid` of `paths`,
     each with "stat": (size, mtime, ctime, ino) when it has an md5; raise
-    ProtocolError if it is not such an answer."""
+    ProtocolError if it is not such an answer.
+
+    A worker is not trusted: whatever it says goes to a client and to the
+    log only as a string of bounded length or a boolean."""
     answers = frame.get("results")
     if frame.get("id") != aid or not isinstance(answers, list) \
             or len(answers) != len(paths):
@@ -362,6 +383,13 @@ def check_results(frame, aid, paths):
     for path, result in zip(paths, answers):
         if not isinstance(result, dict) or result.get("path") != path:
             raise ProtocolError("answered for a path it was not given")
+        for key in _REASONS:
+            if key in result and not (isinstance(result[key], str)
+                                      and len(result[key]) <= MAX_REASON):
+                raise ProtocolError(f"malformed {key}")
+        for key in _FLAGS:
+            if key in result and not isinstance(result[key], bool):
+                raise ProtocolError(f"malformed {key}")
         if "md5" in result:
             if not (isinstance(result["md5"], str) and MD5.fullmatch(result["md5"])):
                 raise ProtocolError("malformed md5")

@@ -1,7 +1,7 @@
 """`python -m osproject.wait_for_fifo FIFO PID`: wait until a server accepts clients.
 
 Exits 0 once FIFO exists, 1 if process PID died first or 10 seconds pass.
-Used by `make run` and `make chaos` so that shell recipes need no sleeps.
+Used by `make run`, so that its recipe needs no sleep.
 """
 
 import os

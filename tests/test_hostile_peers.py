@@ -35,7 +35,7 @@ def still_serves(server, tmp_path, name="ok"):
 
 def test_frames_that_once_crashed_the_server_cost_only_their_session(server, tmp_path):
     nested = b"[" * 60000 + b"\n"
-    lone = b'{"id":1,"files":[{"kind":"missing","path":"/x\\ud800","sidecar":"/x.md5"}]}\n'
+    lone = b'{"id":1,"files":[{"kind":"check","path":"/x\\ud800","sidecar":"/x.md5"}]}\n'
     nul = b'{"id":1,"files":[{"kind":"check","path":"/x\\u0000y","sidecar":"/x.md5"}]}\n'
     for payload in (nested, lone, nul):
         hostile_session(server, payload)

@@ -236,3 +236,12 @@ class TestForgetOnlyWhatIsStillMissing:
         os.symlink(other, tmp_path / "a")
         assert "directory was replaced" in self.client().forget(entry)
         assert (other / "f.md5").exists() and (tmp_path / "a.old" / "f.md5").exists()
+
+
+def test_asking_for_the_status_ends_its_session_as_served_not_as_vanished(server):
+    """--status once closed its FIFOs before the bye: every status call logged a
+    warning that a client vanished."""
+    for _ in range(2):
+        assert run_client(server, "--status").status == 0
+    server.wait_event("session.closed", count=2)
+    assert server.events("session.dropped") == []

@@ -359,10 +359,14 @@ def server_status(fifo, private_dir=False):
     conn.open()
     try:
         conn.send(protocol.STATUS_REQUEST)
-        for frame in conn.frames():
+        status = None
+        for frame in conn.frames():     # to the end: the server's bye finds us there
             if "status" in frame:
-                return frame["status"]
-        raise ClientError("the server closed the session without a status")
+                status = frame["status"]
+                conn.finish_requests()
+        if status is None:
+            raise ClientError("the server closed the session without a status")
+        return status
     except (OSError, protocol.ProtocolError) as exc:
         raise ClientError(f"lost the server: {exc}") from None
     finally:

@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from .. import protocol, statuses
+from .. import protocol
 from . import verifier
 from .entrance import Entrance, EntranceError
 from .scheduler import Job, Scheduler
@@ -382,9 +382,9 @@ class Server:
 
     def on_worker_frame(self, worker, frame):
         state = self.supervisor.state_of(worker)
-        if "ready" in frame and state is State.STARTING:
+        if frame.get("ready") == worker.pid and state is State.STARTING:
             self.supervisor.on_ready(worker)
-        elif "progress" in frame and state is State.BUSY:
+        elif state is State.BUSY and frame.get("progress") == worker.assignment.aid:
             self.supervisor.heard_from(worker)
         elif "results" in frame and state is State.BUSY:
             assignment = worker.assignment
@@ -442,13 +442,6 @@ class Server:
         for index, item in enumerate(frame["files"]):
             session.expect()
             session.files += 1
-            if item["kind"] == "missing":
-                self.log.warning("file.missing", path=item["path"],
-                                 sidecar=item["sidecar"], session=session.sid)
-                session.answered(protocol.verdict(frame["id"], index, statuses.MISSING,
-                                                  expected=item.get("expected")),
-                                 statuses.MISSING)
-                continue
             self.scheduler.submit(Job(
                 session=session, rid=frame["id"], index=index, path=item["path"],
                 sidecar=item["sidecar"], expected=item.get("expected"),
