@@ -26,6 +26,11 @@ import json
 import os
 import re
 import select
+from collections.abc import Iterable
+from typing import Any, TypeGuard
+
+Frame = dict[str, Any]          # one decoded frame: a JSON object
+Identity = tuple[int, int] | list[int]   # a directory's (st_dev, st_ino); JSON makes it a list
 
 # POSIX guarantees atomic writes up to PIPE_BUF: 4096 on Linux, 512 on macOS.
 PIPE_BUF = getattr(select, "PIPE_BUF", 512)
@@ -44,7 +49,7 @@ MD5 = re.compile(r"[0-9a-f]{32}")   # a digest as md5sum prints it, and only tha
 CLIENT_DIR_PREFIX = "osp-client-"   # a client's FIFOs: ENTRANCE_DIR/osp-client-XXXX/
 
 
-def default_fifo():
+def default_fifo() -> str:
     """$INTEGRITY_FIFO, else a private runtime directory of this user."""
     if os.environ.get("INTEGRITY_FIFO"):
         return os.environ["INTEGRITY_FIFO"]
@@ -57,13 +62,13 @@ class ProtocolError(ValueError):
     """A peer sent something that is not a frame of ours."""
 
 
-def encode(obj):
+def encode(obj: dict) -> bytes:
     """Return obj as one frame: compact ASCII JSON and a newline."""
     text = json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
     return text.encode("ascii") + b"\n"
 
 
-def decode(line):
+def decode(line: bytes) -> Frame:
     """Parse one frame (without its newline) into a dict, or raise ProtocolError."""
     try:
         obj = json.loads(line)
@@ -82,12 +87,12 @@ class LineBuffer:
     sends a newline costs bounded memory.
     """
 
-    def __init__(self, limit=MAX_FRAME):
+    def __init__(self, limit: int = MAX_FRAME) -> None:
         self.limit = limit
         self._buf = bytearray()
         self._skipping = False
 
-    def feed(self, data):
+    def feed(self, data: bytes) -> list[bytes | None]:
         """Add data; return the lines it completed (None for an oversized one)."""
         self._buf += data
         lines = []
@@ -108,12 +113,12 @@ class LineBuffer:
         return lines
 
     @property
-    def pending(self):
+    def pending(self) -> bool:
         """True when a partial line is buffered (a torn frame at EOF)."""
         return bool(self._buf) or self._skipping
 
 
-def encode_hello(request_fifo, reply_fifo, pid=None):
+def encode_hello(request_fifo: str, reply_fifo: str, pid: int | None = None) -> bytes:
     """Return the hello frame a client writes to the entrance FIFO.
 
     It begins with a newline of its own, in the same atomic write: whatever
@@ -133,7 +138,7 @@ def encode_hello(request_fifo, reply_fifo, pid=None):
     return frame
 
 
-def longest_hello(entrance_dir):
+def longest_hello(entrance_dir: str) -> bytes:
     """Return the longest hello a client of an entrance in `entrance_dir` sends.
 
     Its FIFOs are in entrance_dir/osp-client-XXXXXXXX/ (tempfile.mkdtemp
@@ -145,27 +150,27 @@ def longest_hello(entrance_dir):
                         pid=PID_MAX)
 
 
-def parse_hello(line):
+def parse_hello(line: bytes) -> tuple[str, str]:
     """Return (request_fifo, reply_fifo) from a hello line, or raise ProtocolError."""
     return read_hello(line)[:2]
 
 
-def read_hello(line):
+def read_hello(line: bytes) -> tuple[str, str, int | None]:
     """Return (request_fifo, reply_fifo, the client's pid or None) from a hello
     line, or raise ProtocolError."""
     frame = decode(line)
     if frame.get("hello") != HELLO_VERSION:
         raise ProtocolError("not a hello of protocol version 1")
-    paths = frame.get("request"), frame.get("reply")
-    if not all(is_absolute_path(p) for p in paths):
+    request, reply = frame.get("request"), frame.get("reply")
+    if not (is_absolute_path(request) and is_absolute_path(reply)):
         raise ProtocolError("hello must name two absolute FIFO paths")
     pid = frame.get("pid")
     if pid is not None and not (type(pid) is int and 0 < pid <= PID_MAX):
         raise ProtocolError("a hello's pid must be a process id")
-    return (*paths, pid)
+    return request, reply, pid
 
 
-def is_absolute_path(value):
+def is_absolute_path(value: object) -> TypeGuard[str]:
     """An absolute path that the OS can take: a str, no NUL, encodable."""
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         return False
@@ -183,12 +188,13 @@ AUDIT_EVENTS = ("file.changed", "file.missing", "file.moved")
 _FIELD = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
-def roots(paths, count):
+def roots(paths: list[str], count: int) -> Frame:
     """What the client checks, for the server's log: the first MAX_ROOTS roots."""
     return {"roots": list(paths[:MAX_ROOTS]), "count": count}
 
 
-def check_item(path, sidecar, directory, expected=None, size=0, update=False):
+def check_item(path: str, sidecar: str | None, directory: Identity | None,
+               expected: str | None = None, size: int = 0, update: bool = False) -> Frame:
     """One file of a request: its absolute path, its sidecar (None: the sidecar's
     name is a file of its own), its directory's (st_dev, st_ino), the baseline
     hash the client holds, its size (for batching) and whether to rewrite a
@@ -200,18 +206,18 @@ def check_item(path, sidecar, directory, expected=None, size=0, update=False):
     return item
 
 
-def request(rid, items):
+def request(rid: int, items: list[Frame]) -> Frame:
     """A request: up to MAX_PATHS files, answered one verdict each under `rid`."""
     return {"id": rid, "files": items}
 
 
-def audit(events):
+def audit(events: list[dict]) -> Frame:
     """Up to MAX_AUDIT alterations a client found, each {"event": ..., fields}."""
     return {"audit": [{k: v for k, v in event.items() if v is not None}
                       for event in events]}
 
 
-def validate_request(frame):
+def validate_request(frame: Frame) -> Frame:
     """Check a frame from a client; return it, or raise ProtocolError saying why.
 
     Each kind of frame has its keys and no others, so the server can tell
@@ -239,7 +245,7 @@ def validate_request(frame):
     return frame
 
 
-def _validate_item(item):
+def _validate_item(item: object) -> None:
     if not isinstance(item, dict) or item.get("kind") != "check":
         raise ProtocolError('a file entry needs kind "check"')
     if not set(item) <= _ITEM_KEYS:
@@ -264,7 +270,7 @@ def _validate_item(item):
 _ITEM_KEYS = {"kind", "path", "sidecar", "dir", "expected", "size", "update"}
 
 
-def validate_audit(frame):
+def validate_audit(frame: Frame) -> Frame:
     """An audit frame: the alterations a client found, for the server's log."""
     events = frame["audit"]
     if not isinstance(events, list) or not 0 < len(events) <= MAX_AUDIT:
@@ -282,19 +288,21 @@ def validate_audit(frame):
 
 # -- the server's replies (server -> client, on its reply FIFO) ----------------------
 
-def welcome(session, server_pid):
+def welcome(session: int, server_pid: int) -> Frame:
     """The first frame of a session: the protocol version, who serves, our number."""
     return {"welcome": HELLO_VERSION, "server": server_pid, "session": session}
 
 
-def read_welcome(frame):
+def read_welcome(frame: Frame) -> int | None:
     """Return the session number a welcome gives, or raise ProtocolError."""
     if frame.get("welcome") != HELLO_VERSION:
         raise ProtocolError("the server answered with something else than welcome")
     return frame.get("session")
 
 
-def verdict(rid, index, status, md5=None, expected=None, error=None, unchecked=False):
+def verdict(rid: int, index: int, status: str, md5: str | None = None,
+            expected: str | None = None, error: str | None = None,
+            unchecked: bool = False) -> Frame:
     """One file's verdict: file `index` ("i") of request `rid` ("id").
 
     `md5` is the agreed hash, `expected` the baseline the client sent, and
@@ -308,27 +316,27 @@ def verdict(rid, index, status, md5=None, expected=None, error=None, unchecked=F
     return {k: v for k, v in frame.items() if v is not None}
 
 
-def replies(verdicts):
+def replies(verdicts: list[Frame]) -> Frame:
     """A loop pass's verdicts for one client, REPLIES_PER_FRAME at most."""
     return {"replies": verdicts}
 
 
-def correction(path, status, md5, error):
+def correction(path: str, status: str, md5: str | None, error: str | None) -> Frame:
     """An unchecked verdict overturned: its worker was caught lying since."""
     return {"correct": {"path": path, "status": status, "md5": md5, "error": error}}
 
 
-def bye(counts):
+def bye(counts: dict[str, int]) -> Frame:
     """The last frame of a session served to the end: the verdicts by status."""
     return {"bye": counts}
 
 
-def error(reason):
+def error(reason: str) -> Frame:
     """The last frame of a session the server ends early, in place of the bye."""
     return {"error": reason}
 
 
-def status_report(report):
+def status_report(report: dict) -> Frame:
     return {"status": report}
 
 
@@ -337,7 +345,8 @@ def status_report(report):
 WRITE_MODES = ("new", "replace", "keep", "discard")
 
 
-def assignment_item(path, sidecar, directory, write, stale=()):
+def assignment_item(path: str, sidecar: str | None, directory: Identity | None,
+                    write: str, stale: Iterable[int] = ()) -> Frame:
     """One file of an assignment.  Never its expected hash: a worker that knew
     it could agree without reading."""
     item = {"path": path, "sidecar": sidecar, "dir": directory, "write": write}
@@ -346,21 +355,21 @@ def assignment_item(path, sidecar, directory, write, stale=()):
     return item
 
 
-def assignment(aid, items):
+def assignment(aid: int, items: list[Frame]) -> Frame:
     return {"id": aid, "files": items}
 
 
-def ready(pid):
+def ready(pid: int) -> Frame:
     """A new worker is up: the first frame it sends."""
     return {"ready": pid}
 
 
-def progress(aid):
+def progress(aid: int) -> Frame:
     """Still alive, on a big file: resets the server's hang clock."""
     return {"progress": aid}
 
 
-def results(aid, answers):
+def results(aid: int, answers: list[dict]) -> Frame:
     return {"id": aid, "results": answers}
 
 
@@ -369,7 +378,7 @@ _REASONS = ("error", "skipped", "unstable")
 _FLAGS = ("wrote", "racy", "discarded")
 
 
-def check_results(frame, aid, paths):
+def check_results(frame: Frame, aid: int, paths: list[str]) -> list[dict]:
     """Return the results of a worker's answer to assignment `aid` of `paths`,
     each with "stat": (size, mtime, ctime, ino) when it has an md5; raise
     ProtocolError if it is not such an answer.

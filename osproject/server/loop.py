@@ -50,7 +50,7 @@ class Config:
     crash: float = 0.0
     hang: float = 0.0
     garble: float = 0.0
-    stillborn: str = None
+    stillborn: str | None = None
 
 
 class Fault(protocol.ProtocolError):

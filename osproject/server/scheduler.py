@@ -4,10 +4,16 @@ import enum
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..protocol import MAX_PATHS
 from . import verifier
+from .verifier import Verdict, Vote
+
+if TYPE_CHECKING:
+    from .session import Session
+    from .supervisor import Worker
 
 BATCH_BYTES = 4 * 1024 * 1024   # an assignment stops growing past this many bytes
 
@@ -38,33 +44,33 @@ class Job:
     that puts an outvoted reading to the proof (proving).  Its phase says
     what the next worker does with it; verifier.py says who may, and how.
     """
-    session: object
-    rid: int                    # the client's request id and the file's index in it
-    index: int
+    session: "Session"
+    rid: int | None             # the client's request id and the file's index in it
+    index: int | None
     path: str
-    sidecar: str                # None: its sidecar's name is a file of its own
-    expected: str = None        # baseline hash from the client; never sent to a worker
+    sidecar: str | None         # None: its sidecar's name is a file of its own
+    expected: str | None = None  # baseline hash from the client; never sent to a worker
     update: bool = False        # the user asked to rewrite changed baselines
     size: int = 0               # as the client's lister saw it: only for batching
-    dir: tuple = None           # (st_dev, st_ino) of its directory, as the lister saw it
-    reverify_of: int = None     # wid whose unchecked hash this job re-checks
-    proving: int = None         # wid whose outvoted reading this re-reading puts to the
+    dir: tuple[int, int] | None = None  # (st_dev, st_ino) of its directory, as listed
+    reverify_of: int | None = None  # wid whose unchecked hash this job re-checks
+    proving: int | None = None  # wid whose outvoted reading this re-reading puts to the
                                 # proof (Trust.put_to_proof): nothing goes to the client
     phase: Phase = Phase.READING
     # the votes
-    opinions: list = field(default_factory=list)
+    opinions: list[Vote] = field(default_factory=list)
     cross_check: bool = False
-    declined: set = field(default_factory=set)  # wids that read no hash (error...)
-    warned: set = field(default_factory=set)    # wids already warned over this file
-    losers: set = field(default_factory=set)    # wids whose hash lost, warned or not
+    declined: set[int] = field(default_factory=set)  # wids that read no hash (error...)
+    warned: set[int] = field(default_factory=set)    # wids already warned over this file
+    losers: set[int] = field(default_factory=set)    # wids whose hash lost, warned or not
     # the sidecar
-    written: str = None         # the hash its sidecar now holds, as its writer said
-    write_error: str = None
+    written: str | None = None  # the hash its sidecar now holds, as its writer said
+    write_error: str | None = None
     repairs: int = 0            # sidecar rewrites asked for after the verdict
-    settled: object = None      # the verdict, kept while its sidecar is discarded
+    settled: Verdict | None = None  # the verdict, kept while its sidecar is discarded
     # workers that died holding it
     retried: bool = False
-    stale: list = field(default_factory=list)   # pids that may have left temp files
+    stale: list[int] = field(default_factory=list)   # pids that may have left temp files
     deaths: int = 0             # workers that died holding it alone: a poison file?
     suspect: bool = False       # was in a batch whose worker died: goes alone now
 
@@ -107,8 +113,8 @@ class Job:
 @dataclass(eq=False)
 class Assignment:
     aid: int
-    worker: object
-    jobs: list
+    worker: "Worker"
+    jobs: list[Job]
 
     def frame(self):
         return protocol.assignment(self.aid, [job.item() for job in self.jobs])
@@ -124,7 +130,7 @@ class Scheduler:
     """
 
     def __init__(self):
-        self.urgent = deque()
+        self.urgent: deque[Job] = deque()
         self.queues = {}        # session -> deque of its new jobs; dict order is the turn
         self._aids = itertools.count(1)
 
@@ -149,7 +155,7 @@ class Scheduler:
         Urgent jobs come first, then the sessions' in turn: each session that
         gives a job to this assignment goes to the back of the line.
         """
-        batch = []
+        batch: list[Job] = []
         size = _fill(batch, 0, self.urgent, worker)
         for session in list(self.queues):
             if _full(batch, size):

@@ -9,15 +9,25 @@ phases of scheduler.Phase; each method below does one step of that.
 """
 
 import random
+from typing import TYPE_CHECKING, Any
 
 from .. import protocol, statuses
 from . import verifier
-from .scheduler import Job, Phase
+from .log import EventLog
+from .scheduler import Job, Phase, Scheduler
+from .session import Sessions
+from .supervisor import Supervisor, Worker
 from .verifier import Verdict, Vote
+
+if TYPE_CHECKING:
+    from .loop import Config
+
+Result = dict[str, Any]     # one file of a worker's answer, checked by protocol.check_results
 
 
 class Trust:
-    def __init__(self, config, log, scheduler, supervisor, sessions):
+    def __init__(self, config: "Config", log: EventLog, scheduler: Scheduler,
+                 supervisor: Supervisor, sessions: Sessions) -> None:
         self.log = log
         self.scheduler = scheduler
         self.supervisor = supervisor
@@ -26,7 +36,7 @@ class Trust:
         self.max_opinions = min(verifier.MAX_OPINIONS, config.workers)
         self.rng = random.Random()
 
-    def take_result(self, worker, job, result):
+    def take_result(self, worker: Worker, job: Job, result: Result) -> None:
         """on_result, but a bug of ours it hits costs this one file an ERROR,
         not the worker, and never leaves the client waiting for the verdict."""
         try:
@@ -37,21 +47,23 @@ class Trust:
             if not job.done and job not in self.scheduler.pending:
                 self.answer_error(job)
 
-    def answer_error(self, job):
+    def answer_error(self, job: Job) -> None:
         """Answer a job ERROR by the shortest way there is (no sidecar work, no
         judging): after a bug, the client must still get every verdict."""
         job.enter(Phase.DONE)
         if job.reverify_of is not None or job.proving is not None:
             job.session.settled_aside()     # the client keeps the result it holds
             return
+        assert job.rid is not None and job.index is not None, "a client's file"
         job.session.answered(protocol.verdict(job.rid, job.index, statuses.ERROR,
                                               expected=job.expected, error="internal error"),
                              statuses.ERROR)
 
     # -- a reading comes in -----------------------------------------------
-    def on_result(self, worker, job, result):
+    def on_result(self, worker: Worker, job: Job, result: Result) -> None:
         """Take one worker's reading of a file, and act on what it settles."""
         if job.discarding:                      # the discard is done
+            assert job.settled is not None
             return self.conclude(job, job.settled)
         self.supervisor.tally(worker)
         if "md5" not in result or "unstable" in result:
@@ -65,7 +77,7 @@ class Trust:
         else:
             self.finish(job, verdict)
 
-    def record(self, worker, job, result):
+    def record(self, worker: Worker, job: Job, result: Result) -> Verdict | None:
         """Add a worker's hash to the file's votes; return the Verdict they
         support, or None when another worker must read it."""
         if result.get("error"):
@@ -80,12 +92,12 @@ class Trust:
         return verifier.judge(job.expected, job.opinions, job.cross_check,
                               self.max_opinions - len(job.declined))
 
-    def ask_another(self, job, worker):
+    def ask_another(self, job: Job, worker: Worker) -> None:
         self.log.info("crosscheck", path=job.path, opinions=len(job.opinions),
                       slot=worker.slot, pid=worker.pid)
         self.scheduler.submit(job, urgent=True)
 
-    def on_no_hash(self, worker, job, outcome):
+    def on_no_hash(self, worker: Worker, job: Job, outcome: Verdict) -> None:
         """A reading without a usable hash (error, skipped, in motion)."""
         if verifier.wants_second_reading(job):
             job.declined.add(worker.wid)
@@ -95,7 +107,7 @@ class Trust:
             return
         self.finish(job, outcome)
 
-    def repair(self, job, verdict):
+    def repair(self, job: Job, verdict: Verdict) -> None:
         """Have a worker of the majority write the agreed hash to the sidecar."""
         job.enter(Phase.REPAIRING)
         job.repairs += 1
@@ -104,21 +116,21 @@ class Trust:
         self.scheduler.submit(job, urgent=True)
 
     # -- a file is settled ------------------------------------------------
-    def finish(self, job, verdict):
+    def finish(self, job: Job, verdict: Verdict) -> None:
         """Settle a file: its unvouched sidecar goes first, if it has one."""
         if verifier.needs_discard(job, verdict):
             self.discard(job, verdict)
         else:
             self.conclude(job, verdict)
 
-    def discard(self, job, verdict):
+    def discard(self, job: Job, verdict: Verdict) -> None:
         job.enter(Phase.DISCARDING)
         job.settled = verdict
         self.log.warning("sidecar.discard", path=job.path, written=job.written,
                          status=verdict.status)
         self.scheduler.submit(job, urgent=True)
 
-    def conclude(self, job, verdict):
+    def conclude(self, job: Job, verdict: Verdict) -> None:
         """The file is settled: credit who read it right, tell whom it concerns."""
         self.credit(job, verdict)
         if job.proving is not None:         # the warning, if any, is given already
@@ -132,7 +144,7 @@ class Trust:
         else:
             self.answer(job, verdict)
 
-    def credit(self, job, verdict):
+    def credit(self, job: Job, verdict: Verdict) -> None:
         """Workers whose hash the verdict confirmed earn trust."""
         if not verdict.checked or verdict.md5 is None:
             return
@@ -140,18 +152,19 @@ class Trust:
             if vote.md5 == verdict.md5:
                 self.supervisor.confirm(vote.wid)
 
-    def answer(self, job, verdict):
+    def answer(self, job: Job, verdict: Verdict) -> None:
         """Send a client's file its verdict; keep a hash nobody checked, for
         re-checks should its worker be caught lying later."""
         if not verdict.checked and job.write_error is None:
             job.session.unchecked.add(job.path, job.sidecar, job.dir, job.opinions[0])
         status, md5, error = verifier.client_verdict(job, verdict)
+        assert job.rid is not None and job.index is not None, "a client's file"
         job.enter(Phase.DONE)
         job.session.answered(protocol.verdict(job.rid, job.index, status, md5, job.expected,
                                               error, unchecked=not verdict.checked),
                              status)
 
-    def end_recheck(self, job, verdict):
+    def end_recheck(self, job: Job, verdict: Verdict) -> None:
         """A re-checked hash: when it was a lie (or cannot be read again),
         correct the client, which holds unchecked results until the bye."""
         session = job.session
@@ -168,7 +181,7 @@ class Trust:
                                                         job.write_error))
 
     # -- liars ------------------------------------------------------------
-    def punish(self, job, verdict):
+    def punish(self, job: Job, verdict: Verdict) -> None:
         """Warn each worker the verdict outvoted, once per file: those whose lie
         is proven get a warning, the others a re-reading to the proof."""
         for wid in set(verdict.liars) - job.warned:
@@ -180,7 +193,7 @@ class Trust:
         if verdict.md5 is not None:
             job.losers |= {v.wid for v in job.opinions if v.md5 != verdict.md5}
 
-    def penalize(self, wid, job, verdict):
+    def penalize(self, wid: int, job: Job, verdict: Verdict) -> None:
         """Warn the worker whose hash was outvoted; ban it past MAX_WARNINGS."""
         vote = next(v for v in job.opinions if v.wid == wid)
         got = vote.md5
@@ -200,7 +213,7 @@ class Trust:
         if banned:
             self.supervisor.ban(worker)
 
-    def distrust(self, wid, job, verdict):
+    def distrust(self, wid: int, job: Job, verdict: Verdict) -> None:
         """An outvoted reading that may be honest (the file may have moved
         between the readings): no warning, but the worker earns its trust
         again, its unchecked hashes are checked, and it reads the file again
@@ -216,7 +229,7 @@ class Trust:
         if job.proving is None:         # one proof per outvoting: a moving file
             self.put_to_proof(wid, job, verdict)    # could ask for them for ever
 
-    def put_to_proof(self, wid, job, verdict):
+    def put_to_proof(self, wid: int, job: Job, verdict: Verdict) -> None:
         """Have worker `wid` read the file again, right after a reading of the
         agreed hash; another then reads it.  If those two agree and its own
         reading differs, its reading lies between two of the agreed hash:
@@ -233,14 +246,14 @@ class Trust:
                                   proving=wid),
                               urgent=True)
 
-    def drop_proofs(self, wid):
+    def drop_proofs(self, wid: int) -> None:
         """Forget the re-readings a worker that is gone was to give first."""
         for job in self.scheduler.withdraw(
                 lambda j: not (j.proving == wid and len(j.opinions) == 1)):
             job.enter(Phase.DONE)
             job.session.settled_aside()
 
-    def reverify(self, wid, **who):
+    def reverify(self, wid: int, **who: Any) -> None:
         """Have other workers re-check every hash worker `wid` gave unchecked.
 
         After its first warning none of its results goes unchecked, so later
@@ -261,6 +274,6 @@ class Trust:
         if count:
             self.log.warning("worker.reverify", files=count, **who)
 
-    def give_up(self, job, reason):
+    def give_up(self, job: Job, reason: str) -> None:
         """A file that kills the workers that read it: ERROR, with why."""
         self.finish(job, Verdict(statuses.ERROR, reason=reason))

@@ -32,17 +32,17 @@ class Vote:
     md5: str
     stat: tuple = ()    # (size, mtime, ctime, ino) as that worker saw them
     racy: bool = False  # read within a timestamp tick of its last change
-    pid: int = None     # for the log: which process that worker was
-    slot: int = None    # ... and in which slot, for a worker gone since
+    pid: int | None = None  # for the log: which process that worker was
+    slot: int | None = None  # ... and in which slot, for a worker gone since
 
 
 @dataclass(frozen=True)
 class Verdict:
     status: str
-    md5: str = None
+    md5: str | None = None
     liars: tuple = ()       # workers in the minority: each earns a warning
     checked: bool = True    # False: one opinion that nobody cross-checked
-    reason: str = None
+    reason: str | None = None
 
 
 def judge(expected, opinions, cross_check, max_opinions=MAX_OPINIONS):
