@@ -19,11 +19,11 @@ import sys
 import threading
 
 from .. import protocol, store
+from ..statuses import MISSING, MOVED
 from . import findings
 from .connection import ClientError, Connection
 from .lister import Entry, Lister
 from .progress import INTERVAL as PROGRESS_INTERVAL
-from ..statuses import MISSING, MOVED
 
 CHECKERS = 5
 WINDOW = 3              # requests each checker keeps in flight: 75 files in all

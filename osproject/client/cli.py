@@ -8,6 +8,7 @@ from .. import __version__
 from ..protocol import default_fifo
 from ..statuses import EXIT_TROUBLE
 
+
 def client_parser():
     p = argparse.ArgumentParser(
         prog="integrity-client",

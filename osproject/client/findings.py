@@ -11,8 +11,8 @@ always judged against the catalog's hash.
 
 from typing import NamedTuple
 
-from . import catalog
 from ..statuses import CHANGED, ERROR, MISSING, NEW, OK, UNSTABLE
+from . import catalog
 
 UNVERIFIED = (ERROR, UNSTABLE)
 

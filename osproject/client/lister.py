@@ -19,8 +19,8 @@ import os
 import stat
 from typing import NamedTuple
 
-from . import catalog as catalog_mod
 from .. import store
+from . import catalog as catalog_mod
 from . import findings
 
 

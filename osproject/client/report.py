@@ -17,9 +17,21 @@ import pickle
 import tempfile
 import threading
 
+from ..statuses import (
+    CHANGED,
+    ERROR,
+    EXIT_ALTERED,
+    EXIT_OK,
+    EXIT_TROUBLE,
+    MISSING,
+    MOVED,
+    NEW,
+    OK,
+    STATUSES,
+    UNSTABLE,
+)
 from . import catalog
-from ..statuses import (CHANGED, ERROR, EXIT_ALTERED, EXIT_OK, EXIT_TROUBLE, MISSING,
-                        MOVED, NEW, OK, STATUSES, UNSTABLE)
+
 RUN_LENGTH = 2000           # findings sorted in memory before they go to disk
 
 
@@ -262,7 +274,7 @@ class _Moves:
                     continue
                 content, now = (md5, content[1]), now._replace(md5=md5)
             by_content.setdefault(content, []).append((key, path, now))
-        for key, (content, path) in sorted(self.gone.items()):
+        for key, (content, _path) in sorted(self.gone.items()):
             candidates = by_content.get(content)
             if candidates:
                 new_key, new_path, new_now = candidates.pop(0)
@@ -373,7 +385,7 @@ def format_status(status):
     rows += [[format_cell(name, w.get(name)) for name in STATUS_COLUMNS]
              for w in status["workers"]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(STATUS_COLUMNS))]
-    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
              for row in rows]
     t = status["totals"]
     tail = (f"totals: {t['files']} files done, {t['warnings']} warnings, "
