@@ -121,7 +121,7 @@ def unusable(path):
 def distinct_roots(paths):
     """The PATHs with overlaps dropped: a tree and a subtree of it, or one tree
     named twice, are checked once (first as given)."""
-    kept = []
+    kept: list[str] = []
     for path in paths:
         if path.startswith("//") and not path.startswith("///"):
             path = path[1:]         # POSIX leaves "//" to the system: it means "/" here

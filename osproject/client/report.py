@@ -16,6 +16,7 @@ import os
 import pickle
 import tempfile
 import threading
+from typing import IO
 
 from ..statuses import (
     CHANGED,
@@ -111,7 +112,7 @@ class Report:
                     finding = as_moved(finding, *moved)
                 accept(finding)
                 self._count(finding)
-                if self.as_json:
+                if folder is None:      # as JSON
                     self._write(json.dumps(as_record(finding)) + "\n")
                 else:
                     folder.show(finding)
@@ -266,7 +267,7 @@ class _Moves:
 
     def pair(self, verdicts):
         """Match them up, once the server's corrections are known."""
-        by_content = {}
+        by_content: dict[tuple[str, int], list[tuple[str, str, catalog.Record]]] = {}
         for key, (content, path, now) in sorted(self.new.items()):
             if key in verdicts:
                 status, md5, _ = verdicts[key]
@@ -327,7 +328,7 @@ class _SortedRuns:
 
     def __init__(self):
         self.run = []
-        self.file = None
+        self.file: IO[bytes] | None = None
         self.spans = []             # (offset, count) of each run on disk
 
     def add(self, key, finding):
@@ -356,17 +357,17 @@ class _SortedRuns:
             return
         if self.run:
             self._spill()
-        streams = [self._read(offset, count) for offset, count in self.spans]
+        streams = [self._read(self.file, offset, count) for offset, count in self.spans]
         for _, finding in heapq.merge(*streams, key=lambda pair: pair[0]):
             yield finding
         self.file.close()
         self.file, self.spans = None, []
 
-    def _read(self, offset, count):
+    def _read(self, file, offset, count):
         for _ in range(count):
-            self.file.seek(offset)
-            pair = pickle.load(self.file)
-            offset = self.file.tell()
+            file.seek(offset)
+            pair = pickle.load(file)
+            offset = file.tell()
             yield pair
 
 
