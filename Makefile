@@ -1,19 +1,24 @@
-# make test | make run DIR=... | make bench | make chaos
+# make test | make lint | make run DIR=... | make bench | make chaos
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test run bench chaos clean
+.PHONY: test lint run bench chaos clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,lint]'
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# ruff and mypy, with their settings in pyproject.toml.
+lint: $(STAMP)
+	$(PY) -m ruff check
+	$(PY) -m mypy
 
 # Start a private server, check DIR, stop the server; exit with the client's status.
 run: $(STAMP)
@@ -33,4 +38,4 @@ chaos: $(STAMP)
 	$(PY) tests/chaos_demo.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -14,7 +14,11 @@ setup(
     packages=find_packages(include=["osproject", "osproject.*"]),
     python_requires=">=3.11",
     install_requires=["psutil>=5.9"],     # --status: workers' RSS and CPU
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2.1", "psutil>=5.9"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "psutil>=5.9"],
+        # make lint; minor releases add rules and checks, so a new one is a choice
+        "lint": ["ruff>=0.17,<0.18", "mypy>=2.4,<2.5"],
+    },
     entry_points={"console_scripts": [
         "integrity-server=osproject.server.cli:main",
         "integrity-client=osproject.client.cli:main",

@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import stat
+from collections.abc import Sequence
 
 SUFFIX = ".md5"
 MAX_SIDECAR = 64 * 1024  # a real sidecar is one line: hash, two spaces, a name
@@ -28,14 +29,14 @@ class _TempNames:
     by; it is re-read in a forked child.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.reset()
         os.register_at_fork(after_in_child=self.reset)
 
-    def reset(self):
+    def reset(self) -> None:
         self.pid, self.numbers = os.getpid(), itertools.count()
 
-    def next(self):
+    def next(self) -> str:
         return f".osp-{self.pid}-{next(self.numbers)}.tmp"
 
 
@@ -43,7 +44,7 @@ _temp_names = _TempNames()
 _TEMP_NAME = re.compile(r"\.osp-\d+-\d+\.tmp")
 
 
-def is_temp_name(name):
+def is_temp_name(name: str) -> bool:
     """Is `name` one of our temp sidecars, in flight or left by a killed worker?"""
     return name.startswith(".osp-") and _TEMP_NAME.fullmatch(name) is not None
 
@@ -52,7 +53,7 @@ class SidecarError(Exception):
     """A sidecar that cannot be read or written; str() says why."""
 
 
-def format_line(md5, name):
+def format_line(md5: str, name: str | bytes) -> bytes:
     """Return the md5sum line (bytes) for a file called `name` (str or bytes)."""
     raw = os.fsencode(name)
     escaped = re.sub(rb"[\\\n\r]", lambda m: _ESCAPES[m.group()], raw)
@@ -60,7 +61,7 @@ def format_line(md5, name):
     return prefix + md5.encode("ascii") + b"  " + escaped + b"\n"
 
 
-def parse_line(line):
+def parse_line(line: bytes) -> tuple[str, bytes]:
     """Return (md5, name as bytes) from one md5sum line, or raise SidecarError.
 
     As `md5sum -c` does, it takes a CRLF line end and the BSD form
@@ -77,7 +78,7 @@ def parse_line(line):
             raise SidecarError("not an md5sum line")
         escaped, name, md5 = match.groups()
     if escaped:
-        def unescape(m):
+        def unescape(m: re.Match[bytes]) -> bytes:
             if m.group(1) not in b"\\nr":
                 raise SidecarError("bad escape in md5sum line")
             return {b"\\": b"\\", b"n": b"\n", b"r": b"\r"}[m.group(1)]
@@ -87,14 +88,14 @@ def parse_line(line):
     return md5.decode("ascii").lower(), name
 
 
-def sidecar_path(path, store=None):
+def sidecar_path(path: str, store: str | None = None) -> str:
     """Return where the sidecar of `path` lives: beside it, or mirrored under store."""
     if store is None:
         return path + SUFFIX
     return os.path.join(store, os.path.abspath(path).lstrip("/")) + SUFFIX
 
 
-def read_baseline(sidecar, name, dir_fd=None):
+def read_baseline(sidecar: str, name: str, dir_fd: int | None = None) -> str | None:
     """Return the hash a sidecar records for `name`, or None when there is none.
 
     Raises SidecarError for a sidecar that exists but is not ours to trust:
@@ -126,7 +127,8 @@ def read_baseline(sidecar, name, dir_fd=None):
     return md5
 
 
-def write_sidecar(sidecar, md5, name, replace, dir_fd=None):
+def write_sidecar(sidecar: str, md5: str, name: str, replace: bool,
+                  dir_fd: int | None = None) -> bool:
     """Atomically write the sidecar of `name`; return True if written.
 
     The temp file is created O_EXCL|O_NOFOLLOW in the sidecar's directory and
@@ -161,7 +163,7 @@ def write_sidecar(sidecar, md5, name, replace, dir_fd=None):
         _unlink_quietly(tmp, dir_fd)  # gone already after a successful os.replace
 
 
-def _create_temp(dir_fd):
+def _create_temp(dir_fd: int) -> tuple[str, int]:
     """Create a fresh temp file in the directory, O_EXCL|O_NOFOLLOW; return (name, fd)."""
     for _ in range(TEMP_ATTEMPTS):
         tmp = _temp_names.next()
@@ -173,7 +175,7 @@ def _create_temp(dir_fd):
     raise FileExistsError(errno.EEXIST, "no free temp file name")
 
 
-def discard_sidecar(sidecar, name, dir_fd=None):
+def discard_sidecar(sidecar: str, name: str, dir_fd: int | None = None) -> bool:
     """Remove the sidecar of `name`; return True if removed.
 
     Only a regular file holding one md5sum line for this very name is a
@@ -196,7 +198,7 @@ class DirectoryReplaced(OSError):
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def open_directory(path, identity=None):
+def open_directory(path: str, identity: Sequence[int] | None = None) -> int:
     """Open a directory; with identity, only the very one (st_dev, st_ino) names.
 
     This is how anything below a checked root is reached: the lister saw
@@ -214,7 +216,7 @@ def open_directory(path, identity=None):
     return fd
 
 
-def open_store_directory(path, create=False):
+def open_store_directory(path: str, create: bool = False) -> int:
     """Open a --store mirror directory, following no symlink on the way.
 
     The store's own path is resolved once by the client (realpath), so a
@@ -245,18 +247,18 @@ def open_store_directory(path, create=False):
     return fd
 
 
-def _unlink_quietly(name, dir_fd=None):
+def _unlink_quietly(name: str, dir_fd: int | None = None) -> None:
     try:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
 
 
-def _show(path):
+def _show(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _why(exc, path):
+def _why(exc: OSError, path: str) -> str:
     if exc.errno == errno.ELOOP:
         return f"sidecar {_show(path)} is a symlink"
     return f"sidecar {_show(path)}: {exc.strerror}"

@@ -39,8 +39,8 @@ How
   scenario has a catalog of its own in the temp directory (--catalog), never
   the user's: a verify (L, S, T) uses one filled by an untimed run of ours
   first; a first run (S create, T create) starts with none, catalog.sqlite
-  and its -wal and -shm deleted untimed before each run.  A peer that is not installed is skipped (say so,
-  go on); the bench never installs anything.
+  and its -wal and -shm deleted untimed before each run.  A peer that is not
+  installed is skipped (say so, go on); the bench never installs anything.
 
   A corpus the file system has no room for is skipped too (L needs about
   2.5 GiB at scale 1, T about 1.6 GiB: 400,000 inodes of 4 KiB).
@@ -696,7 +696,7 @@ def table(rows, right=()):
     """Align columns two spaces apart; columns listed in `right` align right."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.rjust(w) if i in right else cell.ljust(w)
-                      for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+                      for i, (cell, w) in enumerate(zip(row, widths, strict=False))).rstrip()
             for row in rows]
 
 

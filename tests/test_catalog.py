@@ -65,7 +65,7 @@ def in_child(work, uid=None):
                 os.setgroups([])
                 os.setuid(uid)
             answer = "ok:" + str(work())
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - the parent reads what went wrong
             answer = "failed:" + traceback.format_exc()
         os.write(write_end, answer.encode())
         os._exit(0)
@@ -394,7 +394,10 @@ def real_catalog(path, n=3000):
 def assert_refused(path, match, roots=()):
     """Opening fails with CatalogError and leaves the file and its directory as they were."""
     directory = os.path.dirname(path)
-    listing = lambda: sorted(os.listdir(directory)) if os.path.isdir(directory) else None
+
+    def listing():
+        return sorted(os.listdir(directory)) if os.path.isdir(directory) else None
+
     before = listing()
     content = open(path, "rb").read() if os.path.isfile(path) else None
     with pytest.raises(CatalogError, match=match) as refusal:
@@ -670,7 +673,7 @@ def test_two_catalogs_on_one_file_interleaved_keep_both(tmp_path):
     path = str(tmp_path / "catalog.sqlite")
     one, two = Catalog.open(path, []), Catalog.open(path, [])
     mine, theirs = entries(2500, top=b"/one"), entries(2500, top=b"/two")
-    for a, b in zip(mine, theirs):
+    for a, b in zip(mine, theirs, strict=True):
         one.stage(a)
         two.stage(b)
     two.stage(rec(b"/one/d0/f0", md5=MD5_B))  # both record one path: the last commit wins
@@ -762,8 +765,12 @@ def test_a_read_only_catalog_fails_clearly_and_records_nothing(nobody_dir, direc
     assert open(path, "rb").read() == before
     os.chmod(nobody_dir, 0o700)
     os.chmod(path, 0o600)
-    assert in_child(lambda: (lambda c: (c.count(), c.knows_root(b"/new"), c.close())[:2])(
-        Catalog.open(path, [])), uid=NOBODY) == "(10, False)"
+
+    def count_and_close():
+        c = Catalog.open(path, [])
+        return (c.count(), c.knows_root(b"/new"), c.close())[:2]
+
+    assert in_child(count_and_close, uid=NOBODY) == "(10, False)"
 
 
 def test_a_full_disk_fails_clearly_and_records_nothing_half(tmp_path):

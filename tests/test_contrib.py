@@ -117,7 +117,7 @@ def test_systemd_accepts_the_nightly_check_and_its_timer(tmp_path):
 def cron_command(fifo, tree):
     """The cron line's command, run against `fifo` on `tree` with our client."""
     with open(CRON, encoding="utf-8") as f:
-        [line] = [l for l in f.read().splitlines() if l and l[0].isdigit()]
+        [line] = [text for text in f.read().splitlines() if text and text[0].isdigit()]
     fields = line.split(None, 6)
     assert fields[5] == "root" and "%" not in fields[6], "a % is a newline to cron"
     command = fields[6].replace("/usr/local/bin/integrity-client",

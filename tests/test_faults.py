@@ -80,7 +80,8 @@ def test_sigterm_during_a_first_run_leaves_no_temp_sidecar(start_server, tmp_pat
                                    str(tree)], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
-            wait_until(lambda: len(sidecars_under(tree)) >= 300, what="sidecars")
+            # wait_until calls it at once: the loop cannot move `tree` under it
+            wait_until(lambda: len(sidecars_under(tree)) >= 300, what="sidecars")  # noqa: B023
             assert server.stop() == 0
         finally:
             client.wait(30)
@@ -414,7 +415,7 @@ def copy_checkout(base):
     shutil.copytree(os.path.join(ROOT, "osproject"), os.path.join(pkg, "osproject"),
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(os.path.join(ROOT, "bin"), os.path.join(pkg, "bin"))
-    for directory, dirs, files in os.walk(pkg):
+    for directory, _dirs, files in os.walk(pkg):
         os.chmod(directory, 0o755)
         for name in files:
             os.chmod(os.path.join(directory, name), 0o755)

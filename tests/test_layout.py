@@ -59,7 +59,8 @@ def test_the_core_imports_only_the_standard_library():
         names = imported(path)
         assert not ours(names), f"{name} imports {sorted(ours(names))}"
         top = {n.split(".")[0] for n in names}
-        assert top <= set(sys.stdlib_module_names), f"{name} imports {top - set(sys.stdlib_module_names)}"
+        stdlib = set(sys.stdlib_module_names)
+        assert top <= stdlib, f"{name} imports {top - stdlib}"
 
 
 def test_a_server_run_from_the_checkout_logs_to_its_logs_directory():

@@ -69,7 +69,8 @@ def test_workers_killed_during_a_run_lose_no_file(server, tmp_path):
         if busy:
             busy[kills % len(busy)].send_signal(signal.SIGKILL)
             kills += 1
-        wait_until(lambda: len(server.events("worker.forked")) >= 5 + kills
+        # wait_until calls it at once: the loop cannot move `kills` under it
+        wait_until(lambda: len(server.events("worker.forked")) >= 5 + kills  # noqa: B023
                    or client.poll() is not None, what="a re-fork")
     out, _ = client.communicate(timeout=90)
     assert client.returncode == 0, out[-2000:]
@@ -353,7 +354,7 @@ def test_status_table_has_aligned_columns_and_a_totals_line(start_server, tmp_pa
                               "RSS", "CPU", "FORKS"]
     starts = [header.index(name) for name in header.split()]
     for row in rows:
-        assert [row.index(cell, start) for cell, start in zip(row.split(), starts)] \
+        assert [row.index(cell, start) for cell, start in zip(row.split(), starts, strict=False)] \
             == starts, f"not aligned with the header:\n{header}\n{row}"
     assert {int(row.split()[2]) for row in rows} == {p.pid for p in server.workers()}
     assert sum(int(row.split()[4]) for row in rows) >= 20

@@ -24,7 +24,8 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from typing import Iterator, NamedTuple
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NamedTuple, Self
 
 SCHEMA_VERSION = "1"
 APPLICATION_ID = 0x4F535043     # "OSPC" in the SQLite header: ours, at a glance
@@ -33,6 +34,8 @@ BATCH_ROWS = 2000               # staged rows per write transaction
 PAGE_ROWS = 2000                # rows per query while streaming a subtree
 STALE_AFTER_NS = 24 * 3600 * 10**9   # a run silent this long is dead, whatever its pid
 _HEADER = b"SQLite format 3\x00"
+
+AnyPath = str | bytes       # paths are taken either way; the catalog keeps bytes
 
 FILE, DIR, SYMLINK, FIFO, SOCKET = "file", "dir", "symlink", "fifo", "socket"
 CHARDEV, BLOCKDEV, OTHER = "chardev", "blockdev", "other"
@@ -50,7 +53,7 @@ class CatalogError(Exception):
     """The catalog cannot be trusted or used; str() says why (client exits 2)."""
 
 
-def default_path(environ=os.environ):
+def default_path(environ: Mapping[str, str] = os.environ) -> str:
     """$INTEGRITY_CATALOG, else $XDG_STATE_HOME/osproject/catalog.sqlite, else ~/.local/state/..."""
     if environ.get("INTEGRITY_CATALOG"):
         return environ["INTEGRITY_CATALOG"]
@@ -79,7 +82,8 @@ class Record(NamedTuple):
     md5: str | None = None       # regular files only: the hash the server agreed
 
 
-def record_from_stat(path, st, target=None, md5=None):
+def record_from_stat(path: AnyPath, st: os.stat_result, target: AnyPath | None = None,
+                     md5: str | None = None) -> Record:
     """The Record of an lstat() result; `target` and `md5` kept only where they mean something."""
     kind = _KIND_OF.get(stat.S_IFMT(st.st_mode), OTHER)
     return Record(os.fsencode(path), kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
@@ -101,7 +105,7 @@ _ALWAYS = (("mode", "mode"), ("owner", "uid"), ("group", "gid"))
 _NOTED = (("mtime", "mtime_ns"), ("ctime", "ctime_ns"), ("inode", "ino"), ("links", "nlink"))
 
 
-def compare(was, now):
+def compare(was: Record, now: Record) -> list[Change]:
     """The attributes that differ between two Records of one path, in a fixed order.
 
     A change of type reports the type, permission bits, owner and group (an
@@ -134,12 +138,12 @@ def compare(was, now):
     return changes
 
 
-def is_alteration(changes):
+def is_alteration(changes: Iterable[Change]) -> bool:
     """Does any change make the entry CHANGED?  mtime, ctime, inode, links, size alone do not."""
     return any(change.attribute in ALTERATIONS for change in changes)
 
 
-def describe(changes, was, now):
+def describe(changes: Iterable[Change], was: Record, now: Record) -> str:
     """Human text of the alterations only, joined with "; " ("mode 0755 -> 4755")."""
     parts = []
     for attribute, old, new in changes:
@@ -162,7 +166,7 @@ def describe(changes, was, now):
     return "; ".join(parts)
 
 
-def kind_name(record):
+def kind_name(record: Record) -> str:
     """ "regular file", "directory", "symbolic link to X", "character device 1,3" ..."""
     name = _KIND_NAMES[record.kind]
     if record.kind == SYMLINK and record.target is not None:
@@ -172,7 +176,7 @@ def kind_name(record):
     return name
 
 
-def as_json(record):
+def as_json(record: Record) -> dict[str, object]:
     """The attributes of a Record for --json's "was" and "now" objects."""
     return {"kind": record.kind, "mode": f"{record.mode:04o}", "uid": record.uid,
             "gid": record.gid, "size": record.size, "inode": record.ino,
@@ -243,18 +247,18 @@ PUT, DROP, PRUNE = "put", "drop", "prune"     # staged actions: record, forget, 
 class Catalog:
     """One open catalog; every method may be called from any thread."""
 
-    def __init__(self, path, con):
+    def __init__(self, path: str, con: sqlite3.Connection) -> None:
         self.path = path
-        self._con = con
+        self._con: Any = con        # a sqlite3.Connection; None once closed
         self._lock = threading.Lock()
-        self._run = None            # our runs.id once the first batch is written
+        self._run: int | None = None    # our runs.id once the first batch is written
         self._seq = 0
-        self._pending = []          # staged rows not yet written (no run id yet)
-        self._segments = []         # [action, first seq, last seq]: order to apply in
-        self._broken = None         # why this run can no longer be committed
+        self._pending: list[tuple] = []     # staged rows not yet written (no run id yet)
+        self._segments: list[list] = []     # [action, first seq, last seq]: order to apply in
+        self._broken: str | None = None     # why this run can no longer be committed
 
     @classmethod
-    def open(cls, path, roots=()):
+    def open(cls, path: AnyPath, roots: Iterable[AnyPath] = ()) -> Self:
         """Open the catalog at `path`, creating it when absent; refuse one we cannot trust."""
         path = os.path.abspath(os.fsdecode(path))
         directory = os.path.dirname(path)
@@ -285,14 +289,14 @@ class Catalog:
         catalog._clean_dead_runs()
         return catalog
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- reading: committed entries only ----------------------------------
-    def knows_root(self, root):
+    def knows_root(self, root: AnyPath) -> bool:
         """Has a completed run committed `root`, or a directory above it?"""
         root = os.fsencode(root)
         above = [root]
@@ -302,13 +306,13 @@ class Catalog:
         return bool(self._query(f"SELECT 1 FROM roots WHERE path IN ({marks}) LIMIT 1",
                                 above))
 
-    def children(self, directory):
+    def children(self, directory: AnyPath) -> dict[bytes, Record]:
         """name -> Record of the entries directly in `directory`: one indexed query."""
         directory = os.fsencode(directory).rstrip(b"/") or b"/"
         rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE parent = ?", (directory,))
         return {os.path.basename(row[0]): Record._make(row) for row in rows}
 
-    def subtree(self, directory) -> Iterator[Record]:
+    def subtree(self, directory: AnyPath) -> Iterator[Record]:
         """Every entry strictly below `directory`, by path, a page at a time.
 
         BLOBs compare as memcmp, so the entries below "/a/b" are those between
@@ -325,13 +329,13 @@ class Catalog:
                 return
             low = rows[-1][0]
 
-    def get(self, path):
+    def get(self, path: AnyPath) -> Record | None:
         """The committed Record of `path`, or None."""
         rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE path = ?",
                            (os.fsencode(path),))
         return Record._make(rows[0]) if rows else None
 
-    def count(self):
+    def count(self) -> int:
         """How many entries are committed."""
         return self._query("SELECT count(*) FROM entries")[0][0]
 
@@ -344,7 +348,7 @@ class Catalog:
                 raise _error(self.path, exc) from None
 
     # -- writing: staged, applied at commit_run ---------------------------
-    def stage(self, record):
+    def stage(self, record: Record) -> None:
         """Record or replace this entry when the run commits."""
         path = _checked(record.path)
         parent = os.path.dirname(path) if path != b"/" else b""
@@ -353,7 +357,7 @@ class Catalog:
                         record.size, record.ino, record.nlink, record.mtime_ns,
                         record.ctime_ns, record.rdev, target, record.md5))
 
-    def stage_delete(self, path, subtree=False):
+    def stage_delete(self, path: AnyPath, subtree: bool = False) -> None:
         """Forget this entry (with subtree, everything below it too) when the run commits."""
         self._add(PRUNE if subtree else DROP, (_checked(path),) + (None,) * 13)
 
@@ -393,7 +397,7 @@ class Catalog:
             self._broken, self._pending = str(exc), []
             raise
 
-    def commit_run(self, roots):
+    def commit_run(self, roots: Iterable[AnyPath]) -> int:
         """Apply this run's staged rows and mark `roots` known, in one transaction.
 
         Returns how many entries were written or removed.
@@ -443,7 +447,7 @@ class Catalog:
         return self._con.execute("DELETE FROM entries WHERE path = ? OR (path > ? AND path < ?)",
                                  (path, prefix, prefix[:-1] + b"0")).rowcount
 
-    def abandon_run(self):
+    def abandon_run(self) -> None:
         """Drop this run's staged rows; the catalog stays as the last commit left it."""
         with self._lock:
             run = self._run
@@ -498,7 +502,7 @@ class Catalog:
                 except CatalogError:
                     pass
 
-    def close(self):
+    def close(self) -> None:
         """Abandon an uncommitted run and close the file."""
         if self._con is None:
             return

@@ -19,11 +19,11 @@ import sys
 import threading
 
 from .. import protocol, store
+from ..statuses import MISSING, MOVED
 from . import findings
 from .connection import ClientError, Connection
 from .lister import Entry, Lister
 from .progress import INTERVAL as PROGRESS_INTERVAL
-from ..statuses import MISSING, MOVED
 
 CHECKERS = 5
 WINDOW = 3              # requests each checker keeps in flight: 75 files in all
@@ -42,7 +42,7 @@ class Client:
         self.catalog = catalog
         self.lister = Lister(store_dir, excludes, catalog, update)
         self.store_dir = store_dir
-        self.queue = queue.Queue(QUEUE_SIZE)
+        self.queue: queue.Queue[list[Entry | findings.Finding] | None] = queue.Queue(QUEUE_SIZE)
         self.waiting = {}                   # request id -> SimpleQueue of replies
         self.waiting_lock = threading.Lock()
         self.reader_done = False            # no more replies will be routed
@@ -248,7 +248,8 @@ class Client:
 
     def route(self, frame):
         if "replies" in frame:
-            by_checker = {}         # one hand-off per checker per frame, not per file
+            # one hand-off per checker per frame, not per file
+            by_checker: dict[int, tuple[queue.SimpleQueue, list[dict]]] = {}
             with self.waiting_lock:
                 for reply in frame["replies"]:
                     replies = self.waiting.get(reply["id"])
@@ -273,7 +274,8 @@ class Checker:
 
     def __init__(self, client):
         self.client = client
-        self.replies = queue.SimpleQueue()  # lists of replies, from the reader thread
+        # lists of replies, from the reader thread; None: no more will come
+        self.replies: queue.SimpleQueue[list[dict] | None] = queue.SimpleQueue()
         self.inflight = {}                  # rid -> [[(entry, item)...], replies due]
 
     def run(self):

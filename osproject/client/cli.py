@@ -8,6 +8,7 @@ from .. import __version__
 from ..protocol import default_fifo
 from ..statuses import EXIT_TROUBLE
 
+
 def client_parser():
     p = argparse.ArgumentParser(
         prog="integrity-client",
@@ -120,7 +121,7 @@ def unusable(path):
 def distinct_roots(paths):
     """The PATHs with overlaps dropped: a tree and a subtree of it, or one tree
     named twice, are checked once (first as given)."""
-    kept = []
+    kept: list[str] = []
     for path in paths:
         if path.startswith("//") and not path.startswith("///"):
             path = path[1:]         # POSIX leaves "//" to the system: it means "/" here

@@ -11,34 +11,34 @@ always judged against the catalog's hash.
 
 from typing import NamedTuple
 
-from . import catalog
 from ..statuses import CHANGED, ERROR, MISSING, NEW, OK, UNSTABLE
+from . import catalog
 
 UNVERIFIED = (ERROR, UNSTABLE)
 
 
 class Finding(NamedTuple):
     """One entry's result, as the report shows it and the catalog records it."""
-    path: str                   # as the user sees it
-    key: str                    # its absolute path: the catalog's key, the server's name
+    path: str                     # as the user sees it
+    key: str                      # its absolute path: the catalog's key, the server's name
     status: str
-    md5: str = None             # the agreed hash, for a regular file
-    expected: str = None        # the hash it was checked against
-    error: str = None           # why it could not be checked, or a note
-    changes: tuple = ()         # catalog.Change of every attribute that moved
-    was: object = None          # the catalog's Record, None when it had none
-    now: object = None          # the Record as found (with the agreed hash)
-    stage: object = None        # the Record the catalog records at the end of the run
-    forget: bool = False        # the catalog forgets this entry (and all below it)
-    altered: bool = False       # an alteration: the run exits 1
-    repair: bool = False        # --update: rewrite the sidecar with the agreed hash
-    sidecar: str = None         # where its sidecar is (MISSING: to remove it)
-    dir: tuple = None           # the identity of its directory as listed
-    covered: bool = True        # under a root the catalog knew before this run
-    unchecked: bool = False     # one worker's word: held for corrections
-    updated: bool = False       # --update accepted it
-    moved_to: str = None        # MOVED: the new path, as the user sees it
-    moved_key: str = None       # MOVED: the new absolute path
+    md5: str | None = None        # the agreed hash, for a regular file
+    expected: str | None = None   # the hash it was checked against
+    error: str | None = None      # why it could not be checked, or a note
+    changes: tuple = ()           # catalog.Change of every attribute that moved
+    was: object = None            # the catalog's Record, None when it had none
+    now: object = None            # the Record as found (with the agreed hash)
+    stage: object = None          # the Record the catalog records at the end of the run
+    forget: bool = False          # the catalog forgets this entry (and all below it)
+    altered: bool = False         # an alteration: the run exits 1
+    repair: bool = False          # --update: rewrite the sidecar with the agreed hash
+    sidecar: str | None = None    # where its sidecar is (MISSING: to remove it)
+    dir: tuple | None = None      # the identity of its directory as listed
+    covered: bool = True          # under a root the catalog knew before this run
+    unchecked: bool = False       # one worker's word: held for corrections
+    updated: bool = False         # --update accepted it
+    moved_to: str | None = None   # MOVED: the new path, as the user sees it
+    moved_key: str | None = None  # MOVED: the new absolute path
 
 
 def of_entry(path, key, was, now, covered, update, **extra):

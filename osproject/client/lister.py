@@ -17,10 +17,10 @@ sidecar says; sidecars are read here, relative to the directory's fd.
 import fnmatch
 import os
 import stat
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from . import catalog as catalog_mod
 from .. import store
+from . import catalog as catalog_mod
 from . import findings
 
 
@@ -28,16 +28,16 @@ class Entry(NamedTuple):
     """A regular file for a worker to hash."""
     path: str               # as the user will see it: their root joined with names
     key: str                # its absolute path, as the server and the catalog know it
-    sidecar: str            # the absolute path of its sidecar; None: it can have none
+    sidecar: str | None     # the absolute path of its sidecar; None: it can have none
     size: int               # lets the server balance big files
-    expected: str           # the hash to check it against: the catalog's, else the sidecar's
+    expected: str | None    # the hash to check it against: the catalog's, else the sidecar's
     dir: tuple              # (st_dev, st_ino) of the directory it is in
     was: object             # the catalog's Record, or None
     now: object             # its Record from lstat, without a hash yet
-    sidecar_md5: str = None    # what its sidecar holds
-    sidecar_error: str = None  # why its sidecar could not be read
+    sidecar_md5: str | None = None      # what its sidecar holds
+    sidecar_error: str | None = None    # why its sidecar could not be read
     covered: bool = False   # under a root the catalog knew before this run
-    note: str = None        # something the user should hear of, even on a first run
+    note: str | None = None     # something the user should hear of, even on a first run
 
 
 class Lister:
@@ -59,6 +59,7 @@ class Lister:
         """
         key = os.path.abspath(root)
         covered = self.catalog is not None and self.catalog.knows_root(key)
+        fd: int | tuple[int, int]   # an open directory, or the identity of one to open
         try:
             fd = store.open_directory(root)
         except NotADirectoryError:
@@ -71,7 +72,8 @@ class Lister:
         yield findings.of_entry(root, key, self.recorded(key), _record(key, here), covered,
                                 self.update)
         prefix = root if root.endswith("/") else root + "/"   # of every path below
-        stack = [(root, fd, None)]  # below the root: (path, identity, finding), opened when due
+        # below the root: (path, identity, finding), opened when due
+        stack: list[tuple[str, int | tuple[int, int], Any]] = [(root, fd, None)]
         while stack:
             directory, fd, finding = stack.pop()
             if not isinstance(fd, int):

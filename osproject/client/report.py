@@ -16,10 +16,23 @@ import os
 import pickle
 import tempfile
 import threading
+from typing import IO
 
+from ..statuses import (
+    CHANGED,
+    ERROR,
+    EXIT_ALTERED,
+    EXIT_OK,
+    EXIT_TROUBLE,
+    MISSING,
+    MOVED,
+    NEW,
+    OK,
+    STATUSES,
+    UNSTABLE,
+)
 from . import catalog
-from ..statuses import (CHANGED, ERROR, EXIT_ALTERED, EXIT_OK, EXIT_TROUBLE, MISSING,
-                        MOVED, NEW, OK, STATUSES, UNSTABLE)
+
 RUN_LENGTH = 2000           # findings sorted in memory before they go to disk
 
 
@@ -99,7 +112,7 @@ class Report:
                     finding = as_moved(finding, *moved)
                 accept(finding)
                 self._count(finding)
-                if self.as_json:
+                if folder is None:      # as JSON
                     self._write(json.dumps(as_record(finding)) + "\n")
                 else:
                     folder.show(finding)
@@ -254,7 +267,7 @@ class _Moves:
 
     def pair(self, verdicts):
         """Match them up, once the server's corrections are known."""
-        by_content = {}
+        by_content: dict[tuple[str, int], list[tuple[str, str, catalog.Record]]] = {}
         for key, (content, path, now) in sorted(self.new.items()):
             if key in verdicts:
                 status, md5, _ = verdicts[key]
@@ -262,7 +275,7 @@ class _Moves:
                     continue
                 content, now = (md5, content[1]), now._replace(md5=md5)
             by_content.setdefault(content, []).append((key, path, now))
-        for key, (content, path) in sorted(self.gone.items()):
+        for key, (content, _path) in sorted(self.gone.items()):
             candidates = by_content.get(content)
             if candidates:
                 new_key, new_path, new_now = candidates.pop(0)
@@ -315,7 +328,7 @@ class _SortedRuns:
 
     def __init__(self):
         self.run = []
-        self.file = None
+        self.file: IO[bytes] | None = None
         self.spans = []             # (offset, count) of each run on disk
 
     def add(self, key, finding):
@@ -344,17 +357,17 @@ class _SortedRuns:
             return
         if self.run:
             self._spill()
-        streams = [self._read(offset, count) for offset, count in self.spans]
+        streams = [self._read(self.file, offset, count) for offset, count in self.spans]
         for _, finding in heapq.merge(*streams, key=lambda pair: pair[0]):
             yield finding
         self.file.close()
         self.file, self.spans = None, []
 
-    def _read(self, offset, count):
+    def _read(self, file, offset, count):
         for _ in range(count):
-            self.file.seek(offset)
-            pair = pickle.load(self.file)
-            offset = self.file.tell()
+            file.seek(offset)
+            pair = pickle.load(file)
+            offset = file.tell()
             yield pair
 
 
@@ -373,7 +386,7 @@ def format_status(status):
     rows += [[format_cell(name, w.get(name)) for name in STATUS_COLUMNS]
              for w in status["workers"]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(STATUS_COLUMNS))]
-    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
              for row in rows]
     t = status["totals"]
     tail = (f"totals: {t['files']} files done, {t['warnings']} warnings, "

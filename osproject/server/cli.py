@@ -34,10 +34,10 @@ DEFAULT_LOG_DIR = default_log_dir()
 CHAOS_HELP = """\
 testing aid: make faults real. liar:SLOT[:RATE[:AFTER]] makes the first worker
 forked into SLOT report a wrong hash with probability RATE (default 1.0), after
-AFTER honest files (default 0); its replacement is honest. crash:RATE and hang:RATE make any worker die or freeze
-on an assignment with probability RATE; garble:RATE makes it answer with
-garbage; stillborn:PATH makes workers die before starting while PATH exists.
-Repeatable."""
+AFTER honest files (default 0); its replacement is honest. crash:RATE and
+hang:RATE make any worker die or freeze on an assignment with probability RATE;
+garble:RATE makes it answer with garbage; stillborn:PATH makes workers die
+before starting while PATH exists. Repeatable."""
 
 
 def fraction(text):
@@ -81,7 +81,8 @@ def server_parser():
     p.add_argument("--fifo", help=f"entrance FIFO (default $INTEGRITY_FIFO or {default_fifo()})")
     p.add_argument("--log-dir", default=DEFAULT_LOG_DIR,
                    help="directory of integrity-server.log (default %(default)s)")
-    p.add_argument("--workers", type=int, default=5, help="worker processes (default 5, at least 3)")
+    p.add_argument("--workers", type=int, default=5,
+                   help="worker processes (default 5, at least 3)")
     p.add_argument("--hang-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="kill a worker silent this long on an assignment (default 30)")
     p.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",

@@ -41,7 +41,7 @@ class Entrance:
         self._identity = None
         # Where clients make their FIFO directories, symlinks resolved as the
         # client resolves them (on macOS /tmp is /private/tmp).
-        self.directory = None
+        self.directory: str | None = None     # known once open()
         self.lines = protocol.LineBuffer(limit=protocol.HELLO_MAX)
 
     def beside(self, path):
@@ -129,6 +129,8 @@ class Entrance:
         directory fds, never through a link.
         """
         now = time.time() if now is None else now
+        if self.directory is None:      # not open yet: nothing of ours to sweep
+            return 0
         try:
             parent = os.open(self.directory, _DIR_FLAGS & ~os.O_NOFOLLOW)
         except OSError:

@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 from syslog import LOG_DAEMON, LOG_ERR, LOG_INFO, LOG_WARNING
+from typing import Protocol
 
 from ..protocol import PIPE_BUF
 
@@ -21,6 +22,15 @@ SYSLOG_LEVELS = {"info": LOG_INFO, "warning": LOG_WARNING, "error": LOG_ERR}
 # macOS refuses local datagrams over 2048 bytes (net.local.dgram.maxdgram);
 # a longer line (a long path, escaped) goes to syslog cut, whole to the file.
 SYSLOG_MAX = 2048
+
+
+class Log(Protocol):
+    """What the server's parts log through: an EventLog, or a test's fake."""
+
+    def emit(self, level: str, event: str, **fields: object) -> None: ...
+    def info(self, event: str, **fields: object) -> None: ...
+    def warning(self, event: str, **fields: object) -> None: ...
+    def error(self, event: str, **fields: object) -> None: ...
 
 
 def format_value(value):
@@ -133,7 +143,7 @@ class EventLog:
         if old >= 0:
             os.close(old)
 
-    def emit(self, level, event, **fields):
+    def emit(self, level: str, event: str, **fields: object) -> None:
         """Write one event line to the file, to stderr and to syslog."""
         line = format_event(level, event, fields)
         self.append(line + "\n")
@@ -186,13 +196,13 @@ class EventLog:
             pass
         self.lost += 1
 
-    def info(self, event, **fields):
+    def info(self, event: str, **fields: object) -> None:
         self.emit("info", event, **fields)
 
-    def warning(self, event, **fields):
+    def warning(self, event: str, **fields: object) -> None:
         self.emit("warning", event, **fields)
 
-    def error(self, event, **fields):
+    def error(self, event: str, **fields: object) -> None:
         self.emit("error", event, **fields)
 
     def close(self):

@@ -13,11 +13,17 @@ import itertools
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .. import protocol
 from . import verifier
 from . import worker as worker_mod
+from .log import Log
+
+if TYPE_CHECKING:
+    from .scheduler import Assignment
 
 BACKOFF_FIRST = 0.1    # seconds before re-forking after a worker died young
 BACKOFF_MAX = 5.0      # ... doubling per consecutive failure, up to this
@@ -52,12 +58,12 @@ class Worker:
     from_worker: int = -1           # we read results here (non-blocking)
     heard_at: float = 0.0           # last frame or fork time: the hang clock
     started: float = 0.0
-    assignment: object = None       # the Assignment in flight, if any
+    assignment: "Assignment | None" = None  # the Assignment in flight, if any
     warnings: int = 0
     results: int = 0                # files answered
     confirmed: int = 0              # answers another reading agreed with: trust
     completed: int = 0              # assignments answered
-    killed_for: str = None          # why we killed it, if we did
+    killed_for: str | None = None   # why we killed it, if we did
     lines: protocol.LineBuffer = field(default_factory=protocol.LineBuffer)
     outbuf: bytearray = field(default_factory=bytearray)
 
@@ -75,13 +81,13 @@ class Totals:
 class Slot:
     index: int
     state: State = State.DOWN
-    worker: Worker = None
+    worker: Worker | None = None    # None while DOWN
     restart_at: float = 0.0
     failures: int = 0               # consecutive deaths before doing any work
     stillborn: int = 0              # consecutive deaths before even saying ready
     forks: int = 0
 
-    def enter(self, new):
+    def enter(self, new: State) -> None:
         """Move to state `new`; the transition table is the law."""
         if new not in TRANSITIONS[self.state]:
             raise RuntimeError(f"slot {self.index}: {self.state.name} -> {new.name}")
@@ -91,21 +97,23 @@ class Slot:
 class Supervisor:
     """Fork, watch, reap and replace workers; never block."""
 
-    def __init__(self, count, spawn, clock, log, hang_timeout):
+    def __init__(self, count: int, spawn: Callable[[Slot], Worker], clock: Callable[[], float],
+                 log: Log, hang_timeout: float) -> None:
         self.slots = [Slot(i) for i in range(count)]
         self.spawn = spawn          # spawn(slot) -> Worker, with pid and pipes
         self.clock = clock
         self.log = log
         self.hang_timeout = hang_timeout
-        self.by_pid = {}
-        self.by_wid = {}            # live workers, by incarnation id
+        self.by_pid: dict[int, Worker] = {}
+        self.by_wid: dict[int, Worker] = {}     # live workers, by incarnation id
         self.stopping = False       # shutting down: reap, but do not replace
-        self.recent_forks = collections.deque(maxlen=MAX_FORKS_PER_SECOND)
+        self.recent_forks: collections.deque[float] = collections.deque(
+            maxlen=MAX_FORKS_PER_SECOND)
         self.totals = Totals()
-        self.spawn_error = None     # why the last fork failed, until one succeeds
+        self.spawn_error: str | None = None     # why the last fork failed, until one succeeds
 
     # -- starting -------------------------------------------------------
-    def start_due(self):
+    def start_due(self) -> None:
         """Fork into every DOWN slot whose restart time has come.
 
         Restarts after a death in infancy also wait for the global rate cap;
@@ -116,18 +124,18 @@ class Supervisor:
             if slot.state is State.DOWN and self.restart_time(slot) <= now:
                 self.start(slot, now)
 
-    def restart_time(self, slot):
+    def restart_time(self, slot: Slot) -> float:
         if slot.failures:
             return max(slot.restart_at, self.fork_allowed_at())
         return slot.restart_at
 
-    def fork_allowed_at(self):
+    def fork_allowed_at(self) -> float:
         """When the next fork keeps us within MAX_FORKS_PER_SECOND."""
         if len(self.recent_forks) < MAX_FORKS_PER_SECOND:
             return float("-inf")
         return self.recent_forks[0] + 1.0
 
-    def start(self, slot, now):
+    def start(self, slot: Slot, now: float) -> None:
         try:
             worker = self.spawn(slot)
         except OSError as exc:          # EMFILE, EAGAIN: out of fds or processes
@@ -150,18 +158,18 @@ class Supervisor:
         self.log.info("worker.forked", slot=slot.index, pid=worker.pid,
                       restart=slot.forks > 1 or None)
 
-    def on_ready(self, worker):
+    def on_ready(self, worker: Worker) -> None:
         """The worker said hello: it may take work."""
         slot = self.slots[worker.slot]
         slot.stillborn = 0
         slot.enter(State.IDLE)                      # STARTING -> IDLE
 
-    def assigned(self, worker, assignment):
+    def assigned(self, worker: Worker, assignment: "Assignment") -> None:
         worker.assignment = assignment
         worker.heard_at = self.clock()
         self.slots[worker.slot].enter(State.BUSY)   # IDLE -> BUSY
 
-    def answered(self, worker):
+    def answered(self, worker: Worker) -> None:
         """The worker answered its assignment: it may take the next."""
         worker.assignment = None
         worker.completed += 1
@@ -169,16 +177,16 @@ class Supervisor:
         slot.failures = 0
         slot.enter(State.IDLE)                      # BUSY -> IDLE
 
-    def tally(self, worker):
+    def tally(self, worker: Worker) -> None:
         """Count one file a worker answered, for it and for the server's life."""
         worker.results += 1
         self.totals.files += 1
 
-    def heard_from(self, worker):
+    def heard_from(self, worker: Worker) -> None:
         worker.heard_at = self.clock()
 
     # -- stopping -------------------------------------------------------
-    def kill(self, worker, reason):
+    def kill(self, worker: Worker, reason: str) -> None:
         """SIGKILL a worker's process group; it is replaced once reaped."""
         slot = self.slots[worker.slot]
         if slot.worker is not worker or slot.state is State.KILLED:
@@ -189,49 +197,49 @@ class Supervisor:
         self.log.warning("worker.killed", slot=slot.index, pid=worker.pid,
                          reason=reason)
 
-    def alive(self, wid):
+    def alive(self, wid: int) -> Worker | None:
         """The worker of incarnation `wid`, or None once it is gone or being killed."""
         worker = self.by_wid.get(wid)
         if worker is None or self.slots[worker.slot].state is State.KILLED:
             return None
         return worker
 
-    def confirm(self, wid):
+    def confirm(self, wid: int) -> None:
         """Another reading agreed with worker `wid`'s: it earns trust (if it lives)."""
         worker = self.by_wid.get(wid)
         if worker is not None:
             worker.confirmed += 1
 
-    def note_lie(self, wid):
+    def note_lie(self, wid: int) -> Worker | None:
         """Count a proven lie for the server's life; return its liar if it is alive."""
         self.totals.warnings += 1
         return self.alive(wid)
 
-    def warn(self, worker):
+    def warn(self, worker: Worker) -> bool:
         """Count a detected lie; return True when the worker has earned a ban."""
         if self.slots[worker.slot].state is State.KILLED:
             return False                # already on its way out
         worker.warnings += 1
         return verifier.banned(worker.warnings)
 
-    def ban(self, worker):
+    def ban(self, worker: Worker) -> None:
         self.totals.bans += 1
         self.log.error("worker.banned", slot=worker.slot, pid=worker.pid,
                        warnings=worker.warnings)
         self.kill(worker, "banned")
 
-    def check_hangs(self):
+    def check_hangs(self) -> None:
         """Kill every worker silent for longer than the hang timeout."""
         now = self.clock()
         for slot in self.slots:
-            w = slot.worker
-            if slot.state in (State.STARTING, State.BUSY) and \
+            w = slot.worker         # never None while STARTING or BUSY
+            if w is not None and slot.state in (State.STARTING, State.BUSY) and \
                     now - w.heard_at > self.hang_timeout:
                 self.log.error("worker.hung", slot=slot.index, pid=w.pid,
                                silent=round(now - w.heard_at, 1))
                 self.kill(w, "hung")
 
-    def on_exit(self, pid, status):
+    def on_exit(self, pid: int, status: int) -> Worker | None:
         """A child was reaped: free its slot; return the Worker (None if unknown)."""
         worker = self.by_pid.pop(pid, None)
         if worker is None:
@@ -249,7 +257,7 @@ class Supervisor:
         self.schedule_restart(slot, worker, killed)
         return worker
 
-    def schedule_restart(self, slot, worker, killed):
+    def schedule_restart(self, slot: Slot, worker: Worker, killed: bool) -> None:
         """Restart at once after a useful life; back off after a death in infancy."""
         now = self.clock()
         if self.stopping:
@@ -265,7 +273,7 @@ class Supervisor:
         self.log.warning("worker.backoff", slot=slot.index, failures=slot.failures,
                          delay=round(delay, 2))
 
-    def hopeless(self):
+    def hopeless(self) -> bool:
         """True when no worker can start at all: every slot's keep dying unborn.
 
         Workers that start and then die are only backed off: the cause may go
@@ -273,40 +281,40 @@ class Supervisor:
         """
         return all(s.stillborn >= GIVE_UP_AFTER for s in self.slots)
 
-    def why_hopeless(self):
+    def why_hopeless(self) -> str:
         """What server.failed says: forks fail, or the workers die unborn."""
         if self.spawn_error:
             return f"no worker can be forked: {self.spawn_error}"
         return "workers die before they can start"
 
     # -- queries --------------------------------------------------------
-    def workers(self):
+    def workers(self) -> list[Worker]:
         return [s.worker for s in self.slots if s.worker is not None]
 
-    def idle(self):
-        return [s.worker for s in self.slots if s.state is State.IDLE]
+    def idle(self) -> list[Worker]:
+        return [s.worker for s in self.slots if s.state is State.IDLE and s.worker is not None]
 
-    def any_alive(self):
+    def any_alive(self) -> bool:
         """Is some worker ready for work, or at it?"""
         return any(s.state in (State.IDLE, State.BUSY) for s in self.slots)
 
-    def state_of(self, worker):
+    def state_of(self, worker: Worker) -> State:
         return self.slots[worker.slot].state
 
-    def next_deadline(self):
+    def next_deadline(self) -> float | None:
         """When the loop must wake for time-driven work, or None."""
         times = [self.restart_time(s) for s in self.slots if s.state is State.DOWN]
         times += [s.worker.heard_at + self.hang_timeout for s in self.slots
-                  if s.state in (State.STARTING, State.BUSY)]
+                  if s.state in (State.STARTING, State.BUSY) and s.worker is not None]
         return min(times, default=None)
 
 
-def backoff(failures):
+def backoff(failures: int) -> float:
     """Seconds to wait before the next fork after `failures` deaths in a row."""
     return min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
 
 
-def describe_status(status):
+def describe_status(status: int) -> dict[str, str | int]:
     """Turn a waitpid status into log fields: exit= or signal=."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -317,7 +325,7 @@ def describe_status(status):
     return {"exit": os.WEXITSTATUS(status)}
 
 
-def kill_group(pid, sig):
+def kill_group(pid: int, sig: int) -> None:
     """Signal a worker's process group (its children too), else the worker."""
     try:
         os.killpg(pid, sig)
@@ -331,11 +339,11 @@ def kill_group(pid, sig):
 class ForkSpawner:
     """Fork a real worker process tied to the server by two anonymous pipes."""
 
-    def __init__(self, chaos_for):
+    def __init__(self, chaos_for: Callable[[Slot], dict[str, object]]) -> None:
         self.chaos_for = chaos_for      # chaos_for(slot) -> dict for the child
         self._wids = itertools.count(1)
 
-    def __call__(self, slot):
+    def __call__(self, slot: Slot) -> Worker:
         chaos = self.chaos_for(slot)
         to_r, to_w = os.pipe()          # assignments: server -> worker
         try:
@@ -366,6 +374,6 @@ class ForkSpawner:
                       to_worker=to_w, from_worker=from_r)
 
 
-def _close(*fds):
+def _close(*fds: int) -> None:
     for fd in fds:
         os.close(fd)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import protocol, statuses
 from . import verifier
-from .log import EventLog
+from .log import Log
 from .scheduler import Job, Phase, Scheduler
 from .session import Sessions
 from .supervisor import Supervisor, Worker
@@ -26,7 +26,7 @@ Result = dict[str, Any]     # one file of a worker's answer, checked by protocol
 
 
 class Trust:
-    def __init__(self, config: "Config", log: EventLog, scheduler: Scheduler,
+    def __init__(self, config: "Config", log: Log, scheduler: Scheduler,
                  supervisor: Supervisor, sessions: Sessions) -> None:
         self.log = log
         self.scheduler = scheduler
