@@ -389,7 +389,7 @@ def check_results(frame: Frame, aid: int, paths: list[str]) -> list[dict]:
     if frame.get("id") != aid or not isinstance(answers, list) \
             or len(answers) != len(paths):
         raise ProtocolError("answer does not match its assignment")
-    for path, result in zip(paths, answers):
+    for path, result in zip(paths, answers, strict=True):
         if not isinstance(result, dict) or result.get("path") != path:
             raise ProtocolError("answered for a path it was not given")
         for key in _REASONS:

@@ -133,6 +133,8 @@ class Connection:
         """Yield reply frames until the server closes the reply FIFO; raise
         ClientError when it ends the session with an error frame."""
         for line in self.leftover:
+            if line is None:
+                raise protocol.ProtocolError("oversized reply")
             yield _unless_error(protocol.decode(line))
         while True:
             data = os.read(self.reply_fd, 65536)

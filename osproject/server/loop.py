@@ -7,11 +7,13 @@ never blocks on a client, a worker or a file, and never starts a thread:
 it forks, and fork in a threaded process can deadlock.
 """
 
+import functools
 import json
 import os
 import select
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import protocol
@@ -23,6 +25,8 @@ from .status import gather_status
 from .supervisor import ForkSpawner, State, Supervisor, Worker, kill_group
 from .trust import Trust
 
+# What to call when an fd is ready, and whose it is (to blame if the call fails).
+Handler = tuple[Callable[[], object], "Worker | Session | None"]
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FD_SETSIZE = 1024         # select() takes no fd at or above this (Linux, macOS)
 # stdio, the log, syslog, the wakeup pipe, the entrance both ways, and the
@@ -198,21 +202,21 @@ class Server:
         if removed:
             self.log.info("entrance.swept", dirs=removed)
 
-    def interest(self):
+    def interest(self) -> tuple[dict[int, Handler], dict[int, Handler]]:
         """Map each fd to watch to (handler, owner), for reading and for writing."""
-        readers = {self._wake_r: (self.on_signals, None),
-                   self.entrance.fd: (self.on_entrance, None)}
-        writers = {}
+        readers: dict[int, Handler] = {self._wake_r: (self.on_signals, None),
+                                       self.entrance.fd: (self.on_entrance, None)}
+        writers: dict[int, Handler] = {}
         for w in self.supervisor.workers():
             if w.from_worker >= 0:
-                readers[w.from_worker] = (lambda w=w: self.on_worker_readable(w), w)
+                readers[w.from_worker] = (functools.partial(self.on_worker_readable, w), w)
             if w.outbuf:
-                writers[w.to_worker] = (lambda w=w: self.flush_worker(w), w)
+                writers[w.to_worker] = (functools.partial(self.flush_worker, w), w)
         for s in self.sessions:
             # A client with many files in flight waits: its writes block in
             # the FIFO, and our queue stays bounded however fast it asks.
             if s.wants_requests and s.outstanding < MAX_OUTSTANDING:
-                readers[s.request_fd] = (lambda s=s: self.on_session_readable(s), s)
+                readers[s.request_fd] = (functools.partial(self.on_session_readable, s), s)
             if s.outbuf and not s.dead:
                 writers[s.reply_fd] = (s.flush, s)
         return readers, writers
@@ -391,7 +395,7 @@ class Server:
             results = protocol.check_results(frame, assignment.aid,
                                              [job.path for job in assignment.jobs])
             self.supervisor.answered(worker)
-            for job, result in zip(assignment.jobs, results):
+            for job, result in zip(assignment.jobs, results, strict=True):
                 self.trust.take_result(worker, job, result)
         else:
             raise Fault(f"unexpected frame in state {state.name}")

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..statuses import CHANGED, ERROR, NEW, OK, SKIPPED, UNSTABLE
+
 # Worker opinions per file: two that disagree, then more until two agree.
 # Honest workers always agree, so with at most two faulty workers of five a
 # majority appears by the fifth opinion; random lies never agree.

@@ -108,7 +108,7 @@ class WorkerProcess:
         self.parent = os.getppid()
         self.rng = random.Random()
         self._last_progress = 0.0
-        self._aid = None
+        self._aid = 0             # the assignment in hand (ids start at 1)
         self.files_done = 0
         self.dirs = Directories()
 
