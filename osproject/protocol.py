@@ -7,9 +7,10 @@ that are not UTF-8 travel as os.fsdecode() strings (surrogateescape); JSON
 carries the lone surrogates as \\udcXX and os.fsencode() restores the
 original bytes on the other side.
 
-Each frame is built by one function here and checked by one function here,
-so a field is added or renamed in one module (and in docs/protocol.md,
-which lists every frame and field).  Three channels:
+Each frame is built by one function here, and each frame a peer we do not
+trust sends (a client's requests, a worker's answers) is checked by one
+function here, so a field is added or renamed in one module (and in
+docs/protocol.md, which lists every frame and field).  Three channels:
 
 - the entrance FIFO: a client's hello (encode_hello, read_hello);
 - a client's two FIFOs: requests up (request, check_item, roots,
@@ -252,7 +253,8 @@ def _validate_item(item: object) -> None:
         raise ProtocolError(f"a file entry has only {', '.join(sorted(_ITEM_KEYS))}")
     if not is_absolute_path(item.get("path")):
         raise ProtocolError("a file entry needs an absolute path")
-    if not (is_absolute_path(item.get("sidecar")) or item.get("sidecar") is None):
+    if "sidecar" not in item or not (item["sidecar"] is None
+                                     or is_absolute_path(item["sidecar"])):
         raise ProtocolError("a file entry needs an absolute sidecar (or null: none)")
     if type(item.get("size", 0)) is not int:
         raise ProtocolError("size must be an integer")
@@ -378,6 +380,19 @@ _REASONS = ("error", "skipped", "unstable")
 _FLAGS = ("wrote", "racy", "discarded")
 
 
+def _is(value: object, number: int) -> bool:
+    """Is a decoded value this very integer (not 6159.0, not true for 1)?"""
+    return type(value) is int and value == number
+
+
+def is_ready(frame: Frame, pid: int) -> bool:
+    return _is(frame.get("ready"), pid)
+
+
+def is_progress(frame: Frame, aid: int) -> bool:
+    return _is(frame.get("progress"), aid)
+
+
 def check_results(frame: Frame, aid: int, paths: list[str]) -> list[dict]:
     """Return the results of a worker's answer to assignment `aid` of `paths`,
     each with "stat": (size, mtime, ctime, ino) when it has an md5; raise
@@ -386,7 +401,7 @@ def check_results(frame: Frame, aid: int, paths: list[str]) -> list[dict]:
     A worker is not trusted: whatever it says goes to a client and to the
     log only as a string of bounded length or a boolean."""
     answers = frame.get("results")
-    if frame.get("id") != aid or not isinstance(answers, list) \
+    if not _is(frame.get("id"), aid) or not isinstance(answers, list) \
             or len(answers) != len(paths):
         raise ProtocolError("answer does not match its assignment")
     for path, result in zip(paths, answers, strict=True):

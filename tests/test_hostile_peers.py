@@ -37,14 +37,15 @@ def test_frames_that_once_crashed_the_server_cost_only_their_session(server, tmp
     nested = b"[" * 60000 + b"\n"
     lone = b'{"id":1,"files":[{"kind":"check","path":"/x\\ud800","sidecar":"/x.md5"}]}\n'
     nul = b'{"id":1,"files":[{"kind":"check","path":"/x\\u0000y","sidecar":"/x.md5"}]}\n'
-    for payload in (nested, lone, nul):
+    no_sidecar = b'{"id":1,"files":[{"kind":"check","path":"/x"}]}\n'
+    for payload in (nested, lone, nul, no_sidecar):
         hostile_session(server, payload)
     for reply in ("/tmp/x\\u0000", "/tmp/\\ud800"):
         hello = b'{"hello":1,"request":"/tmp/r","reply":"%s"}\n' % reply.encode()
         fd = os.open(server.fifo, os.O_WRONLY | os.O_NONBLOCK)
         os.write(fd, hello)
         os.close(fd)
-    wait_until(lambda: len(server.events("request.refused")) >= 5, what="five refusals")
+    wait_until(lambda: len(server.events("request.refused")) >= 6, what="six refusals")
     still_serves(server, tmp_path)
     assert server.events("server.error") == [], "a refusal must not need the safety net"
 

@@ -113,6 +113,7 @@ def test_a_request_built_by_the_client_is_one_the_server_accepts():
     ({"roots": ["/a"], "count": 1, "id": 1, "files": []}, "nothing else"),
     ({"id": 1, "files": [{"kind": "check", "path": "f", "sidecar": None}]}, "absolute path"),
     ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": "f.md5"}]}, "sidecar"),
+    ({"id": 1, "files": [{"kind": "check", "path": "/f"}]}, "sidecar"),
     ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None, "size": "9"}]},
      "size"),
     ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None, "dir": [1]}]},
@@ -149,7 +150,11 @@ def test_a_worker_answer_must_match_its_assignment_path_for_path():
     good = {"path": "/t/f", "md5": MD5, "size": 1, "mtime": 2, "ctime": 3, "ino": 4}
     [result] = protocol.check_results(protocol.results(5, [dict(good)]), 5, ["/t/f"])
     assert result["stat"] == (1, 2, 3, 4)
+    assert protocol.is_ready({"ready": 41}, 41) and protocol.is_progress({"progress": 5}, 5)
+    assert not protocol.is_ready({"ready": 41.0}, 41) and not protocol.is_progress({}, 5)
+    assert not protocol.is_progress({"progress": True}, 1)
     for frame, why in ((protocol.results(6, [good]), "does not match"),
+                       ({"id": 5.0, "results": [good]}, "does not match"),
                        (protocol.results(5, [good, good]), "does not match"),
                        (protocol.results(5, [{**good, "path": "/etc/passwd"}]), "not given"),
                        (protocol.results(5, [{**good, "md5": "x" * 32}]), "malformed md5"),

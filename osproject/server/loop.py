@@ -386,9 +386,9 @@ class Server:
 
     def on_worker_frame(self, worker, frame):
         state = self.supervisor.state_of(worker)
-        if frame.get("ready") == worker.pid and state is State.STARTING:
+        if state is State.STARTING and protocol.is_ready(frame, worker.pid):
             self.supervisor.on_ready(worker)
-        elif state is State.BUSY and frame.get("progress") == worker.assignment.aid:
+        elif state is State.BUSY and protocol.is_progress(frame, worker.assignment.aid):
             self.supervisor.heard_from(worker)
         elif "results" in frame and state is State.BUSY:
             assignment = worker.assignment
