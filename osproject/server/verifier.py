@@ -69,6 +69,23 @@ def judge(expected, opinions, cross_check, max_opinions=MAX_OPINIONS):
     return Verdict(UNSTABLE, reason="no two readings agree")
 
 
+def settles_at_once(job, result):
+    """Does this first reading settle a client's file OK by itself?
+
+    The common case of a clean verify: a worker's first reading of a file
+    with a baseline gives that very hash, read whole and stable, with no
+    error.  judge() says OK for it with no vote against, so nothing is
+    punished, repaired, discarded or kept for re-checks: the server answers
+    at once (Trust.answer_ok), without the vote machinery.  Re-checks and
+    proofs always go the long way.
+    """
+    return (job.expected is not None and result.get("md5") == job.expected
+            and not job.opinions and job.reverify_of is None and job.proving is None
+            and not job.declined and not (job.repairing or job.discarding or job.done)
+            and "unstable" not in result and not result.get("error")
+            and not result.get("wrote"))
+
+
 def _status(expected, agreed):
     if expected is None:
         return NEW
