@@ -52,8 +52,11 @@ def judge(expected, opinions, cross_check, max_opinions=MAX_OPINIONS):
     like a worker but is never warned.  `cross_check` asks for a second
     opinion even where a single one would do (a file with no baseline).
     """
-    if expected is not None and len(opinions) == 1 and opinions[0].md5 == expected:
-        return Verdict(OK, expected)            # the common case, settled at once
+    if len(opinions) == 1:                      # the common cases, settled at once
+        if expected is not None and opinions[0].md5 == expected:
+            return Verdict(OK, expected)
+        if expected is None and not cross_check:
+            return Verdict(NEW, opinions[0].md5, checked=False)
     hashes = Counter(v.md5 for v in opinions)
     if expected is not None:
         hashes[expected] += 1
