@@ -38,10 +38,16 @@ PIPE_BUF = getattr(select, "PIPE_BUF", 512)
 # A hello must never interleave with another client's, on any system: keep it
 # within _POSIX_PIPE_BUF, the least PIPE_BUF POSIX allows.
 HELLO_MAX = min(PIPE_BUF, 512)
-# A frame holds at most 5 files, each a path and a sidecar path of up to
-# PATH_MAX bytes, and JSON spells a byte that is not UTF-8 in 6 characters.
+# A frame of 5 files, each a path and a sidecar path of up to PATH_MAX
+# bytes, always fits, though JSON spells a byte that is not UTF-8 in 6
+# characters; a client's request of more files is cut to fit (see
+# MAX_REQUEST).
 MAX_FRAME = 512 * 1024
-MAX_PATHS = 5          # files per worker assignment, and per client request
+MAX_PATHS = 5          # files per worker assignment
+# Files per client request: the server cuts a request into assignments of
+# MAX_PATHS.  A request whose frame would exceed MAX_FRAME goes as requests
+# of MAX_PATHS files instead.
+MAX_REQUEST = 50
 MAX_ROOTS = 64         # roots a client names in its roots frame, for the log
 PID_MAX = 4194304      # the widest pid (Linux's limit): the longest hello has it
 HELLO_VERSION = 1
@@ -208,7 +214,7 @@ def check_item(path: str, sidecar: str | None, directory: Identity | None,
 
 
 def request(rid: int, items: list[Frame]) -> Frame:
-    """A request: up to MAX_PATHS files, answered one verdict each under `rid`."""
+    """A request: up to MAX_REQUEST files, answered one verdict each under `rid`."""
     return {"id": rid, "files": items}
 
 
@@ -239,8 +245,8 @@ def validate_request(frame: Frame) -> Frame:
         return frame
     files = frame.get("files")
     if set(frame) != {"id", "files"} or type(frame["id"]) is not int \
-            or not isinstance(files, list) or not 0 < len(files) <= MAX_PATHS:
-        raise ProtocolError("a request has an id and 1 to 5 files, nothing else")
+            or not isinstance(files, list) or not 0 < len(files) <= MAX_REQUEST:
+        raise ProtocolError(f"a request has an id and 1 to {MAX_REQUEST} files, nothing else")
     for item in files:
         _validate_item(item)
     return frame

@@ -134,7 +134,8 @@ def write_sidecar(sidecar: str, md5: str, name: str, replace: bool,
     The temp file is created O_EXCL|O_NOFOLLOW in the sidecar's directory and
     renamed over it, so a planted symlink or hard link is replaced, never
     written through.  With replace False an existing sidecar is left alone
-    (link(2) refuses to clobber) and False is returned.  With dir_fd,
+    (link(2) refuses to clobber) and False is returned; on Linux the new
+    sidecar is then an O_TMPFILE file, named by linkat(2) (_link_anonymous).  With dir_fd,
     `sidecar` is a name in that directory: nothing is looked up by path.
     """
     if dir_fd is None:
@@ -144,6 +145,10 @@ def write_sidecar(sidecar: str, md5: str, name: str, replace: bool,
             return write_sidecar(sidecar, md5, name, replace, dir_fd=fd)
         finally:
             os.close(fd)
+    if not replace:
+        written = _link_anonymous(sidecar, format_line(md5, name), dir_fd)
+        if written is not None:
+            return written
     tmp, fd = _create_temp(dir_fd)
     try:
         try:
@@ -161,6 +166,45 @@ def write_sidecar(sidecar: str, md5: str, name: str, replace: bool,
         return True
     finally:
         _unlink_quietly(tmp, dir_fd)  # gone already after a successful os.replace
+
+
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+_PROC_FD = "/proc/self/fd"
+# O_TMPFILE unknown to the kernel or the file system, or no /proc to link from
+_NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT}
+
+
+def _link_anonymous(sidecar: str, data: bytes, dir_fd: int) -> bool | None:
+    """Write a new sidecar as an unnamed file, then give it its name: True if
+    written, False if the name is taken, None where this cannot be done.
+
+    Linux: O_TMPFILE makes a file with no name in the directory, and
+    linkat(2) through /proc/self/fd names it, refusing, like link(2) in the
+    general way, to clobber anything there.  One directory operation in
+    place of three (create a temp name, link, unlink it), and nothing is
+    left behind by a worker killed in between.
+    """
+    if not _O_TMPFILE:
+        return None
+    try:
+        fd = os.open(".", os.O_WRONLY | _O_TMPFILE | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in _NO_TMPFILE:
+            return None
+        raise
+    try:
+        os.write(fd, data)
+        try:
+            os.link(f"{_PROC_FD}/{fd}", sidecar, dst_dir_fd=dir_fd, follow_symlinks=True)
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            if os.path.isdir(_PROC_FD):
+                raise                   # the directory itself went away
+            return None
+        return True
+    finally:
+        os.close(fd)
 
 
 def _create_temp(dir_fd: int) -> tuple[str, int]:

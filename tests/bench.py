@@ -10,7 +10,9 @@ What is measured
              the machine's MD5 ceiling (`openssl speed -evp md5 -multi NPROC`,
              16384-byte column): ceiling = total bytes / openssl's rate.
   S verify   20,000 files of 1-16 KiB in 100 directories, sidecars present.
-             peers: md5deep -r, and find | xargs -0 -P2 -n500 md5sum.
+             peers: md5deep -r, find | xargs -0 -P2 -n500 md5sum, and a plain
+             one-process Python verifier (`reference_verify` below: os.scandir
+             walk, read each sidecar, hashlib.md5, compare).
   S create   the same tree with every *.md5 moved away before each run (ours and
              peer alike; moved, not unlinked: see Graveyard), so each run
              writes all the sidecars, and our catalog deleted too: a true
@@ -21,7 +23,8 @@ What is measured
              workers together, and of the client, sampled with psutil every
              50 ms from a thread of the bench while the client runs: once on
              the S tree (verify) and on the T tree, 200,000 files of 100 bytes
-             in 1,000 directories (one first run, then one verify run, each
+             in 1,000 directories (BENCH_TINY sets the count: 1000000 shows
+             that RSS stays flat; one first run, then one verify run, each
              against a freshly started server).  server+workers adds up RSS,
              so pages the forked workers still share with the server count
              once per process: an upper bound.
@@ -34,6 +37,13 @@ How
   times and the table shows the medians and peer/ours (> 1: we are faster).
   Each server is probed with a one-file check before timing, so worker
   start-up is never timed.
+
+  Beside each wall ratio the table shows CPU seconds (user + system): ours
+  per process, client / server / workers (the client's from wait4(2), the
+  server's and its workers' from psutil, before and after the run), and
+  the peer's (its reaped children, getrusage), each also in microseconds
+  per file.  On a machine whose cores other work shares, CPU is the
+  steadier measure; wall time is what the user waits.
 
   The client keeps a catalog of every entry it checked.  Each measured
   scenario has a catalog of its own in the temp directory (--catalog), never
@@ -50,6 +60,7 @@ Environment
                   the number of S and T files and directories (default 1;
                   0.01 is a quick check)
   BENCH_REPEAT=N  runs of each side of a pair (default 3; the RSS runs are single)
+  BENCH_TINY=N    files in the T corpus (default 200000, times BENCH_SCALE)
 
 Exit status: 0, or 1 when ours failed: the client exited non-zero on a tree
 nobody altered (2: it could not do its job; 1: it reported CHANGED or MISSING),
@@ -63,6 +74,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -106,17 +118,21 @@ def log(message):
 class Settings:
     scale: float
     repeat: int
+    tiny: int = 200_000
 
     @classmethod
     def from_env(cls):
         try:
             scale = float(os.environ.get("BENCH_SCALE", "1"))
             repeat = int(os.environ.get("BENCH_REPEAT", "3"))
+            tiny = int(os.environ.get("BENCH_TINY", "200000"))
         except ValueError as exc:
-            raise SystemExit(f"bench: bad BENCH_SCALE or BENCH_REPEAT: {exc}") from None
-        if not (math.isfinite(scale) and scale > 0) or repeat < 1:
-            raise SystemExit("bench: BENCH_SCALE must be > 0 and BENCH_REPEAT >= 1")
-        return cls(scale, repeat)
+            raise SystemExit(f"bench: bad BENCH_SCALE, BENCH_REPEAT or BENCH_TINY: {exc}") \
+                from None
+        if not (math.isfinite(scale) and scale > 0) or repeat < 1 or tiny < 1:
+            raise SystemExit("bench: BENCH_SCALE must be > 0, BENCH_REPEAT and BENCH_TINY "
+                             ">= 1")
+        return cls(scale, repeat, tiny)
 
     def count(self, full):
         """A count of files or directories at this scale, at least 1."""
@@ -252,6 +268,7 @@ class Server:
         self.fifo = os.path.join(self.dir, "server.fifo")
         self.stderr_path = os.path.join(self.dir, "stderr")
         self.proc = None
+        self.last_cpu = None        # CPU seconds of the last run of ours, per process
 
     def __enter__(self):
         self._stderr = open(self.stderr_path, "wb")
@@ -308,6 +325,28 @@ class Server:
     def last_words(self, lines=5):
         return tail(self.stderr_path, lines, "server stderr")
 
+    def cpu(self):
+        """(the server's CPU seconds, {worker pid: its CPU seconds}) so far, or None."""
+        if psutil is None:
+            return None
+        try:
+            server = psutil.Process(self.proc.pid)
+            own = cpu_seconds(server)
+            workers = {}
+            for child in server.children(recursive=True):
+                try:
+                    workers[child.pid] = cpu_seconds(child)
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            return None
+        return own, workers
+
+
+def cpu_seconds(process):
+    times = process.cpu_times()
+    return times.user + times.system
+
 
 def run_ours(server, tree, catalog, sampler=None):
     """Run the client once on tree with the catalog file `catalog`; return its seconds.
@@ -316,6 +355,7 @@ def run_ours(server, tree, catalog, sampler=None):
     altered, so 1 (CHANGED or MISSING) is as wrong as 2 (could not check).
     """
     err_path = os.path.join(server.dir, "client.stderr")
+    before = server.cpu()
     with open(err_path, "wb") as err:
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, CLIENT, "--fifo", server.fifo,
@@ -325,7 +365,8 @@ def run_ours(server, tree, catalog, sampler=None):
         try:
             if sampler:
                 sampler.start(proc.pid)
-            status = proc.wait()
+            _, wait_status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = status = os.waitstatus_to_exitcode(wait_status)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -333,6 +374,13 @@ def run_ours(server, tree, catalog, sampler=None):
             if sampler:
                 sampler.stop()
         seconds = time.perf_counter() - start
+    after = server.cpu()
+    server.last_cpu = None
+    if before and after:
+        server.last_cpu = {"client": usage.ru_utime + usage.ru_stime,
+                           "server": after[0] - before[0],
+                           "workers": sum(t - before[1].get(pid, 0.0)
+                                          for pid, t in after[1].items())}
     if status != 0:
         meaning = {1: "reported CHANGED or MISSING on an untouched tree",
                    2: "could not do its job"}.get(status, "died")
@@ -423,15 +471,23 @@ def xargs_md5sum(per_call):
 MD5DEEP = Peer("md5deep -r", ("md5deep",), lambda tree: ["md5deep", "-r", tree])
 PYTHON_REFERENCE = Peer("python, 1 process", (),
                         lambda tree: [sys.executable, THIS, "--reference-create", tree])
+PYTHON_VERIFIER = Peer("python verify, 1 process", (),
+                       lambda tree: [sys.executable, THIS, "--reference-verify", tree])
 
 
-def run_peer(peer, tree, err_path):
-    """Run a peer once; return its seconds, or None (with a log line) if it failed."""
+def run_peer(peer, tree, err_path, cpu=None):
+    """Run a peer once; return its seconds, or None (with a log line) if it failed.
+
+    `cpu`, a list, gets the CPU seconds of the peer and all it started."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(err_path, "wb") as err:
         start = time.perf_counter()
         status = subprocess.run(peer.argv(tree), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err).returncode
         seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cpu is not None:
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     if status != 0:
         log(f"peer {peer.name!r} exited with status {status}"
             + tail(err_path, 3, "its stderr"))
@@ -456,6 +512,28 @@ def reference_create(root):
             f.write(f"{digest}  {os.path.basename(path)}\n")
         os.replace(tmp, path + SUFFIX)
     return 0
+
+
+def reference_verify(root):
+    """The plain peer of a verify: one process, no server, no threads, no catalog.
+
+    Walk with os.scandir; for each file, read `<file>.md5`, take its hash,
+    hash the file with hashlib.md5 and compare.  Exit 1 if any differs or
+    has no sidecar.
+    """
+    bad = 0
+    for path in walk_files(root):
+        if path.endswith(SUFFIX):
+            continue
+        try:
+            with open(path + SUFFIX, "rb") as f:
+                expected = f.read(64).split(b" ", 1)[0].decode("ascii")
+        except OSError:
+            bad += 1
+            continue
+        with open(path, "rb") as f:
+            bad += hashlib.file_digest(f, "md5").hexdigest() != expected
+    return 1 if bad else 0
 
 
 # -- the MD5 ceiling ----------------------------------------------------------
@@ -503,7 +581,7 @@ class Bench:
         self.settings = settings
         self.report = report
 
-    def compare(self, label, server, tree, catalog, peer, prepare=None):
+    def compare(self, label, server, tree, catalog, peer, files, prepare=None):
         """Ours and peer alternately, `repeat` times each; add and return their medians.
 
         `prepare` runs untimed before every run of either side.  Returns
@@ -514,8 +592,15 @@ class Bench:
                              "not installed")
             return None
         peer_err = os.path.join(self.work, "peer.stderr")
-        sides = {"ours": (lambda: run_ours(server, tree, catalog), []),
-                 peer.name: (lambda: run_peer(peer, tree, peer_err), [])}
+        ours_cpu, peer_cpu = [], []
+
+        def ours_run():
+            seconds = run_ours(server, tree, catalog)
+            if server.last_cpu:
+                ours_cpu.append(server.last_cpu)
+            return seconds
+        sides = {"ours": (ours_run, []),
+                 peer.name: (lambda: run_peer(peer, tree, peer_err, peer_cpu), [])}
         for i in range(1, self.settings.repeat + 1):
             for name, (run, times) in sides.items():
                 if prepare:
@@ -526,7 +611,10 @@ class Bench:
         ours_times, peer_times = sides["ours"][1], sides[peer.name][1]
         ours = statistics.median(ours_times)
         theirs = None if None in peer_times else statistics.median(peer_times)
-        self.report.row(label, peer.name, ours, theirs)
+        cpu = {k: statistics.median(c[k] for c in ours_cpu)
+               for k in ("client", "server", "workers")} if ours_cpu else None
+        self.report.row(label, peer.name, ours, theirs, files, cpu,
+                        statistics.median(peer_cpu) if theirs and peer_cpu else None)
         return ours, theirs
 
     def large(self):
@@ -544,7 +632,7 @@ class Bench:
             with Server(self.work, "L") as server:
                 first_run(server, root, catalog)
                 warm_cache(root)
-                times = self.compare(label, server, root, catalog, xargs_md5sum(1))
+                times = self.compare(label, server, root, catalog, xargs_md5sum(1), count)
             self.ceiling(count * size, times)
         finally:
             shutil.rmtree(root, ignore_errors=True)
@@ -588,19 +676,20 @@ class Bench:
             with Server(self.work, "S-verify") as server:
                 first_run(server, root, verify_catalog)     # fills the verify catalog
                 warm_cache(root)
-                for peer in (MD5DEEP, xargs_md5sum(500)):
+                for peer in (MD5DEEP, xargs_md5sum(500), PYTHON_VERIFIER):
                     self.compare(f"S verify {files} files", server, root, verify_catalog,
-                                 peer)
+                                 peer, files)
             self.measure_rss(f"S verify {files} files", root, verify_catalog)
             with Server(self.work, "S-create") as server:
                 self.compare(f"S create {files} files", server, root, create_catalog,
-                             PYTHON_REFERENCE, prepare=first_run_again)
+                             PYTHON_REFERENCE, files, prepare=first_run_again)
         finally:
             shutil.rmtree(root, ignore_errors=True)
             graveyard.clear()
 
     def tiny(self):
-        files, dirs = self.settings.count(200_000), self.settings.count(1_000)
+        files = self.settings.count(self.settings.tiny)
+        dirs = max(1, min(files, self.settings.count(1_000) * max(1, files // 200_000)))
         root = os.path.join(self.work, "T")
         if psutil is None:
             self.report.skip("T corpus (RSS only): psutil not installed")
@@ -655,10 +744,21 @@ class Report:
     skipped: list = field(default_factory=list)
     failures: list = field(default_factory=list)
 
-    def row(self, corpus, peer, ours, theirs):
+    def row(self, corpus, peer, ours, theirs, files=None, cpu=None, peer_cpu=None):
         ratio = f"{theirs / ours:.2f}" if theirs else "n/a"
+        if cpu:
+            total = sum(cpu.values())
+            ours_cpu = (f"{total:.2f} = {cpu['client']:.2f}/{cpu['server']:.2f}/"
+                        f"{cpu['workers']:.2f}")
+            per_file = (f"{total / files * 1e6:.0f} = " + "/".join(
+                f"{cpu[k] / files * 1e6:.0f}" for k in ("client", "server", "workers")))
+        else:
+            ours_cpu = per_file = "n/a"
+        theirs_cpu = (f"{peer_cpu:.2f} ({peer_cpu / files * 1e6:.0f})"
+                      if peer_cpu is not None and files else "n/a")
         self.rows.append((corpus, peer, fmt_seconds(ours),
-                          fmt_seconds(theirs) if theirs else "failed", ratio))
+                          fmt_seconds(theirs) if theirs else "failed", ratio,
+                          ours_cpu, per_file, theirs_cpu))
 
     def rss(self, label, peak, seconds):
         mib = {k: f"{v / MiB:.1f}" for k, v in peak.items()}
@@ -683,8 +783,9 @@ class Report:
         s = self.settings
         title = [f"osproject bench: BENCH_SCALE={s.scale:g}, medians of "
                  f"BENCH_REPEAT={s.repeat} interleaved runs", f"machine: {machine()}"]
-        header = ("corpus", "peer", "ours s", "peer s", "peer/ours")
-        timings = table([header, *self.rows], right=(2, 3, 4)) if self.rows else []
+        header = ("corpus", "peer", "ours s", "peer s", "peer/ours",
+                  "ours CPU s c/s/w", "ours CPU us/file c/s/w", "peer CPU s (us/file)")
+        timings = table([header, *self.rows], right=(2, 3, 4, 5, 6, 7)) if self.rows else []
         memory = table(self.rss_lines, right=(2, 3, 4, 5)) if self.rss_lines else []
         left_out = ([f"skipped: {what}" for what in self.skipped]
                     + [f"FAILED: {what}" for what in self.failures])
@@ -762,6 +863,8 @@ def main():
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--reference-create":
         sys.exit(reference_create(sys.argv[2]))
+    if len(sys.argv) == 3 and sys.argv[1] == "--reference-verify":
+        sys.exit(reference_verify(sys.argv[2]))
     try:
         sys.exit(main())
     except KeyboardInterrupt:

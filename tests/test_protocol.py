@@ -83,7 +83,7 @@ MD5 = "0123456789abcdef" * 2
 
 def test_a_request_built_by_the_client_is_one_the_server_accepts():
     item = protocol.check_item("/t/f", "/t/f.md5", (1, 2), MD5, 10, update=True)
-    frame = protocol.decode(protocol.encode(protocol.request(7, [item] * 5)))
+    frame = protocol.decode(protocol.encode(protocol.request(7, [item] * 50)))
     assert protocol.validate_request(frame)["files"][0] == {
         "kind": "check", "path": "/t/f", "sidecar": "/t/f.md5", "dir": [1, 2],
         "expected": MD5, "size": 10, "update": True}
@@ -95,8 +95,8 @@ def test_a_request_built_by_the_client_is_one_the_server_accepts():
 
 
 @pytest.mark.parametrize("frame, why", [
-    ({"id": 1, "files": []}, "1 to 5 files"),
-    ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None}] * 6}, "1 to 5"),
+    ({"id": 1, "files": []}, "1 to 50 files"),
+    ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None}] * 51}, "1 to 50"),
     ({"id": "1", "files": [{"kind": "check", "path": "/f", "sidecar": None}]}, "an id"),
     ({"id": 1, "files": [{"kind": "read", "path": "/f"}]}, 'kind "check"'),
     ({"id": 1, "files": [{"kind": "missing", "path": "/f", "sidecar": "/f.md5"}]},

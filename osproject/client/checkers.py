@@ -3,13 +3,16 @@
 The lister feeds a bounded queue, so memory does not grow with the tree.
 It judges what needs no hashing itself (directories, symlinks, special
 files, entries gone since the catalog recorded them); each checker takes a
-batch of up to five entries at a time (each batch goes to exactly one
+batch of up to BATCH entries at a time (each batch goes to exactly one
 checker, by the queue's own lock), sends the regular files among them as
-one request under the send lock, and keeps a few requests in flight; the
-reader thread routes each reply to the checker that asked, by request id.
-When all is in, the report prints the findings in path order, the catalog
-records them in one transaction, and the alterations go to the server's
-log, the audit trail.
+one request under the send lock (the server cuts it into assignments of
+at most five), and keeps a few requests in flight; the reader thread
+records each reply itself, against the entry its request id and index
+name, and frees the asking checker's place for its next request once the
+last verdict of a request is in: no second hand-off per reply.  When all
+is in, the report prints the findings in path order, the catalog records
+them in one transaction, and the alterations go to the server's log, the
+audit trail.
 """
 
 import itertools
@@ -26,8 +29,9 @@ from .lister import Entry, Lister
 from .progress import INTERVAL as PROGRESS_INTERVAL
 
 CHECKERS = 5
-WINDOW = 3              # requests each checker keeps in flight: 75 files in all
-QUEUE_SIZE = 200        # batches of five entries
+BATCH = protocol.MAX_REQUEST    # entries per queued batch, and so per request
+WINDOW = 2              # requests each checker keeps in flight: 500 files in all
+QUEUE_SIZE = 20         # batches of BATCH entries: 1,000 entries listed ahead
 AUDIT_PER_FRAME = 50    # alterations per audit frame
 
 
@@ -43,7 +47,7 @@ class Client:
         self.lister = Lister(store_dir, excludes, catalog, update)
         self.store_dir = store_dir
         self.queue: queue.Queue[list[Entry | findings.Finding] | None] = queue.Queue(QUEUE_SIZE)
-        self.waiting = {}                   # request id -> SimpleQueue of replies
+        self.waiting: dict[int, _Request] = {}  # request id -> _Request, until fully answered
         self.waiting_lock = threading.Lock()
         self.reader_done = False            # no more replies will be routed
         self.rids = itertools.count(1)
@@ -104,14 +108,14 @@ class Client:
 
     # -- the lister thread ------------------------------------------------
     def list_all(self, roots):
-        """Queue the entries in batches of five: one queue operation per batch."""
+        """Queue the entries in batches of BATCH: one queue operation per batch."""
         batch = []
         try:
             for root in roots:
                 for entry in self.lister.walk(root):
                     self.listed += 1
                     batch.append(entry)
-                    if len(batch) == protocol.MAX_PATHS:
+                    if len(batch) == BATCH:
                         if not self.put(batch):
                             return
                         batch = []
@@ -135,17 +139,17 @@ class Client:
 
     # -- the checker threads ----------------------------------------------
     def take_batch(self):
-        """Take the next batch of up to five entries; return (batch, lister_done)."""
+        """Take the next batch of up to BATCH entries; return (batch, lister_done)."""
         batch = self.queue.get()
         return ([], True) if batch is None else (batch, False)
 
-    def register(self, replies):
-        """Give a new request id whose replies the reader routes to `replies`."""
+    def register(self, request):
+        """Give a new request id, whose replies the reader records for `request`."""
         rid = next(self.rids)
         with self.waiting_lock:
             if self.reader_done:
                 raise ClientError(self.failure or "the server went away")
-            self.waiting[rid] = replies
+            self.waiting[rid] = request
         return rid
 
     def unregister(self, rid):
@@ -243,40 +247,68 @@ class Client:
                 self.fail("the server closed the session before it was done")
             with self.waiting_lock:
                 self.reader_done = True
-                for replies in self.waiting.values():
-                    replies.put(None)
+                for request in self.waiting.values():
+                    request.checker.places.release()    # it wakes, and sees us gone
+                self.waiting.clear()
 
     def route(self, frame):
         if "replies" in frame:
-            # one hand-off per checker per frame, not per file
-            by_checker: dict[int, tuple[queue.SimpleQueue, list[dict]]] = {}
-            with self.waiting_lock:
-                for reply in frame["replies"]:
-                    replies = self.waiting.get(reply["id"])
-                    if replies is not None:
-                        by_checker.setdefault(id(replies), (replies, []))[1].append(reply)
-            for replies, batch in by_checker.values():
-                replies.put(batch)
+            waiting = self.waiting
+            for reply in frame["replies"]:
+                request = waiting.get(reply["id"])
+                if request is not None:
+                    self.record(request, reply)
         elif "correct" in frame:
             fix = frame["correct"]
             self.report.correct(fix["path"], fix["status"], fix.get("md5"), fix.get("error"))
         elif "bye" in frame:
             self.bye = frame["bye"]
 
+    def record(self, request, reply):
+        """Report one verdict, in the reader thread; the last of a request frees
+        its checker's place.  A verdict the request does not hold, or one it
+        had already, is ignored."""
+        rid, index = reply["id"], reply["i"]
+        if type(index) is not int or not 0 <= index < len(request.entries) \
+                or request.entries[index] is None:
+            return
+        entry = request.entries[index]
+        request.entries[index] = None
+        finding = findings.of_file(entry, reply["status"], reply.get("md5"),
+                                   reply.get("error"), self.update,
+                                   unchecked=reply.get("unchecked", False))
+        if finding.repair:
+            finding = finding._replace(error=self.repair(entry, finding.md5))
+        self.report.add(finding)
+        request.due -= 1
+        if not request.due:
+            with self.waiting_lock:
+                if self.waiting.pop(rid, None) is not None:
+                    request.checker.places.release()
+
+
+class _Request:
+    """A request in flight: its entries by index, until the reader has them all."""
+    __slots__ = ("checker", "entries", "due")
+
+    def __init__(self, checker, entries):
+        self.checker = checker
+        self.entries = entries          # the reader sets each to None once answered
+        self.due = len(entries)
+
 
 class Checker:
-    """One checker thread: up to WINDOW requests in flight, its replies handed to it.
+    """One checker thread: up to WINDOW requests in flight.
 
     Keeping a few requests in flight hides the round trip through the server
-    and a worker; each file is still taken, asked about and reported by
-    exactly this one checker.
+    and a worker; each file is taken and asked about by exactly this one
+    checker, and its verdict reported by the reader, which frees one of the
+    checker's places per request answered in full.
     """
 
     def __init__(self, client):
         self.client = client
-        # lists of replies, from the reader thread; None: no more will come
-        self.replies: queue.SimpleQueue[list[dict] | None] = queue.SimpleQueue()
-        self.inflight = {}                  # rid -> [[(entry, item)...], replies due]
+        self.places = threading.Semaphore(WINDOW)   # one per request not in flight
 
     def run(self):
         try:
@@ -285,63 +317,60 @@ class Checker:
             self.client.fail(str(exc))
         except OSError as exc:
             self.client.fail(f"lost the server: {exc.strerror or exc}")
-        finally:
-            for rid in self.inflight:
-                self.client.unregister(rid)
 
     def loop(self):
-        done = False
-        while not self.client.stop.is_set():
-            self.collect(block=False)
-            if not done and len(self.inflight) < WINDOW:
-                batch, done = self.client.take_batch()
-                self.ask(batch)
-            elif self.inflight:
-                self.collect(block=True)
-            else:
+        client = self.client
+        while True:
+            self.places.acquire()
+            self.check_reader()
+            if client.stop.is_set():
                 return
+            batch, done = client.take_batch()
+            if done:
+                self.places.release()
+                break
+            self.ask(batch)
+        for _ in range(WINDOW):         # the last replies: all places back
+            self.places.acquire()
+            self.check_reader()
+
+    def check_reader(self):
+        """Raise ClientError once the reader is gone before the session's end."""
+        if self.client.reader_done and self.client.bye is None:
+            raise ClientError(self.client.failure or "the server went away")
 
     def ask(self, entries):
-        """Resolve what can be resolved here; send the rest as one request."""
+        """Resolve what can be resolved here; send the rest as one request
+        (in requests of MAX_PATHS if one would make too long a frame)."""
         asked = []
         for entry in entries:
             entry, item = self.client.prepare(entry)
             if item is not None:
                 asked.append((entry, item))
         if not asked:
+            self.places.release()
             return
-        rid = self.client.register(self.replies)
-        self.inflight[rid] = [asked, len(asked)]
-        self.client.conn.send(protocol.request(rid, [item for _, item in asked]))
+        if self.send(asked):
+            return
+        chunks = [asked[i:i + protocol.MAX_PATHS]      # long paths: five always fit
+                  for i in range(0, len(asked), protocol.MAX_PATHS)]
+        self.send(chunks[0], force=True)
+        for chunk in chunks[1:]:
+            self.places.acquire()
+            self.check_reader()
+            self.send(chunk, force=True)
 
-    def collect(self, block):
-        """Report the replies that have arrived; with block, wait for some first."""
-        while True:
-            try:
-                batch = self.replies.get(block=block)
-            except queue.Empty:
-                return
-            if batch is None:
-                raise ClientError(self.client.failure or "the server went away")
-            for reply in batch:
-                self.record(reply)
-            block = False
-
-    def record(self, reply):
-        rid = reply["id"]
-        state = self.inflight[rid]
-        entry, _ = state[0][reply["i"]]
+    def send(self, asked, force=False):
+        """Send `asked` as one request; unless forced, send nothing and return
+        False when its frame would be longer than MAX_FRAME."""
         client = self.client
-        finding = findings.of_file(entry, reply["status"], reply.get("md5"),
-                                   reply.get("error"), client.update,
-                                   unchecked=reply.get("unchecked", False))
-        if finding.repair:
-            finding = finding._replace(error=client.repair(entry, finding.md5))
-        client.report.add(finding)
-        state[1] -= 1
-        if not state[1]:
-            del self.inflight[rid]
+        rid = client.register(_Request(self, [entry for entry, _ in asked]))
+        data = protocol.encode(protocol.request(rid, [item for _, item in asked]))
+        if len(data) > protocol.MAX_FRAME and not force:
             client.unregister(rid)
+            return False
+        client.conn.send_data(data)
+        return True
 
 
 def _exists(name, dir_fd):

@@ -124,7 +124,10 @@ class Connection:
 
     def send(self, frame):
         """Write one request; the lock keeps frames from different checkers whole."""
-        data = protocol.encode(frame)
+        self.send_data(protocol.encode(frame))
+
+    def send_data(self, data):
+        """Write one encoded frame, whole (see send)."""
         with self.send_lock:
             while data:
                 data = data[os.write(self.request_fd, data):]

@@ -14,6 +14,7 @@ import heapq
 import json
 import os
 import pickle
+import struct
 import tempfile
 import threading
 from typing import IO
@@ -32,8 +33,11 @@ from ..statuses import (
     UNSTABLE,
 )
 from . import catalog
+from .findings import Finding
 
 RUN_LENGTH = 2000           # findings sorted in memory before they go to disk
+READ_AHEAD = 8192           # bytes of each run read at a time when they are merged
+_LENGTH = struct.Struct("<I")   # before each record on disk: its pickle's length
 
 
 def show_path(path):
@@ -329,7 +333,7 @@ class _SortedRuns:
     def __init__(self):
         self.run = []
         self.file: IO[bytes] | None = None
-        self.spans = []             # (offset, count) of each run on disk
+        self.spans: list[tuple[int, int]] = []   # (start, end) of each run on disk
 
     def add(self, key, finding):
         self.run.append((key, finding))
@@ -342,10 +346,17 @@ class _SortedRuns:
         self.file.seek(0, os.SEEK_END)
         self.run.sort(key=lambda pair: pair[0])
         offset = self.file.tell()
-        # One pickle per record: a fresh unpickler each time keeps no memo of them all.
-        for pair in self.run:
-            pickle.dump(pair, self.file)
-        self.spans.append((offset, len(self.run)))
+        # One pickle per record, after its length: each run is read back
+        # READ_AHEAD bytes at a time, so a merge of many runs holds a few
+        # records of each.  Plain tuples, not the named ones: pickled in C,
+        # with no __reduce__ call per Record, twice as fast.
+        write, pack, dumps = self.file.write, _LENGTH.pack, pickle.dumps
+        for key, finding in self.run:
+            data = dumps((key, _flat(finding)), pickle.HIGHEST_PROTOCOL)
+            write(pack(len(data)))
+            write(data)
+        self.file.flush()           # read back with pread(2), past the buffer
+        self.spans.append((offset, self.file.tell()))
         self.run = []
 
     def drain(self):
@@ -357,18 +368,57 @@ class _SortedRuns:
             return
         if self.run:
             self._spill()
-        streams = [self._read(self.file, offset, count) for offset, count in self.spans]
+        streams = [self._read(start, end) for start, end in self.spans]
         for _, finding in heapq.merge(*streams, key=lambda pair: pair[0]):
             yield finding
         self.file.close()
         self.file, self.spans = None, []
 
-    def _read(self, file, offset, count):
-        for _ in range(count):
-            file.seek(offset)
-            pair = pickle.load(file)
-            offset = file.tell()
-            yield pair
+    def _read(self, start, end):
+        """Yield the (key, finding) pairs of the run at start..end of the file."""
+        assert self.file is not None, "runs are read only while the file is open"
+        fd = self.file.fileno()
+        buf, pos = b"", 0
+        while start < end or pos < len(buf):
+            buf, pos, start = _ahead(fd, buf, pos, start, end, _LENGTH.size)
+            (size,) = _LENGTH.unpack_from(buf, pos)
+            buf, pos, start = _ahead(fd, buf, pos, start, end, _LENGTH.size + size)
+            pos += _LENGTH.size
+            key, flat = pickle.loads(buf[pos:pos + size])
+            pos += size
+            yield key, _unflat(flat)
+
+
+def _ahead(fd, buf, pos, start, end, need):
+    """Make buf[pos:] hold `need` bytes, reading on from `start`; return
+    (buf, pos, start) as they are then."""
+    if len(buf) - pos >= need:
+        return buf, pos, start
+    parts = [buf[pos:]]
+    have = len(parts[0])
+    while have < need:
+        data = os.pread(fd, min(max(need - have, READ_AHEAD), end - start), start)
+        if not data:
+            raise EOFError("the findings' temp file is cut short")
+        parts.append(data)
+        have += len(data)
+        start += len(data)
+    return b"".join(parts), 0, start
+
+
+def _flat(finding):
+    """A Finding as nested plain tuples (see _unflat)."""
+    was, now, stage = finding.was, finding.now, finding.stage
+    return (*finding[:6], tuple(tuple(c) for c in finding.changes),
+            was and tuple(was), now and tuple(now), stage and tuple(stage), *finding[10:])
+
+
+def _unflat(flat):
+    """The Finding _flat() made `flat` of."""
+    was, now, stage = flat[7:10]
+    return Finding._make((*flat[:6], tuple(catalog.Change(*c) for c in flat[6]),
+                          was and catalog.Record(*was), now and catalog.Record(*now),
+                          stage and catalog.Record(*stage), *flat[10:]))
 
 
 STATUS_COLUMNS = ("slot", "state", "pid", "uptime", "files", "warnings", "rss", "cpu",

@@ -61,6 +61,14 @@ def format_event(level, event, fields, now=None):
     return " ".join(parts)
 
 
+def _echo_bytes(line):
+    """A line as echo() writes it: at most PIPE_BUF bytes, ending in a newline."""
+    data = line.encode("utf-8", "backslashreplace")[:PIPE_BUF]
+    if not data.endswith(b"\n"):
+        data = data[:-1] + b"\n"
+    return data
+
+
 class SyslogError(Exception):
     """--syslog cannot work: no syslog daemon listens where we would send."""
 
@@ -129,6 +137,7 @@ class EventLog:
         self._fd = -1
         self._torn = False              # a short write left a line without its newline
         self.lost = 0                   # lines that could not be written
+        self._held = None               # lines emitted since the last flush(), if held
         self.reopen()
 
     def reopen(self):
@@ -139,17 +148,71 @@ class EventLog:
         """
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
                      | os.O_CLOEXEC, 0o640)
+        if self._fd >= 0:
+            self.flush()                # what came before the SIGHUP, to the old file
         old, self._fd = self._fd, fd
         if old >= 0:
             os.close(old)
 
+    def hold(self) -> None:
+        """From now on, keep the file's and stderr's lines until flush().
+
+        The server's loop flushes once per pass, before it waits again: a
+        first run logs thousands of lines, and one write(2) each, to the
+        file and to stderr (with a select() each), cost more than the rest
+        of their pass.  Syslog still gets each line as it comes.
+        """
+        if self._held is None:
+            self._held = []
+
     def emit(self, level: str, event: str, **fields: object) -> None:
         """Write one event line to the file, to stderr and to syslog."""
         line = format_event(level, event, fields)
-        self.append(line + "\n")
-        self.echo(line + "\n")
+        if self._held is not None:
+            self._held.append(line + "\n")
+        else:
+            self.append(line + "\n")
+            self.echo(line + "\n")
         if self.syslog is not None:
             self.syslog.send(level, line)
+
+    def flush(self):
+        """Write the lines held since the last flush: one write(2) to the file,
+        and to stderr as few writes of at most PIPE_BUF as they fit in."""
+        if not self._held:
+            return
+        lines, self._held = self._held, []
+        self.append_all(lines)
+        chunk = b""
+        for line in lines:
+            data = _echo_bytes(line)
+            if len(chunk) + len(data) > PIPE_BUF:
+                self.echo_bytes(chunk, chunk.count(b"\n"))
+                chunk = b""
+            chunk += data
+        self.echo_bytes(chunk, chunk.count(b"\n"))
+
+    def append_all(self, lines):
+        """append() of many lines in one write(2); after a short one, line by line."""
+        data = "".join(lines).encode("utf-8", "backslashreplace")
+        if self._torn:
+            data = b"\n" + data
+        try:
+            written = os.write(self._fd, data)
+        except OSError:
+            written = 0
+        if written == len(data):
+            self._torn = False
+            return
+        done = data[:written].count(b"\n") - (1 if self._torn and written else 0)
+        if written and not data[:written].endswith(b"\n"):
+            self.lost += 1                  # the line cut short
+            self._torn = True
+            done += 1
+        elif written:
+            self._torn = False
+        for line in lines[max(done, 0):]:
+            self.append(line)
 
     def append(self, line):
         """Write one line to the file in one write(2), or count it lost.
@@ -182,19 +245,20 @@ class EventLog:
         select() says a pipe is writable when PIPE_BUF bytes fit, and a write
         of at most PIPE_BUF is then all or nothing, so this never blocks.
         """
+        self.echo_bytes(_echo_bytes(line), 1)
+
+    def echo_bytes(self, data, lines):
+        """echo() of `lines` whole lines, at most PIPE_BUF bytes in all."""
         fd = self.stream.fileno() if self.stream is not None else -1
-        if fd < 0:
+        if fd < 0 or not data:
             return
-        data = line.encode("utf-8", "backslashreplace")[:PIPE_BUF]
-        if not data.endswith(b"\n"):
-            data = data[:-1] + b"\n"
         try:
             if select.select([], [fd], [], 0)[1]:
                 os.write(fd, data)
                 return
         except (OSError, ValueError):
             pass
-        self.lost += 1
+        self.lost += lines
 
     def info(self, event: str, **fields: object) -> None:
         self.emit("info", event, **fields)
@@ -206,6 +270,7 @@ class EventLog:
         self.emit("error", event, **fields)
 
     def close(self):
+        self.flush()
         try:
             os.close(self._fd)
         except OSError:                 # never: the data went out with each write

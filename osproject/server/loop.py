@@ -7,7 +7,6 @@ never blocks on a client, a worker or a file, and never starts a thread:
 it forks, and fork in a threaded process can deadlock.
 """
 
-import functools
 import json
 import os
 import select
@@ -25,8 +24,9 @@ from .status import gather_status
 from .supervisor import ForkSpawner, State, Supervisor, Worker, kill_group
 from .trust import Trust
 
-# What to call when an fd is ready, and whose it is (to blame if the call fails).
-Handler = tuple[Callable[[], object], "Worker | Session | None"]
+# What to call when an fd is ready, and whose it is: the handler is called with
+# its owner, if it has one, and the owner is blamed if the call fails.
+Handler = tuple[Callable[..., object], "Worker | Session | None"]
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FD_SETSIZE = 1024         # select() takes no fd at or above this (Linux, macOS)
 # stdio, the log, syslog, the wakeup pipe, the entrance both ways, and the
@@ -35,7 +35,7 @@ FD_SETSIZE = 1024         # select() takes no fd at or above this (Linux, macOS)
 OWN_FDS = 16
 # Each worker holds two pipe ends, each session two FIFOs, plus a refused one.
 MAX_WORKERS = (FD_SETSIZE - OWN_FDS - 2 * (MAX_SESSIONS + SPARE_SESSIONS + 1)) // 2
-MAX_OUTSTANDING = 100     # files a client may have in the server before we stop reading
+MAX_OUTSTANDING = 500     # files a client may have in the server before we stop reading
 STOP_GRACE = 2.0          # seconds workers get to leave after SIGTERM
 NO_WORKER_GRACE = 10.0    # seconds with no live worker before waiting clients are told
 SWEEP_INTERVAL = 10.0     # seconds between sweeps of dead clients' directories
@@ -94,6 +94,7 @@ class Server:
     def run(self):
         """Serve until SIGTERM or SIGINT; return the exit status."""
         self.install_signals()      # first: a SIGTERM from now on stops us cleanly
+        self.log.hold()             # each pass's lines go out together, at its end
         self.entrance.open()
         try:
             self.log.info("server.started", pid=os.getpid(), fifo=self.entrance.path,
@@ -168,6 +169,7 @@ class Server:
         self.sessions.close_finished()
         self.sessions.drop_idle()
         self.housekeeping()
+        self.log.flush()
 
     def housekeeping(self):
         """The checks that are due from time to time."""
@@ -203,28 +205,32 @@ class Server:
             self.log.info("entrance.swept", dirs=removed)
 
     def interest(self) -> tuple[dict[int, Handler], dict[int, Handler]]:
-        """Map each fd to watch to (handler, owner), for reading and for writing."""
+        """Map each fd to watch to (handler, owner), for reading and for writing;
+        a handler with an owner is called with it (no closure made per pass)."""
         readers: dict[int, Handler] = {self._wake_r: (self.on_signals, None),
                                        self.entrance.fd: (self.on_entrance, None)}
         writers: dict[int, Handler] = {}
         for w in self.supervisor.workers():
             if w.from_worker >= 0:
-                readers[w.from_worker] = (functools.partial(self.on_worker_readable, w), w)
+                readers[w.from_worker] = (self.on_worker_readable, w)
             if w.outbuf:
-                writers[w.to_worker] = (functools.partial(self.flush_worker, w), w)
+                writers[w.to_worker] = (self.flush_worker, w)
         for s in self.sessions:
             # A client with many files in flight waits: its writes block in
             # the FIFO, and our queue stays bounded however fast it asks.
             if s.wants_requests and s.outstanding < MAX_OUTSTANDING:
-                readers[s.request_fd] = (functools.partial(self.on_session_readable, s), s)
+                readers[s.request_fd] = (self.on_session_readable, s)
             if s.outbuf and not s.dead:
-                writers[s.reply_fd] = (s.flush, s)
+                writers[s.reply_fd] = (Session.flush, s)
         return readers, writers
 
     def contained(self, handler, owner):
         """Run a handler; a bug it hits costs its one client or worker, not the server."""
         try:
-            handler()
+            if owner is None:
+                handler()
+            else:
+                handler(owner)
         except Exception as exc:  # noqa: BLE001 - the server must outlive any one peer
             self.log.error("server.error", error=repr(exc)[:500],
                            peer=type(owner).__name__ if owner else "server",
@@ -287,6 +293,8 @@ class Server:
             if fd >= 0:
                 os.close(fd)
         worker.to_worker = worker.from_worker = -1
+        if worker.queued is not None:
+            self.requeue_unread(worker.queued)
         if worker.assignment is not None:
             self.requeue(worker.assignment, pid, verifier.blamed_for_death(worker.killed_for))
         self.trust.drop_proofs(worker.wid)
@@ -326,6 +334,19 @@ class Server:
             return None
         return self.workerless_since + NO_WORKER_GRACE
 
+    def requeue_unread(self, assignment):
+        """Put back the files queued behind the assignment a dead worker was on.
+
+        It never began them: a worker does its assignments one after the
+        other and writes each one's results before it reads the next, and
+        results written before it died are read before it is reaped (the
+        SIGCHLD comes after them, and a pass reads every ready fd before it
+        reaps).  So they are as they were: no death counts against them, no
+        temp file of its can be beside them, they need not go alone.
+        """
+        for job in reversed(assignment.jobs):
+            self.scheduler.requeue(job)
+
     def requeue(self, assignment, pid, blame):
         """Hand a dead worker's files to others; give up on one that kills them all."""
         self.log.info("assignment.requeued", slot=assignment.worker.slot, pid=pid,
@@ -342,14 +363,20 @@ class Server:
 
     # -- workers ----------------------------------------------------------
     def dispatch(self):
-        """Give every idle worker up to five waiting files (see Scheduler.take)."""
+        """Give every idle worker up to five waiting files (see Scheduler.take),
+        then each busy one the next five, to queue behind its own (PIPELINE):
+        should it die, those are put back as they were (requeue_unread)."""
         for worker in self.supervisor.idle():
-            assignment = self.scheduler.take(worker)
-            if assignment is None:
-                continue
-            worker.outbuf += protocol.encode(assignment.frame())
-            self.supervisor.assigned(worker, assignment)
-            self.flush_worker(worker)
+            self.assign(worker, self.scheduler.take(worker))
+        for worker in self.supervisor.with_room():
+            self.assign(worker, self.scheduler.take(worker))
+
+    def assign(self, worker, assignment):
+        if assignment is None:
+            return
+        worker.outbuf += protocol.encode(assignment.frame())
+        self.supervisor.assigned(worker, assignment)
+        self.flush_worker(worker)
 
     def flush_worker(self, worker):
         try:

@@ -53,7 +53,7 @@ def gather_status(server, asker=None):
             **usage(os.getpid()),
             "clients": sum(1 for s in server.sessions if s is not asker),
             "waiting": len(server.scheduler.pending),
-            "inflight": sum(len(w.assignment.jobs) for w in supervisor.workers()
-                            if w.assignment is not None),
+            "inflight": sum(len(a.jobs) for w in supervisor.workers()
+                            for a in supervisor.held(w)),
             "workers": [slot_row(slot, now) for slot in supervisor.slots],
             "totals": asdict(supervisor.totals)}

@@ -29,13 +29,17 @@ BACKOFF_FIRST = 0.1    # seconds before re-forking after a worker died young
 BACKOFF_MAX = 5.0      # ... doubling per consecutive failure, up to this
 GIVE_UP_AFTER = 8      # every slot's workers died this often before saying ready: stop
 MAX_FORKS_PER_SECOND = 5   # re-forks after infant deaths, however many slots fail
+# Assignments a worker holds at most: the one it reads, and the next, waiting
+# in its pipe, so that it goes on to the next without sleeping until the
+# server has read its results and answered.  Each is still of MAX_PATHS.
+PIPELINE = 2
 
 
 class State(enum.Enum):
     DOWN = "down"          # no process; (re)spawn when restart_at comes
     STARTING = "starting"  # forked, waiting for its ready frame
     IDLE = "idle"          # alive, waiting for an assignment
-    BUSY = "busy"          # an assignment is in flight
+    BUSY = "busy"          # an assignment is in flight (and maybe the next, queued)
     KILLED = "killed"      # SIGKILL sent (hung, banned, faulty), waiting to reap
 
 
@@ -59,6 +63,7 @@ class Worker:
     heard_at: float = 0.0           # last frame or fork time: the hang clock
     started: float = 0.0
     assignment: "Assignment | None" = None  # the Assignment in flight, if any
+    queued: "Assignment | None" = None      # the Assignment waiting behind it, if any
     warnings: int = 0
     results: int = 0                # files answered
     confirmed: int = 0              # answers another reading agreed with: trust
@@ -165,17 +170,29 @@ class Supervisor:
         slot.enter(State.IDLE)                      # STARTING -> IDLE
 
     def assigned(self, worker: Worker, assignment: "Assignment") -> None:
+        """Give a worker an assignment: its first, or the one queued behind it."""
+        if worker.assignment is not None:
+            worker.queued = assignment              # BUSY stays BUSY
+            return
         worker.assignment = assignment
         worker.heard_at = self.clock()
         self.slots[worker.slot].enter(State.BUSY)   # IDLE -> BUSY
 
     def answered(self, worker: Worker) -> None:
-        """The worker answered its assignment: it may take the next."""
-        worker.assignment = None
+        """The worker answered its assignment: it goes on to the queued one, if
+        any (its hang clock starting anew), else it may take the next."""
         worker.completed += 1
         slot = self.slots[worker.slot]
         slot.failures = 0
+        worker.assignment, worker.queued = worker.queued, None
+        if worker.assignment is not None:
+            worker.heard_at = self.clock()
+            return
         slot.enter(State.IDLE)                      # BUSY -> IDLE
+
+    def held(self, worker: Worker) -> "list[Assignment]":
+        """The assignments a worker holds, oldest first."""
+        return [a for a in (worker.assignment, worker.queued) if a is not None]
 
     def tally(self, worker: Worker) -> None:
         """Count one file a worker answered, for it and for the server's life."""
@@ -293,6 +310,11 @@ class Supervisor:
 
     def idle(self) -> list[Worker]:
         return [s.worker for s in self.slots if s.state is State.IDLE and s.worker is not None]
+
+    def with_room(self) -> list[Worker]:
+        """Busy workers that may take an assignment to queue behind theirs."""
+        return [s.worker for s in self.slots if s.state is State.BUSY
+                and s.worker is not None and len(self.held(s.worker)) < PIPELINE]
 
     def any_alive(self) -> bool:
         """Is some worker ready for work, or at it?"""

@@ -53,8 +53,11 @@ def judge(expected, opinions, cross_check, max_opinions=MAX_OPINIONS):
     like a worker but is never warned.  `cross_check` asks for a second
     opinion even where a single one would do (a file with no baseline).
     """
-    if expected is not None and len(opinions) == 1 and opinions[0].md5 == expected:
-        return Verdict(OK, expected)            # the common case, settled at once
+    if len(opinions) == 1:                      # the common cases, settled at once
+        if expected is not None and opinions[0].md5 == expected:
+            return Verdict(OK, expected)
+        if expected is None and not cross_check:
+            return Verdict(NEW, opinions[0].md5, checked=False)
     hashes = Counter(v.md5 for v in opinions)
     if expected is not None:
         hashes[expected] += 1
@@ -68,6 +71,23 @@ def judge(expected, opinions, cross_check, max_opinions=MAX_OPINIONS):
     if len(opinions) < max_opinions:
         return None
     return Verdict(UNSTABLE, reason="no two readings agree")
+
+
+def settles_at_once(job, result):
+    """Does this first reading settle a client's file OK by itself?
+
+    The common case of a clean verify: a worker's first reading of a file
+    with a baseline gives that very hash, read whole and stable, with no
+    error.  judge() says OK for it with no vote against, so nothing is
+    punished, repaired, discarded or kept for re-checks: the server answers
+    at once (Trust.answer_ok), without the vote machinery.  Re-checks and
+    proofs always go the long way.
+    """
+    return (job.expected is not None and result.get("md5") == job.expected
+            and not job.opinions and job.reverify_of is None and job.proving is None
+            and not job.declined and not (job.repairing or job.discarding or job.done)
+            and "unstable" not in result and not result.get("error")
+            and not result.get("wrote"))
 
 
 def _status(expected, agreed):

@@ -290,11 +290,18 @@ def is_racy(st, started_ns):
 
 
 def _digest(fd, size, progress):
-    """MD5 of the first `size` bytes (fewer if it shrank); growth shows in fstat."""
-    md5 = hashlib.md5()
+    """MD5 of the first `size` bytes (fewer if it shrank); growth shows in fstat.
+
+    A small file is read in one read(2), with no buffer of our own; a big
+    one, or one a first read did not read whole, through a CHUNK buffer.
+    """
+    data = os.read(fd, size) if 0 < size <= CHUNK else b""
+    if len(data) == size:
+        return hashlib.md5(data).hexdigest()
+    md5 = hashlib.md5(data)
     buf = bytearray(min(CHUNK, max(size, 1)))
     view = memoryview(buf)
-    left = size
+    left = size - len(data)
     while left > 0:
         n = os.readv(fd, [buf])
         if not n:
