@@ -20,6 +20,7 @@ import pwd
 import socket
 import sqlite3
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -47,6 +48,8 @@ _KIND_OF = {stat.S_IFREG: FILE, stat.S_IFDIR: DIR, stat.S_IFLNK: SYMLINK,
 _KIND_NAMES = {FILE: "regular file", DIR: "directory", SYMLINK: "symbolic link",
                FIFO: "FIFO", SOCKET: "socket", CHARDEV: "character device",
                BLOCKDEV: "block device", OTHER: "special file of unknown type"}
+# What os.fsencode() and os.fsdecode() do to a str, without their Python-level call.
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
 class CatalogError(Exception):
@@ -86,7 +89,8 @@ def record_from_stat(path: AnyPath, st: os.stat_result, target: AnyPath | None =
                      md5: str | None = None) -> Record:
     """The Record of an lstat() result; `target` and `md5` kept only where they mean something."""
     kind = _KIND_OF.get(stat.S_IFMT(st.st_mode), OTHER)
-    return Record(os.fsencode(path), kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+    return Record(path.encode(_FS_ENCODING, _FS_ERRORS) if type(path) is str  # os.fsencode
+                  else os.fsencode(path), kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                   st.st_size, st.st_ino, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns,
                   st.st_rdev if kind in _DEVICES else 0,
                   os.fsencode(target) if kind == SYMLINK and target is not None else None,
@@ -311,6 +315,15 @@ class Catalog:
         directory = os.fsencode(directory).rstrip(b"/") or b"/"
         rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE parent = ?", (directory,))
         return {os.path.basename(row[0]): Record._make(row) for row in rows}
+
+    def children_named(self, directory: AnyPath) -> dict[str, Record]:
+        """children(), keyed by the names as os.listdir() gives them (str):
+        the lister's lookups then need no os.fsencode() per name."""
+        directory = os.fsencode(directory).rstrip(b"/") or b"/"
+        rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE parent = ?", (directory,))
+        make = Record._make
+        return {row[0].rpartition(b"/")[2].decode(_FS_ENCODING, _FS_ERRORS): make(row)
+                for row in rows}
 
     def subtree(self, directory: AnyPath) -> Iterator[Record]:
         """Every entry strictly below `directory`, by path, a page at a time.

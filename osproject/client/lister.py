@@ -118,18 +118,21 @@ class Lister:
             yield findings.failed(directory, absdir, self.recorded(absdir),
                                   f"cannot list directory: {exc.strerror}")
             return []
-        recorded = self.catalog.children(absdir) if self.catalog is not None else {}
+        # name (str, as listed) -> Record: no os.fsencode() per name looked up
+        recorded = self.catalog.children_named(absdir) if self.catalog is not None else {}
         if not covered and recorded:    # a known tree inside a new root
             covered = self.catalog.knows_root(absdir)
         listing = _Listing(names, fd)
         sidecars = self.sidecars_of(absdir, fd, listing, recorded)
-        context = _Context(directory, absdir, identity, prefix, covered, recorded, sidecars)
+        context = _Context(directory, absdir, identity, prefix, covered, recorded, sidecars,
+                           _joiner(directory), _joiner(absdir))
         subdirs = []
+        below = context.below
         try:
             for name in names:
                 if name in sidecars.skip:
                     continue
-                path = os.path.join(directory, name)
+                path = below + name         # os.path.join(directory, name)
                 if self.excluded(path, prefix):
                     continue
                 st = listing.stat(name)
@@ -151,13 +154,13 @@ class Lister:
 
     def judge(self, name, path, st, listing, context, fd):
         """What one listed name is: a Finding, or an Entry for the checkers."""
-        key = os.path.join(context.absdir, name)
-        was = context.recorded.get(os.fsencode(name))
+        key = context.abs_below + name      # os.path.join(context.absdir, name)
+        was = context.recorded.get(name)
         if st is None:
             yield findings.failed(path, key, was, listing.error(name))
             return
         if stat.S_ISREG(st.st_mode):
-            yield self.file_entry(path, key, name, st, context)
+            yield self.file_entry(path, key, name, st, context, was)
         else:
             target = _readlink(name, fd) if stat.S_ISLNK(st.st_mode) else None
             yield findings.of_entry(path, key, was, _record(key, st, target),
@@ -165,9 +168,9 @@ class Lister:
         if was is not None and was.kind == catalog_mod.DIR and not stat.S_ISDIR(st.st_mode):
             yield from self.gone_below(key, path, context.prefix)   # what it held is gone
 
-    def file_entry(self, path, key, name, st, context):
-        """A regular file, with the hash to check it against."""
-        was = context.recorded.get(os.fsencode(name))
+    def file_entry(self, path, key, name, st, context, was):
+        """A regular file, with the hash to check it against (`was`: the
+        catalog's Record of it, or None)."""
         sidecars = context.sidecars
         sidecar_md5 = sidecar_error = None
         sidecar = None if name in sidecars.taken else store.sidecar_path(key, self.store_dir)
@@ -192,13 +195,13 @@ class Lister:
 
     def gone(self, context, listing):
         """What the catalog has here and the listing no longer finds."""
-        names = {os.fsencode(n) for n in listing.names}
-        for name in sorted(set(context.recorded) - names):
-            path = os.path.join(context.directory, os.fsdecode(name))
+        gone = set(context.recorded).difference(listing.names)
+        for name in sorted(gone, key=os.fsencode):      # in the order of their bytes
+            path = os.path.join(context.directory, name)
             if self.excluded(path, context.prefix):
                 continue
             was = context.recorded[name]
-            key = os.path.join(context.absdir, os.fsdecode(name))
+            key = os.path.join(context.absdir, name)
             yield findings.missing(path, key, was, self.update, dir=context.identity,
                                    sidecar=self.sidecar_of(was, key))
             if was.kind == catalog_mod.DIR:
@@ -262,14 +265,15 @@ class Lister:
             here = os.fstat(fd)
             st = os.lstat(name, dir_fd=fd)
             was = self.recorded(key)
-            recorded = {os.fsencode(name): was} if was is not None else {}
+            recorded = {name: was} if was is not None else {}
             listing = _Listing([name, name + store.SUFFIX], fd)
             if self.is_own_sidecar(name, fd):   # `integrity-client dir/*` names them too
                 yield from self.single_sidecar(root, directory, name, here, fd)
                 return
             sidecars = self.sidecars_of(directory, fd, listing, recorded)
             context = _Context(os.path.dirname(root), directory, (here.st_dev, here.st_ino),
-                               "", covered, recorded, sidecars)
+                               "", covered, recorded, sidecars,
+                               _joiner(os.path.dirname(root)), _joiner(directory))
             try:
                 yield from self.judge(name, root, st, listing, context, fd)
             finally:
@@ -323,8 +327,10 @@ class _Context(NamedTuple):
     identity: tuple
     prefix: str
     covered: bool
-    recorded: dict
+    recorded: dict          # name (str, as listed) -> the catalog's Record
     sidecars: object
+    below: str              # directory + "/": a name's path is below + name
+    abs_below: str          # absdir + "/": a name's key
 
 
 class _Listing:
@@ -375,11 +381,11 @@ class _Sidecars:
             if not name.endswith(store.SUFFIX):
                 continue
             stem = name[:-len(store.SUFFIX)]
-            if os.fsencode(name) in recorded:    # a file of its own, as first seen
+            if name in recorded:                # a file of its own, as first seen
                 if stem in names:
                     self.taken.add(stem)
                 continue
-            was = recorded.get(os.fsencode(stem))
+            was = recorded.get(stem)
             if stem in names and was is not None and was.kind == catalog_mod.FILE:
                 # Its file's sidecar, read and judged with it.  A directory or
                 # anything else in its place is found when it is read, and is
@@ -409,8 +415,7 @@ class _Sidecars:
         """With --store: sidecars in the mirror whose file is gone and unrecorded."""
         for name in self.names:
             stem = name[:-len(store.SUFFIX)]
-            if not name.endswith(store.SUFFIX) or stem in names \
-                    or os.fsencode(stem) in recorded:
+            if not name.endswith(store.SUFFIX) or stem in names or stem in recorded:
                 continue
             try:
                 md5 = self.read(stem)
@@ -437,6 +442,11 @@ class _Sidecars:
         if self._own and self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _joiner(directory):
+    """What os.path.join(directory, name) puts before a name (no "/" in it)."""
+    return directory if not directory or directory.endswith("/") else directory + "/"
 
 
 def _is_regular(name, fd):
