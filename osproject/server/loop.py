@@ -286,6 +286,9 @@ class Server:
             self.on_child_exit(pid, status)
 
     def on_child_exit(self, pid, status):
+        dying = self.supervisor.by_pid.get(pid)
+        if dying is not None:
+            self.drain_worker(dying)
         worker = self.supervisor.on_exit(pid, status)
         if worker is None:
             return
@@ -339,10 +342,10 @@ class Server:
 
         It never began them: a worker does its assignments one after the
         other and writes each one's results before it reads the next, and
-        results written before it died are read before it is reaped (the
-        SIGCHLD comes after them, and a pass reads every ready fd before it
-        reaps).  So they are as they were: no death counts against them, no
-        temp file of its can be beside them, they need not go alone.
+        every result it wrote before it died is read before its files are
+        requeued (drain_worker).  So they are as they were: no death counts
+        against them, no temp file of its can be beside them, they need not
+        go alone.
         """
         for job in reversed(assignment.jobs):
             self.scheduler.requeue(job)
@@ -369,7 +372,8 @@ class Server:
         for worker in self.supervisor.idle():
             self.assign(worker, self.scheduler.take(worker))
         for worker in self.supervisor.with_room():
-            self.assign(worker, self.scheduler.take(worker))
+            if worker.assignment is not None and worker.assignment.quick:
+                self.assign(worker, self.scheduler.take(worker))
 
     def assign(self, worker, assignment):
         if assignment is None:
@@ -388,21 +392,29 @@ class Server:
             return
         del worker.outbuf[:sent]
 
+    def drain_worker(self, worker):
+        """Take what a worker that died wrote before it died: its pipe keeps
+        it, and one pass reads only 64 KiB.  Which assignment it died on, and
+        which one behind it it never began, depends on every result read."""
+        while self.on_worker_readable(worker):
+            pass
+
     def on_worker_readable(self, worker):
+        """Read and act on what the worker wrote; return whether there was any."""
         if worker.from_worker < 0:
-            return
+            return False
         try:
             data = os.read(worker.from_worker, 65536)
         except BlockingIOError:
-            return
+            return False
         if not data:                # it exited or closed its pipe: reaping follows
             os.close(worker.from_worker)
             worker.from_worker = -1
-            return
+            return False
         try:
             for line in worker.lines.feed(data):
                 if self.supervisor.state_of(worker) is State.KILLED:
-                    return
+                    return False
                 if line is None:
                     raise Fault("oversized frame")
                 self.on_worker_frame(worker, protocol.decode(line))
@@ -410,6 +422,8 @@ class Server:
             self.log.error("worker.faulty", slot=worker.slot, pid=worker.pid,
                            reason=str(exc))
             self.supervisor.kill(worker, "faulty")
+            return False
+        return True
 
     def on_worker_frame(self, worker, frame):
         state = self.supervisor.state_of(worker)

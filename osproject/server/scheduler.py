@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .supervisor import Worker
 
 BATCH_BYTES = 4 * 1024 * 1024   # an assignment stops growing past this many bytes
+QUEUE_BEHIND_BYTES = 1024 * 1024    # another may wait behind an assignment this small
 
 
 class Phase(enum.Enum):
@@ -118,6 +119,18 @@ class Assignment:
 
     def frame(self):
         return protocol.assignment(self.aid, [job.item() for job in self.jobs])
+
+    @property
+    def quick(self):
+        """May another assignment wait behind this one in its worker's pipe?
+
+        Not behind big files: a client with one small file would wait for
+        them, where an idle worker would have taken it next.  Not behind a
+        file that killed or hung a worker: the files behind it would wait
+        out the hang timeout with it.
+        """
+        return (sum(job.size for job in self.jobs) <= QUEUE_BEHIND_BYTES
+                and not any(job.suspect for job in self.jobs))
 
 
 class Scheduler:

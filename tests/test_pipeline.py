@@ -1,0 +1,168 @@
+"""Two assignments per worker, in a Server driven by hand: real pipes, fake
+workers (the test writes their frames), a fake clock, no processes."""
+
+import os
+import select
+import signal
+import threading
+
+import pytest
+from conftest import wait_until
+
+from osproject import protocol
+from osproject.server.loop import Config, Server
+from osproject.server.scheduler import Job
+from osproject.server.session import Unchecked
+from osproject.server.supervisor import State, Worker
+
+MD5 = "a" * 32
+
+
+class Log:
+    path = None
+
+    def __init__(self):
+        self.events = []
+
+    def emit(self, level, event, **fields):
+        self.events.append(event)
+
+    def info(self, event, **fields):
+        self.events.append(event)
+
+    warning = error = info
+
+
+class Session:
+    def __init__(self):
+        self.outstanding, self.verdicts, self.unchecked = 0, [], Unchecked()
+        self.sid, self.said_bye = 1, False
+
+    def expect(self):
+        self.outstanding += 1
+
+    def answered(self, verdict, status):
+        self.outstanding -= 1
+        self.verdicts.append(verdict)
+
+    def settled_aside(self):
+        self.outstanding -= 1
+
+
+class Workers:
+    """Spawns Workers whose other pipe ends the test holds."""
+
+    def __init__(self):
+        self.ends = {}          # pid -> (read end of its assignments, write end of results)
+        self.next_pid = 90000
+
+    def __call__(self, slot):
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+        for fd in (to_w, from_r):
+            os.set_blocking(fd, False)
+        self.next_pid += 1
+        self.ends[self.next_pid] = (to_r, from_w)
+        return Worker(slot=slot.index, pid=self.next_pid, wid=self.next_pid,
+                      to_worker=to_w, from_worker=from_r)
+
+    def say(self, worker, frame):
+        os.write(self.ends[worker.pid][1], protocol.encode(frame))
+
+    def die(self, worker):
+        os.close(self.ends[worker.pid][1])
+
+    def close(self):
+        for to_r, from_w in self.ends.values():
+            for fd in (to_r, from_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def world(tmp_path):
+    workers = Workers()
+    server = Server(Config(fifo=str(tmp_path / "fifo"), workers=3), Log(),
+                    clock=lambda: 0.0, spawner=workers)
+    server.supervisor.start_due()
+    first = server.supervisor.slots[0].worker
+    workers.say(first, protocol.ready(first.pid))     # one worker ready, two starting
+    server.on_worker_readable(first)
+    assert server.supervisor.state_of(first) is State.IDLE
+    yield server, workers, first
+    for w in server.supervisor.workers():
+        for fd in (w.to_worker, w.from_worker):
+            if fd >= 0:
+                os.close(fd)
+    workers.close()
+
+
+def files(session, count, size=100, path_length=10, start=0):
+    jobs = []
+    for i in range(start, start + count):
+        path = "/t/" + f"{i:04d}".rjust(path_length, "x")
+        job = Job(session=session, rid=1, index=i, path=path, sidecar=path + ".md5",
+                  expected=MD5, size=size, dir=(1, 2))
+        session.expect()
+        jobs.append(job)
+    return jobs
+
+
+def answer(assignment, **extra):
+    return protocol.results(assignment.aid, [
+        {"path": job.path, "md5": MD5, "size": 1, "mtime": 2, "ctime": 3, "ino": 4, **extra}
+        for job in assignment.jobs])
+
+
+def test_a_worker_takes_a_second_assignment_behind_a_quick_first(world):
+    server, _, worker = world
+    session = Session()
+    for job in files(session, 10):
+        server.scheduler.submit(job)
+    server.dispatch()
+    assert [len(a.jobs) for a in server.supervisor.held(worker)] == [5, 5]
+
+
+@pytest.mark.parametrize("why", ["big", "suspect"])
+def test_nothing_waits_behind_a_big_file_or_one_that_killed_a_worker(world, why):
+    server, _, worker = world
+    session = Session()
+    first = files(session, 1, size=10 * 1024 * 1024 if why == "big" else 100)
+    first[0].suspect = why == "suspect"
+    server.scheduler.submit(first[0])
+    server.dispatch()
+    for job in files(session, 5, start=1):
+        server.scheduler.submit(job)
+    server.dispatch()
+    assert [len(a.jobs) for a in server.supervisor.held(worker)] == [1]
+    assert len(server.scheduler.pending) == 5, "left for the next worker free"
+
+
+def test_results_a_worker_wrote_before_it_died_are_read_however_long(world):
+    """A results frame of more than one read: the assignment it answers is
+    done, and the one behind it, the one the worker died on, is a dead
+    worker's (retried, its temp files named), not one it never began."""
+    server, workers, worker = world
+    session = Session()
+    for job in files(session, 10, path_length=20_000):   # 5 x 20 KB: over 64 KiB
+        server.scheduler.submit(job)
+    server.dispatch()
+    first, behind = server.supervisor.held(worker)
+    frame = answer(first)
+    assert len(protocol.encode(frame)) > 65536
+    def worker_writes_and_dies():
+        workers.say(worker, frame)                  # blocks until the server reads
+        workers.die(worker)
+    writer = threading.Thread(target=worker_writes_and_dies)
+    writer.start()
+    wait_until(lambda: select.select([worker.from_worker], [], [], 0)[0], what="results")
+    server.on_worker_readable(worker)                # one pass: one read of 64 KiB
+    writer.join(timeout=10)                          # the rest is in the pipe: it died
+    assert not writer.is_alive()
+    server.on_child_exit(worker.pid, signal.SIGKILL)
+    assert [v["status"] for v in session.verdicts] == ["OK"] * 5
+    assert all(job.retried and job.stale == [worker.pid] for job in behind.jobs)
+    assert "assignment.requeued" in server.log.events
+    assert session.outstanding == 5 and len(server.scheduler.pending) == 5
