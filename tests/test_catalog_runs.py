@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import CLIENT, files_in, make_tree, run_client, wait_until, workers_frozen
+from helpers import CLIENT, files_in, make_tree, run_client, wait_until, workers_frozen
 
 pytestmark = pytest.mark.timeout(120)
 

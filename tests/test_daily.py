@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import CLIENT, make_tree, run_client, sidecars_under
+from helpers import CLIENT, make_tree, run_client, sidecars_under
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -14,8 +14,8 @@ import threading
 import psutil
 import pytest
 
-from conftest import (CLIENT, ROOT, make_tree, md5sum_check, run_client,
-                      sidecars_under, wait_until)
+from helpers import (CLIENT, ROOT, make_tree, md5sum_check, run_client,
+                     sidecars_under, wait_until)
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from conftest import CLIENT, SERVER, make_tree, run_client, wait_until
+from helpers import (CLIENT, SERVER, make_tree, md5sum_check, run_client, sidecars_under,
+                     wait_until)
 from osproject.client.connection import Connection
 
 pytestmark = pytest.mark.timeout(90)
@@ -136,7 +137,6 @@ def test_a_repair_finds_a_worker_even_when_every_worker_has_voted(start_server, 
     result = run_client(server, "--json", tree, timeout=60)
     assert result.status == 0 and result.records()[1] == {"NEW": 40}
     assert server.events("sidecar.repair")
-    from conftest import md5sum_check, sidecars_under
     assert md5sum_check(sidecars_under(tree)) == []
 
 

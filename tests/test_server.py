@@ -11,8 +11,8 @@ import time
 import psutil
 import pytest
 
-from conftest import (CLIENT, SERVER, make_tree, md5sum_check, run_client,
-                      sidecars_under, wait_until)
+from helpers import (CLIENT, ROOT, SERVER, make_tree, md5sum_check, run_client,
+                     sidecars_under, wait_until)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -596,7 +596,6 @@ def test_logs_an_operator_can_follow(start_server, tmp_path):
 
 def test_the_default_log_dir_is_logs_of_a_checkout_else_where_daemon_logs_belong(tmp_path):
     from osproject.server.cli import ROOT_LOG_DIR, default_log_dir
-    from conftest import ROOT
     assert default_log_dir(ROOT) == os.path.join(ROOT, "logs")
     installed = str(tmp_path / "site-packages")          # no setup.py beside it
     assert default_log_dir(installed, euid=0) == ROOT_LOG_DIR == "/var/log/osproject"

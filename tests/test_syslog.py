@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from conftest import SERVER, make_tree, parse_logfmt, run_client, wait_until
+from helpers import SERVER, make_tree, parse_logfmt, run_client, wait_until
 from osproject.server import log
 
 pytestmark = pytest.mark.timeout(60)

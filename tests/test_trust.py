@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from conftest import (make_tree, md5sum_check, run_client, sidecars_under, tamper,
-                      wait_until)
+from helpers import (make_tree, md5sum_check, run_client, sidecars_under, tamper,
+                     wait_until)
 
 pytestmark = pytest.mark.timeout(180)
 
