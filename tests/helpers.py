@@ -17,6 +17,8 @@ import time
 
 import psutil
 
+from osproject.server.worker import RACY_COARSE_NS, RACY_FINE_NS, is_racy
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, "bin", "integrity-server")
 CLIENT = os.path.join(ROOT, "bin", "integrity-client")
@@ -209,9 +211,8 @@ def make_tree(root, files=50, dirs=5, size=2000, seed=0, age=10.0):
     """Write a tree of `files` regular files spread over `dirs` directories.
 
     Returns once the tree has settled like a real one nobody is writing to:
-    mtimes dated `age` seconds back, and the last change (ctime) older than
-    the racy window, since a disagreement on a file changed within one
-    timestamp tick may be a race, not a lie (worker.is_racy).
+    mtimes dated `age` seconds back, and the last change older than the
+    racy window (wait_out_racy_window).
     """
     paths = []
     past = time.time() - age
@@ -223,9 +224,29 @@ def make_tree(root, files=50, dirs=5, size=2000, seed=0, age=10.0):
             f.write(f"{seed}:{i}:".encode() * (size // 8 + i % 7))
         os.utime(path, (past, past))
         paths.append(path)
-    settled = time.time() + 0.2
-    wait_until(lambda: time.time() > settled, what="the tree to settle")
+    wait_out_racy_window(paths)
     return paths
+
+
+def wait_out_racy_window(paths):
+    """Wait until no worker would judge any of `paths` racy (worker.is_racy).
+
+    A reading that starts within a timestamp tick of a file's last change
+    may be honest and still differ from another, so a disagreement on such
+    a reading is never taken for a lie.  A tree the tests just wrote would
+    be all racy: the trust tests would see lies go unpunished, and nothing
+    would prove what they prove.  The mtimes can be dated back (os.utime),
+    but not the ctime: utime itself sets it to now, and is_racy counts it.
+    So this waits for the newest ctime to be RACY_FINE_NS old (100 ms), and
+    longer only for a change stamped on a whole second, which is judged
+    against the coarse window.  A worker's reading starts later still.
+    """
+    stats = [os.stat(p) for p in paths]
+    newest = max((max(st.st_mtime_ns, st.st_ctime_ns) for st in stats), default=0)
+    time.sleep(max(0, newest + RACY_FINE_NS - time.time_ns()) / 1e9)
+    wait_until(lambda: not any(is_racy(st, time.time_ns()) for st in stats),
+               timeout=RACY_COARSE_NS / 1e9 + 1, interval=0.01,
+               what="the tree's last change to leave the racy window")
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from helpers import (CLIENT, ROOT, SERVER, make_tree, md5sum_check, run_client,
-                     sidecars_under, wait_until)
+                     sidecars_under, wait_out_racy_window, wait_until)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -491,8 +491,7 @@ def sparse_tree(root, files, size):
             f.truncate(size)
         os.utime(path, (past, past))
         paths.append(path)
-    settled = time.time() + 0.2
-    wait_until(lambda: time.time() > settled, what="the tree to settle")
+    wait_out_racy_window(paths)
     return paths
 
 

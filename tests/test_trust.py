@@ -5,12 +5,11 @@ import os
 import random
 import subprocess
 import sys
-import time
 
 import pytest
 
 from helpers import (make_tree, md5sum_check, run_client, sidecars_under, tamper,
-                     wait_until)
+                     wait_out_racy_window)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -168,8 +167,7 @@ def test_a_file_rewritten_through_a_shared_mmap_never_gets_a_worker_warned(serve
                                 stdout=subprocess.PIPE, text=True)
     try:
         assert rewriter.stdout.readline() == "dirty\n"
-        settled = time.time() + 0.3          # past worker.is_racy's window
-        wait_until(lambda: time.time() > settled, what="the last stat change to age")
+        wait_out_racy_window(files)          # the last stat change, aged
         moving = [os.stat(p).st_mtime_ns for p in files]
         for _ in range(10):
             result = run_client(server, "--json", tree)
