@@ -157,7 +157,10 @@ def test_workers_that_cannot_start_at_all_stop_the_server_with_a_clear_error(
         start_server, tmp_path):
     cause = tmp_path / "cause"
     cause.write_text("forever")
-    server = start_server("--chaos", f"stillborn:{cause}", ready=False)
+    # The real give-up (GIVE_UP_AFTER deaths unborn in every slot), without
+    # waiting out ~15s of real back-off and fork rate cap.
+    server = start_server("--chaos", f"stillborn:{cause}", "--backoff-scale", "0.05",
+                          ready=False)
     assert server.proc.wait(60) == 1
     assert "workers die before they can start" in server.stderr_text()
     assert server.events("server.failed")
@@ -204,9 +207,12 @@ def test_when_no_worker_can_be_forked_clients_are_told_and_the_server_exits_1(
     uid, home, python, pkg = foreign_home
     # RLIMIT_NPROC counts every process of the uid: at 1 the server is the
     # only one it may have, and each fork fails with EAGAIN, as under a
-    # systemd TasksMax= that is used up.
-    server = start_server(base=home, user=uid, ready=False, command=[
-        "prlimit", "--nproc=1", python, os.path.join(pkg, "bin", "integrity-server")])
+    # systemd TasksMax= that is used up.  Half the real back-off: the server
+    # gives up some 5s after its first failed fork, time enough for the
+    # client to come and be told.
+    server = start_server("--backoff-scale", "0.5", base=home, user=uid, ready=False,
+                          command=["prlimit", "--nproc=1", python,
+                                   os.path.join(pkg, "bin", "integrity-server")])
     assert server.wait_event("worker.spawn_failed")[0]["reason"] == \
         "Resource temporarily unavailable"
     tree = home / "tree"

@@ -59,6 +59,7 @@ class Config:
     hang: float = 0.0
     garble: float = 0.0
     stillborn: str = None
+    backoff_scale: float = 1.0      # testing aid: shorter waits before re-forks
 
 
 class Fault(Exception):
@@ -73,7 +74,8 @@ class Server:
         self.entrance = Entrance(config.fifo, config.private_dir)
         self.scheduler = Scheduler()
         self.supervisor = Supervisor(config.workers, spawner or ForkSpawner(self.chaos_for),
-                                     clock, log, config.hang_timeout)
+                                     clock, log, config.hang_timeout,
+                                     backoff_scale=config.backoff_scale)
         self.sessions = []
         self.trust = Trust(config, log, self.scheduler, self.supervisor, self.sessions,
                            self.drop_session)

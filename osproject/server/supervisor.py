@@ -91,12 +91,16 @@ class Slot:
 class Supervisor:
     """Fork, watch, reap and replace workers; never block."""
 
-    def __init__(self, count, spawn, clock, log, hang_timeout):
+    def __init__(self, count, spawn, clock, log, hang_timeout, backoff_scale=1.0):
         self.slots = [Slot(i) for i in range(count)]
         self.spawn = spawn          # spawn(slot) -> Worker, with pid and pipes
         self.clock = clock
         self.log = log
         self.hang_timeout = hang_timeout
+        # Testing aid (--backoff-scale): below 1, every wait before a re-fork
+        # after deaths in infancy is shorter, the back-off and the window of
+        # the fork rate cap alike; the policy and its counts stay the same.
+        self.backoff_scale = backoff_scale
         self.by_pid = {}
         self.by_wid = {}            # live workers, by incarnation id
         self.stopping = False       # shutting down: reap, but do not replace
@@ -125,7 +129,7 @@ class Supervisor:
         """When the next fork keeps us within MAX_FORKS_PER_SECOND."""
         if len(self.recent_forks) < MAX_FORKS_PER_SECOND:
             return float("-inf")
-        return self.recent_forks[0] + 1.0
+        return self.recent_forks[0] + 1.0 * self.backoff_scale
 
     def start(self, slot, now):
         try:
@@ -135,7 +139,7 @@ class Supervisor:
             self.spawn_error = exc.strerror
             slot.stillborn += 1
             slot.failures += 1
-            slot.restart_at = now + backoff(slot.failures)
+            slot.restart_at = now + backoff(slot.failures, self.backoff_scale)
             return
         worker.heard_at = worker.started = now
         self.spawn_error = None
@@ -242,7 +246,7 @@ class Supervisor:
             slot.restart_at = now
             return
         slot.failures += 1
-        delay = backoff(slot.failures)
+        delay = backoff(slot.failures, self.backoff_scale)
         slot.restart_at = now + delay
         self.log.warning("worker.backoff", slot=slot.index, failures=slot.failures,
                          delay=round(delay, 2))
@@ -283,9 +287,10 @@ class Supervisor:
         return min(times, default=None)
 
 
-def backoff(failures):
-    """Seconds to wait before the next fork after `failures` deaths in a row."""
-    return min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
+def backoff(failures, scale=1.0):
+    """Seconds to wait before the next fork after `failures` deaths in a row
+    (times `scale`, below 1 only as a testing aid)."""
+    return scale * min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
 
 
 def describe_status(status):
