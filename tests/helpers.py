@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import psutil
 
@@ -23,6 +24,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, "bin", "integrity-server")
 CLIENT = os.path.join(ROOT, "bin", "integrity-client")
 CLIENT_TIMEOUT = 90
+
+# Every server the fixture starts carries this variable with a value of its
+# own; its workers inherit it, so whatever it started can be found afterwards
+# by that value alone, however many other tests run beside it.
+TAG_VARIABLE = "OSPROJECT_TEST_SERVER"
+OUTLIVE_GRACE = 5.0     # seconds a server's process may take to go after it stopped
 
 
 def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
@@ -50,10 +57,40 @@ def parse_logfmt(line):
     return fields
 
 
-class ServerProcess:
-    """A running integrity-server and what a test needs to look at it."""
+def temp_sidecars_of(pids, root):
+    """Temp sidecars (.osp-PID-N.tmp) of the processes `pids` under root."""
+    found = []
+    for directory, _, names in os.walk(root):
+        for name in names:
+            match = re.fullmatch(r"\.osp-(\d+)-\d+\.tmp", name)
+            if match and int(match.group(1)) in pids:
+                found.append(os.path.join(directory, name))
+    return found
 
-    def __init__(self, directory, args=(), fifo=None, command=None, user=None):
+
+def tagged_processes(tag):
+    """Live processes whose environment carries TAG_VARIABLE=tag."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and \
+                    proc.environ().get(TAG_VARIABLE) == tag:
+                found.append(proc)
+        except (psutil.Error, OSError):     # gone, or not ours to read
+            pass
+    return found
+
+
+class ServerProcess:
+    """A running integrity-server and what a test needs to look at it.
+
+    `fifo_option=False` leaves --fifo out (the server finds its default
+    entrance, `fifo` says where); `stderr="pipe"` gives it a pipe nobody
+    reads instead of a file; `env` replaces the environment.
+    """
+
+    def __init__(self, directory, args=(), fifo=None, command=None, user=None, env=None,
+                 fifo_option=True, stderr="file"):
         self.dir = directory
         self.dir.mkdir()
         as_user = {}
@@ -64,10 +101,15 @@ class ServerProcess:
         self.log_dir = str(self.dir / "logs")
         self.log_path = os.path.join(self.log_dir, "integrity-server.log")
         self.stderr = open(self.dir / "stderr", "w+")
+        self.found = _identity(self.fifo)      # what was at the entrance path before it
+        self.ready = False
+        self.tag = uuid.uuid4().hex
+        env = dict(os.environ if env is None else env, **{TAG_VARIABLE: self.tag})
+        entrance = ["--fifo", self.fifo] if fifo_option else []
         self.proc = subprocess.Popen(
-            [*(command or [sys.executable, SERVER]), "--fifo", self.fifo,
-             "--log-dir", self.log_dir, *args],
-            stdout=subprocess.DEVNULL, stderr=self.stderr, **as_user)
+            [*(command or [sys.executable, SERVER]), *entrance, "--log-dir", self.log_dir,
+             *args], stdout=subprocess.DEVNULL, env=env,
+            stderr=subprocess.PIPE if stderr == "pipe" else self.stderr, **as_user)
         self.ps = psutil.Process(self.proc.pid)
         self.known = set()
 
@@ -76,6 +118,7 @@ class ServerProcess:
                    what="the entrance FIFO")
         assert self.proc.poll() is None, self.stderr_text()
         self.wait_workers(workers)
+        self.ready = True
         return self
 
     def children(self):
@@ -148,19 +191,55 @@ class ServerProcess:
         try:
             status = self.stop() if self.proc.poll() is None else self.proc.returncode
         finally:
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
             self._reap_known()
         self.stderr.close()
         return status
 
     def _reap_known(self):
-        for proc in self.known:      # nothing may outlive the server for long
-            try:
-                proc.wait(5)
-            except psutil.TimeoutExpired:
+        """Nothing the server started may outlive it for long: the workers seen,
+        and every process that carries its tag (those never seen too)."""
+        leftovers = self.known | set(tagged_processes(self.tag))
+        _, alive = psutil.wait_procs(leftovers, timeout=OUTLIVE_GRACE)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
-                raise AssertionError(f"worker {proc.pid} outlived its server")
-            except psutil.NoSuchProcess:
-                pass
+        if alive:
+            raise AssertionError("outlived their server: " + ", ".join(
+                f"pid {p.pid}" + (" (a worker)" if p in self.known else "") for p in alive))
+
+    def killed(self):
+        """Was the server SIGKILLed (so that it could not clean up)?"""
+        return self.proc.returncode == -signal.SIGKILL
+
+    def worker_pids(self):
+        """Every worker it ever had: those seen, and those its log says it forked."""
+        pids = {p.pid for p in self.known}
+        return pids | {int(e["pid"]) for e in self.events("worker.forked") if "pid" in e}
+
+    def leaks(self, roots):
+        """What a stopped server left behind that it should not have: complaints."""
+        if self.killed():
+            return []                # a SIGKILL leaves the FIFO and temps by design
+        problems = []
+        # A server that served removes its entrance; one refused at start
+        # leaves whatever was at the path as it was, and makes nothing there.
+        if os.path.lexists(self.fifo) and (self.ready or _identity(self.fifo) != self.found):
+            problems.append(f"the entrance FIFO {self.fifo} outlived its server")
+        pids = self.worker_pids()
+        for root in roots:
+            for path in temp_sidecars_of(pids, root):
+                problems.append(f"a worker's temp sidecar {path} outlived its server")
+        return problems
+
+
+def _identity(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mode
 
 
 class ClientResult:

@@ -427,57 +427,57 @@ def copy_checkout(base):
     return pkg
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
-def test_permission_denied_is_an_error_and_the_run_goes_on():
-    nobody = 65534
+NOBODY = 65534
+
+
+@pytest.fixture
+def nobodys_checkout():
+    """(a directory anyone may enter, the Python uid 65534 runs, our checkout
+    copied there); removed afterwards, after the servers started in it."""
     base = tempfile.mkdtemp(prefix="osp-perm-")
     try:
         os.chmod(base, 0o755)
         pkg = copy_checkout(base)
-        python = interpreter_for(nobody, pkg)
+        python = interpreter_for(NOBODY, pkg)
         if python is None:
             pytest.skip("no Python >= 3.11 is runnable by uid 65534")
-        tree = os.path.join(base, "tree")
-        os.mkdir(tree)
-        for name in ("open", "secret"):
-            with open(os.path.join(tree, name), "w") as f:
-                f.write(name)
-        os.mkdir(os.path.join(tree, "closed"))
-        for path in (tree, *(os.path.join(tree, n) for n in os.listdir(tree))):
-            os.chown(path, nobody, nobody)
-        os.chmod(os.path.join(tree, "secret"), 0)
-        os.chmod(os.path.join(tree, "closed"), 0)
-        private = os.path.join(base, "private")       # the FIFOs, the log, TMPDIR
-        os.mkdir(private)
-        os.chown(private, nobody, nobody)
-        as_nobody = dict(user=nobody, group=nobody, extra_groups=[],
-                         env={"PYTHONPATH": pkg, "TMPDIR": private,
-                              "INTEGRITY_CATALOG": os.path.join(private, "catalog.sqlite")})
-        fifo = os.path.join(private, "server.fifo")
-        server = subprocess.Popen([python, os.path.join(pkg, "bin", "integrity-server"),
-                                   "--fifo", fifo, "--log-dir",
-                                   os.path.join(private, "logs")],
-                                  stderr=subprocess.DEVNULL, **as_nobody)
-        try:
-            wait_until(lambda: os.path.exists(fifo) or server.poll() is not None,
-                       what="the server")
-            client = subprocess.run([python, os.path.join(pkg, "bin", "integrity-client"),
-                                     "--fifo", fifo, "--json", tree],
-                                    capture_output=True, text=True, timeout=60,
-                                    **as_nobody)
-        finally:
-            server.terminate()
-            server.wait(10)
-        import json
-        records = {r["path"]: r for r in map(json.loads, client.stdout.splitlines())
-                   if "path" in r}
-        assert records[os.path.join(tree, "open")]["status"] == "NEW", client.stderr
-        assert records[os.path.join(tree, "secret")]["status"] == "ERROR"
-        assert records[os.path.join(tree, "secret")]["error"] == "Permission denied"
-        assert "Permission denied" in records[os.path.join(tree, "closed")]["error"]
-        assert client.returncode == 0
+        yield base, python, pkg
     finally:
         shutil.rmtree(base)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
+def test_permission_denied_is_an_error_and_the_run_goes_on(nobodys_checkout, start_server):
+    base, python, pkg = nobodys_checkout
+    tree = os.path.join(base, "tree")
+    os.mkdir(tree)
+    for name in ("open", "secret"):
+        with open(os.path.join(tree, name), "w") as f:
+            f.write(name)
+    os.mkdir(os.path.join(tree, "closed"))
+    for path in (tree, *(os.path.join(tree, n) for n in os.listdir(tree))):
+        os.chown(path, NOBODY, NOBODY)
+    os.chmod(os.path.join(tree, "secret"), 0)
+    os.chmod(os.path.join(tree, "closed"), 0)
+    private = os.path.join(base, "private")       # the FIFOs, the log, TMPDIR
+    os.mkdir(private)
+    os.chown(private, NOBODY, NOBODY)
+    as_nobody = dict(user=NOBODY, group=NOBODY, extra_groups=[],
+                     env={"PYTHONPATH": pkg, "TMPDIR": private,
+                          "INTEGRITY_CATALOG": os.path.join(private, "catalog.sqlite")})
+    server = start_server(base=pathlib.Path(private), user=NOBODY, env=as_nobody["env"],
+                          command=[python, os.path.join(pkg, "bin", "integrity-server")])
+    client = subprocess.run([python, os.path.join(pkg, "bin", "integrity-client"),
+                             "--fifo", server.fifo, "--json", tree],
+                            capture_output=True, text=True, timeout=60, **as_nobody)
+    import json
+    records = {r["path"]: r for r in map(json.loads, client.stdout.splitlines())
+               if "path" in r}
+    assert records[os.path.join(tree, "open")]["status"] == "NEW", client.stderr
+    assert records[os.path.join(tree, "secret")]["status"] == "ERROR"
+    assert records[os.path.join(tree, "secret")]["error"] == "Permission denied"
+    assert "Permission denied" in records[os.path.join(tree, "closed")]["error"]
+    assert client.returncode == 0
 
 
 # -- clients -------------------------------------------------------------------

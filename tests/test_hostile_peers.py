@@ -73,37 +73,22 @@ def test_sighup_after_the_log_dir_vanished_keeps_the_server_alive(server, tmp_pa
     server.log_path = os.path.join(server.log_dir, "integrity-server.log")
 
 
-def test_a_stderr_nobody_reads_never_stalls_the_loop(tmp_path):
-    fifo = str(tmp_path / "fifo")
-    proc = subprocess.Popen([sys.executable, SERVER, "--fifo", fifo, "--log-dir",
-                             str(tmp_path / "logs"), "--cross-check", "1.0"],
-                            stderr=subprocess.PIPE)   # a pipe we never read
-    try:
-        wait_until(lambda: os.path.exists(fifo), what="the server")
-        tree = tmp_path / "tree"
-        make_tree(tree, files=2000, size=100)          # thousands of log lines
-        assert run_client(fifo, tree, timeout=60).status == 0
-        assert run_client(fifo, tree, timeout=60).status == 0
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        proc.stderr.close()
-    assert proc.returncode == 0
+def test_a_stderr_nobody_reads_never_stalls_the_loop(start_server, tmp_path):
+    server = start_server("--cross-check", "1.0", stderr="pipe")   # a pipe we never read
+    tree = tmp_path / "tree"
+    make_tree(tree, files=2000, size=100)          # thousands of log lines
+    assert run_client(server, tree, timeout=60).status == 0
+    assert run_client(server, tree, timeout=60).status == 0
+    assert server.stop() == 0
 
 
-def test_started_with_stdout_and_stderr_closed(tmp_path):
-    fifo = str(tmp_path / "fifo")
-    proc = subprocess.Popen(["sh", "-c", 'exec "$@" >&- 2>&-', "sh", sys.executable,
-                             SERVER, "--fifo", fifo, "--log-dir", str(tmp_path / "logs")])
-    try:
-        wait_until(lambda: os.path.exists(fifo) or proc.poll() is not None,
-                   what="the server")
-        tree = tmp_path / "tree"
-        make_tree(tree, files=10)
-        assert run_client(fifo, tree).status == 0
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
+def test_started_with_stdout_and_stderr_closed(start_server, tmp_path):
+    server = start_server(command=["sh", "-c", 'exec "$@" >&- 2>&-', "sh", sys.executable,
+                                   SERVER])
+    tree = tmp_path / "tree"
+    make_tree(tree, files=10)
+    assert run_client(server, tree).status == 0
+    assert server.stop() == 0
 
 
 def test_an_entrance_too_deep_for_a_hello_is_refused_by_server_and_client(

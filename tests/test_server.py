@@ -11,8 +11,8 @@ import time
 import psutil
 import pytest
 
-from helpers import (CLIENT, ROOT, SERVER, make_tree, md5sum_check, run_client,
-                     sidecars_under, wait_out_racy_window, wait_until)
+from helpers import (CLIENT, ROOT, make_tree, md5sum_check, run_client, sidecars_under,
+                     wait_out_racy_window, wait_until)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,16 +117,16 @@ def test_client_with_a_stale_fifo_and_no_server_exits_2(tmp_path):
 
 
 @pytest.mark.parametrize("workers", ["600", "100000"])
-def test_more_workers_than_select_can_watch_are_refused_at_once(tmp_path, workers):
+def test_more_workers_than_select_can_watch_are_refused_at_once(start_server, tmp_path,
+                                                               workers):
     from osproject.server.loop import FD_SETSIZE, MAX_WORKERS
     assert 100 < MAX_WORKERS < FD_SETSIZE // 2 < int(workers)
-    proc = subprocess.run([sys.executable, SERVER, "--fifo", str(tmp_path / "s.fifo"),
-                           "--log-dir", str(tmp_path / "logs"), "--workers", workers,
-                           "--chaos", f"stillborn:{tmp_path}"],   # cheap forks, if any
-                          capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2
-    assert f"--workers must be at most {MAX_WORKERS}: select()" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    server = start_server("--workers", workers,
+                          "--chaos", f"stillborn:{tmp_path}",   # cheap forks, if any
+                          fifo=str(tmp_path / "s.fifo"), ready=False)
+    assert server.proc.wait(30) == 2
+    assert f"--workers must be at most {MAX_WORKERS}: select()" in server.stderr_text()
+    assert "Traceback" not in server.stderr_text()
     assert not os.path.exists(tmp_path / "s.fifo")
 
 
@@ -137,7 +137,7 @@ def test_client_bad_arguments_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["file", "symlink", "dir", "foreign-fifo"])
-def test_server_refuses_a_fifo_path_that_is_not_its_own(tmp_path, kind):
+def test_server_refuses_a_fifo_path_that_is_not_its_own(start_server, tmp_path, kind):
     path = tmp_path / "entrance"
     target = tmp_path / "target"
     target.write_text("keep me")
@@ -151,22 +151,18 @@ def test_server_refuses_a_fifo_path_that_is_not_its_own(tmp_path, kind):
         os.mkfifo(path, 0o600)
         os.chown(path, 65534, 65534)
     before = os.lstat(path)
-    proc = subprocess.run([sys.executable, SERVER, "--fifo", str(path), "--log-dir",
-                           str(tmp_path / "logs")], capture_output=True, text=True,
-                          timeout=10)
-    assert proc.returncode == 2
-    assert "refusing" in proc.stderr
+    server = start_server(fifo=str(path), ready=False)
+    assert server.proc.wait(10) == 2
+    assert "refusing" in server.stderr_text()
     after = os.lstat(path)
     assert (after.st_ino, after.st_mode, after.st_mtime_ns) == \
         (before.st_ino, before.st_mode, before.st_mtime_ns)
     assert target.read_text() == "keep me"
 
 
-def test_a_second_server_on_the_same_fifo_is_refused(server, tmp_path):
-    proc = subprocess.run([sys.executable, SERVER, "--fifo", server.fifo, "--log-dir",
-                           str(tmp_path / "logs2")], capture_output=True, text=True,
-                          timeout=10)
-    assert proc.returncode == 2 and "already serving" in proc.stderr
+def test_a_second_server_on_the_same_fifo_is_refused(server, start_server):
+    second = start_server(fifo=server.fifo, ready=False)
+    assert second.proc.wait(10) == 2 and "already serving" in second.stderr_text()
     assert stat.S_ISFIFO(os.stat(server.fifo).st_mode)
 
 
@@ -381,26 +377,21 @@ def totals_in_the_log(server):
             "reforks": sum(1 for e in server.events("worker.forked") if e.get("restart"))}
 
 
-def test_default_entrance_is_private_and_found_by_the_client(tmp_path):
+def test_default_entrance_is_private_and_found_by_the_client(start_server, tmp_path):
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
     env = {k: v for k, v in os.environ.items() if k != "INTEGRITY_FIFO"}
     env["XDG_RUNTIME_DIR"] = str(runtime)
-    proc = subprocess.Popen([sys.executable, SERVER, "--log-dir", str(tmp_path / "logs")],
-                            env=env, stderr=subprocess.DEVNULL)
     fifo = runtime / "osproject" / "server.fifo"
-    try:
-        wait_until(lambda: fifo.exists() or proc.poll() is not None, what="the FIFO")
-        assert stat.S_IMODE(os.stat(runtime / "osproject").st_mode) == 0o700
-        assert stat.S_IMODE(os.stat(fifo).st_mode) == 0o600
-        tree = tmp_path / "tree"
-        make_tree(tree, files=3)
-        client = subprocess.run([sys.executable, CLIENT, str(tree)], env=env,
-                                capture_output=True, text=True, timeout=30)
-        assert client.returncode == 0, client.stderr
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
+    server = start_server(env=env, fifo=str(fifo), fifo_option=False)   # no --fifo
+    assert stat.S_IMODE(os.stat(runtime / "osproject").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(fifo).st_mode) == 0o600
+    tree = tmp_path / "tree"
+    make_tree(tree, files=3)
+    client = subprocess.run([sys.executable, CLIENT, str(tree)], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert client.returncode == 0, client.stderr
+    assert server.stop() == 0
     assert not fifo.exists()
 
 
