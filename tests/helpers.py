@@ -150,7 +150,8 @@ class ServerProcess:
         return result
 
     def wait_workers(self, count=5, timeout=15):
-        """Wait until exactly `count` workers are running and all said ready."""
+        """Wait until exactly `count` workers are running: forked and not yet
+        reaped (a worker just forked may not have said ready yet)."""
         def settled():
             workers = self.workers()
             return len(workers) == count and workers

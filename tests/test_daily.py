@@ -90,7 +90,7 @@ def test_sidecars_named_as_paths_or_a_store_inside_never_get_sidecars(server, tm
     for _ in range(2):
         assert run_client(server, *everything).status == 0
     assert not [p for p in sidecars_under(tree) if p.endswith(".md5.md5")]
-    assert len(files) == 6
+    assert len(sidecars_under(tree)) == len(files) == 6, "one sidecar a file, no more"
     other = tmp_path / "other"
     make_tree(other, files=6, dirs=1)
     inside = other / "store"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -24,6 +25,9 @@ def fd_targets(pid):
 
 
 def test_five_workers_each_on_its_own_pipes(server):
+    # Ready, each has closed what it inherited from the server (worker._sanitize).
+    wait_until(lambda: [w["state"] for w in json.loads(check_status(server, "--json"))
+                        ["workers"]] == ["idle"] * 5, what="five workers ready")
     workers = server.workers()
     assert len(workers) == 5
     for w in workers:
@@ -130,10 +134,16 @@ def test_more_workers_than_select_can_watch_are_refused_at_once(start_server, tm
     assert not os.path.exists(tmp_path / "s.fifo")
 
 
-def test_client_bad_arguments_exit_2(tmp_path):
-    assert run_client(str(tmp_path / "x"), tmp_path / "does-not-exist").status == 2
-    proc = subprocess.run([sys.executable, CLIENT], capture_output=True)
+def test_client_bad_arguments_exit_2(server, tmp_path):
+    # A server is there and serving: the 2 can only be the arguments' doing.
+    missing = tmp_path / "does-not-exist"
+    result = run_client(server, missing)
+    assert result.status == 2
+    assert f"integrity-client: {missing}: no such file or directory" in result.stderr
+    assert server.events("session.opened") == [], "judged before asking the server"
+    proc = subprocess.run([sys.executable, CLIENT], capture_output=True, text=True)
     assert proc.returncode == 2
+    assert "give at least one PATH" in proc.stderr
 
 
 @pytest.mark.parametrize("kind", ["file", "symlink", "dir", "foreign-fifo"])
@@ -190,7 +200,9 @@ def test_a_client_waiting_on_a_killed_server_fails_within_seconds(start_server, 
     server.proc.kill()
     out, err = client.communicate(timeout=10)
     assert client.returncode == 2
-    assert "server" in err
+    # Failed for the server's death, whichever way the client first saw it.
+    assert re.fullmatch("integrity-client: (the server closed the session before it "
+                        "was done|the server went away|lost the server: .+)\n", err), err
 
 
 def write_entrance(server, data):

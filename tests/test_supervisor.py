@@ -235,10 +235,26 @@ def test_illegal_transitions_are_refused(world):
         s.slots[0].enter(State.BUSY)     # STARTING -> BUSY skips the ready frame
 
 
+def waitpid_status(child_main):
+    """The status waitpid gives for a forked child that runs child_main()."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child_main()
+        finally:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
 def test_exit_status_is_described_for_the_log():
     assert sup.describe_status(exited(3)) == {"exit": 3}
     assert sup.describe_status(signal.SIGKILL) == {"signal": "SIGKILL"}
-    assert os.WIFSIGNALED(signal.SIGKILL)
+    # The statuses this file hands to on_exit are the ones waitpid gives.
+    killed = waitpid_status(lambda: os.kill(os.getpid(), signal.SIGKILL))
+    assert os.WIFSIGNALED(killed) and killed == signal.SIGKILL
+    assert sup.describe_status(killed) == {"signal": "SIGKILL"}
+    assert waitpid_status(lambda: os._exit(3)) == exited(3)
 
 
 def test_totals_outlive_the_workers_they_count(world):
