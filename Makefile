@@ -1,10 +1,10 @@
-# make test | make run DIR=... | make bench | make chaos
+# make test | make unit | make run DIR=... | make bench | make chaos
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test run bench chaos clean
+.PHONY: test unit run bench chaos clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The in-process tests alone (no server, no client started): seconds.
+unit: $(STAMP)
+	$(PY) -m pytest -m unit
 
 # Start a private server, check DIR, stop the server; exit with the client's status.
 run: $(STAMP)

@@ -4,13 +4,55 @@ Every server a test starts goes through `start_server` (or `server`), which
 stops and reaps it at teardown and fails the test if anything it started
 outlives it: a process (a worker, seen or not), its entrance FIFO, or a
 temp sidecar of one of its workers.  Shared helpers are in helpers.py.
+
+Tests that start no process of ours are marked `unit` here, at collection
+(`make unit` runs them alone); one that starts our programs without the
+fixtures says so with @pytest.mark.processes, and a `unit` test that starts
+a Python process fails, so that the mark cannot lie.
 """
 
 import os
+import re
+import shlex
+import subprocess
+import sys
 
 import pytest
 
-from helpers import ServerProcess
+from helpers import CLIENT, SERVER, ServerProcess
+
+SERVER_FIXTURES = {"start_server", "server"}
+_PROGRAM = re.compile(r"python[\d.]*|integrity-(server|client)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if not SERVER_FIXTURES & set(item.fixturenames) and \
+                item.get_closest_marker("processes") is None:
+            item.add_marker(pytest.mark.unit)
+
+
+class _UnitPopen(subprocess.Popen):
+    """subprocess.Popen for a `unit` test: a Python process is refused."""
+
+    nodeid = None
+
+    def __init__(self, args, *rest, **kwargs):
+        words = shlex.split(args) if isinstance(args, str) else [os.fsdecode(a) for a in args]
+        if any(w in (sys.executable, SERVER, CLIENT) or _PROGRAM.fullmatch(os.path.basename(w))
+               for w in words):
+            pytest.fail(f"{self.nodeid} starts {words[:4]}: it is no unit test; give it "
+                        "the server fixture or mark it @pytest.mark.processes",
+                        pytrace=False)
+        super().__init__(args, *rest, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_start_no_python(request, monkeypatch):
+    """Hold a `unit` test to its mark: it may run md5sum, not our programs."""
+    if request.node.get_closest_marker("unit") is not None:
+        refusing = type("UnitPopen", (_UnitPopen,), {"nodeid": request.node.nodeid})
+        monkeypatch.setattr(subprocess, "Popen", refusing)
 
 
 @pytest.fixture(autouse=True)

@@ -477,6 +477,7 @@ def test_refuses_a_catalog_inside_a_checked_tree(tmp_path):
     Catalog.open(str(tmp_path / "tree-state" / "c.sqlite"), [str(tree)]).close()
 
 
+@pytest.mark.processes
 def test_refuses_a_catalog_reached_through_a_bind_mount_of_the_tree(tmp_path):
     """The tree mounted again under the state directory: no path says so, the inode does."""
     tree, mirror = tmp_path / "tree", tmp_path / "state"

@@ -64,6 +64,7 @@ def valuable(path):
     return data
 
 
+@pytest.mark.processes
 class TestTheClientJudgesItsEntrance:
     """Nothing is ever written to an entrance path that is not a server's FIFO."""
 

@@ -106,6 +106,7 @@ def test_sigint_stops_too(start_server):
     assert not os.path.exists(server.fifo)
 
 
+@pytest.mark.processes
 def test_client_without_server_exits_2_and_says_how_to_start_one(tmp_path):
     started = time.monotonic()
     result = run_client(str(tmp_path / "no.fifo"), tmp_path, timeout=10)
@@ -114,6 +115,7 @@ def test_client_without_server_exits_2_and_says_how_to_start_one(tmp_path):
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.processes
 def test_client_with_a_stale_fifo_and_no_server_exits_2(tmp_path):
     os.mkfifo(tmp_path / "stale.fifo", 0o600)
     result = run_client(str(tmp_path / "stale.fifo"), tmp_path, timeout=10)
