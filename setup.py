@@ -14,7 +14,9 @@ setup(
     packages=find_packages(include=["osproject", "osproject.*"]),
     python_requires=">=3.11",
     install_requires=["psutil>=5.9"],     # --status: workers' RSS and CPU
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2.1", "psutil>=5.9"]},
+    # pytest-xdist: make test runs the tests side by side (most wait on processes)
+    extras_require={"test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3.5",
+                             "psutil>=5.9"]},
     entry_points={"console_scripts": [
         "integrity-server=osproject.server.cli:main",
         "integrity-client=osproject.client.cli:main",

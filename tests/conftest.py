@@ -9,8 +9,12 @@ Tests that start no process of ours are marked `unit` here, at collection
 (`make unit` runs them alone); one that starts our programs without the
 fixtures says so with @pytest.mark.processes, and a `unit` test that starts
 a Python process fails, so that the mark cannot lie.
+
+make test runs the tests side by side (pytest -n); one marked `alone` gets
+the machine to itself (machine_share).
 """
 
+import fcntl
 import os
 import re
 import shlex
@@ -45,6 +49,33 @@ class _UnitPopen(subprocess.Popen):
                         "the server fixture or mark it @pytest.mark.processes",
                         pytrace=False)
         super().__init__(args, *rest, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def machine_share(request, tmp_path_factory):
+    """Tests run side by side (make test: pytest -n); one marked `alone` has
+    the machine to itself: it waits for those running to end, and those not
+    yet started wait for it.  A reader-writer lock over the run's workers:
+    flock(2) on two files in the directory above each worker's basetemp,
+    the turnstile keeping a waiting `alone` test from starving."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent                      # shared by the run's workers
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(base / "machine.turnstile", "a") as turnstile, \
+            open(base / "machine.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            if alone:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 @pytest.fixture(autouse=True)

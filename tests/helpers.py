@@ -112,6 +112,7 @@ class ServerProcess:
             stderr=subprocess.PIPE if stderr == "pipe" else self.stderr, **as_user)
         self.ps = psutil.Process(self.proc.pid)
         self.known = set()
+        self._parsed_key, self._parsed_upto, self._parsed = None, 0, []
 
     def wait_ready(self, workers=5):
         wait_until(lambda: os.path.exists(self.fifo) or self.proc.poll() is not None,
@@ -158,14 +159,26 @@ class ServerProcess:
         return wait_until(settled, timeout, what=f"{count} workers")
 
     def events(self, name=None):
-        """Logged events, parsed; only those called `name` if given."""
+        """Logged events, parsed; only those called `name` if given.
+
+        Polled often, so the log is read on from where the last call left
+        it: the same file (by path and inode) grown, else read anew.
+        """
         try:
-            with open(self.log_path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            with open(self.log_path, "rb") as f:
+                st = os.fstat(f.fileno())
+                key = (self.log_path, st.st_dev, st.st_ino)
+                if self._parsed_key != key or st.st_size < self._parsed_upto:
+                    self._parsed_key, self._parsed_upto, self._parsed = key, 0, []
+                f.seek(self._parsed_upto)
+                data = f.read()
         except FileNotFoundError:
             return []
-        events = [parse_logfmt(line) for line in lines]
-        return [e for e in events if name is None or e.get("event") == name]
+        complete = data[:data.rfind(b"\n") + 1]       # a line being written waits
+        self._parsed_upto += len(complete)
+        self._parsed += [parse_logfmt(line) for line in
+                         complete.decode("utf-8").splitlines()]
+        return [e for e in self._parsed if name is None or e.get("event") == name]
 
     def wait_event(self, name, count=1, timeout=15):
         return wait_until(lambda: len(self.events(name)) >= count and self.events(name),

@@ -87,6 +87,10 @@ def test_a_liar_against_baselines_cannot_turn_ok_into_changed(start_server, tmp_
     assert changed.statuses()[files[9]] == "CHANGED"
 
 
+# Alone: a first run proves a lie only where the liar read second, and on a
+# machine busy with other tests the liar's share of those readings varied
+# enough that its third proven lie came late, once not at all.
+@pytest.mark.alone
 def test_a_20_percent_liar_is_caught_banned_and_its_work_repaired(start_server, tmp_path):
     server = start_server("--chaos", "liar:1:0.2", "--cross-check", "0.05")
     tree = tmp_path / "tree"
