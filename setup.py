@@ -15,7 +15,8 @@ setup(
     python_requires=">=3.11",
     install_requires=["psutil>=5.9"],     # --status: workers' RSS and CPU
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "psutil>=5.9"],
+        # pytest-xdist: make test runs the tests side by side (most wait on processes)
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "psutil>=5.9"],
         # make lint; minor releases add rules and checks, so a new one is a choice
         "lint": ["ruff>=0.17,<0.18", "mypy>=2.4,<2.5"],
     },

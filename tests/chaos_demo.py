@@ -16,8 +16,15 @@ import subprocess
 import sys
 import tempfile
 
-from conftest import (CLIENT, SERVER, make_tree, md5sum_check, parse_logfmt,
-                      sidecars_under, wait_until)
+from helpers import (
+    CLIENT,
+    SERVER,
+    make_tree,
+    md5sum_check,
+    parse_logfmt,
+    sidecars_under,
+    wait_until,
+)
 
 FILES = 2000
 CHAOS = ["liar:1", "liar:3:0.3", "crash:0.02"]

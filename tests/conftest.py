@@ -1,163 +1,89 @@
 """Fixtures that run the real thing: a server subprocess on a private FIFO.
 
-Every process a test starts is stopped and reaped by the fixture, and the
-fixture fails the test if a worker outlives its server.
+Every server a test starts goes through `start_server` (or `server`), which
+stops and reaps it at teardown and fails the test if anything it started
+outlives it: a process (a worker, seen or not), its entrance FIFO, or a
+temp sidecar of one of its workers.  Shared helpers are in helpers.py.
+
+Tests that start no process of ours are marked `unit` here, at collection
+(`make unit` runs them alone); one that starts our programs without the
+fixtures says so with @pytest.mark.processes, and a `unit` test that starts
+a Python process fails, so that the mark cannot lie.
+
+make test runs the tests side by side (pytest -n); one marked `alone` gets
+the machine to itself (machine_share).
 """
 
-import contextlib
-import json
+import fcntl
 import os
 import re
-import signal
+import shlex
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVER = os.path.join(ROOT, "bin", "integrity-server")
-CLIENT = os.path.join(ROOT, "bin", "integrity-client")
-CLIENT_TIMEOUT = 90
+from helpers import CLIENT, SERVER, ServerProcess
+
+SERVER_FIXTURES = {"start_server", "server"}
+_PROGRAM = re.compile(r"python[\d.]*|integrity-(server|client)")
 
 
-def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
-    """Poll `predicate` until it returns something truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if not SERVER_FIXTURES & set(item.fixturenames) and \
+                item.get_closest_marker("processes") is None:
+            item.add_marker(pytest.mark.unit)
 
 
-_PAIR = re.compile(r'(\w[\w.]*)=("(?:[^"\\]|\\.)*"|\S*)')
+class _UnitPopen(subprocess.Popen):
+    """subprocess.Popen for a `unit` test: a Python process is refused."""
+
+    nodeid = None
+
+    def __init__(self, args, *rest, **kwargs):
+        words = shlex.split(args) if isinstance(args, str) else [os.fsdecode(a) for a in args]
+        if any(w in (sys.executable, SERVER, CLIENT) or _PROGRAM.fullmatch(os.path.basename(w))
+               for w in words):
+            pytest.fail(f"{self.nodeid} starts {words[:4]}: it is no unit test; give it "
+                        "the server fixture or mark it @pytest.mark.processes",
+                        pytrace=False)
+        super().__init__(args, *rest, **kwargs)
 
 
-def parse_logfmt(line):
-    """Parse one logfmt line into a dict (quoted values unescaped)."""
-    fields = {}
-    for key, value in _PAIR.findall(line):
-        if value.startswith('"'):
-            value = value[1:-1].encode().decode("unicode_escape")
-        fields[key] = value
-    return fields
-
-
-class ServerProcess:
-    """A running integrity-server and what a test needs to look at it."""
-
-    def __init__(self, directory, args=(), fifo=None, command=None, user=None):
-        self.dir = directory
-        self.dir.mkdir()
-        as_user = {}
-        if user is not None:                    # run it as another uid (we are root)
-            os.chown(self.dir, user, user)
-            as_user = dict(user=user, group=user, extra_groups=[])
-        self.fifo = fifo or str(self.dir / "server.fifo")
-        self.log_dir = str(self.dir / "logs")
-        self.log_path = os.path.join(self.log_dir, "integrity-server.log")
-        self.stderr = open(self.dir / "stderr", "w+")
-        self.proc = subprocess.Popen(
-            [*(command or [sys.executable, SERVER]), "--fifo", self.fifo,
-             "--log-dir", self.log_dir, *args],
-            stdout=subprocess.DEVNULL, stderr=self.stderr, **as_user)
-        self.ps = psutil.Process(self.proc.pid)
-        self.known = set()
-
-    def wait_ready(self, workers=5):
-        wait_until(lambda: os.path.exists(self.fifo) or self.proc.poll() is not None,
-                   what="the entrance FIFO")
-        assert self.proc.poll() is None, self.stderr_text()
-        self.wait_workers(workers)
-        return self
-
-    def children(self):
+@pytest.fixture(autouse=True)
+def machine_share(request, tmp_path_factory):
+    """Tests run side by side (make test: pytest -n); one marked `alone` has
+    the machine to itself: it waits for those running to end, and those not
+    yet started wait for it.  A reader-writer lock over the run's workers:
+    flock(2) on two files in the directory above each worker's basetemp,
+    the turnstile keeping a waiting `alone` test from starving."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent                      # shared by the run's workers
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(base / "machine.turnstile", "a") as turnstile, \
+            open(base / "machine.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
         try:
-            return self.ps.children()
-        except psutil.NoSuchProcess:
-            return []
-
-    def workers(self):
-        """The live worker processes (not zombies), found with psutil."""
-        alive = []
-        for child in self.children():
-            try:
-                if child.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(child)
-            except psutil.NoSuchProcess:
-                pass
-        self.known.update(alive)
-        return alive
-
-    def zombies(self):
-        result = []
-        for child in self.children():
-            try:
-                if child.status() == psutil.STATUS_ZOMBIE:
-                    result.append(child)
-            except psutil.NoSuchProcess:
-                pass
-        return result
-
-    def wait_workers(self, count=5, timeout=15):
-        """Wait until exactly `count` workers are running and all said ready."""
-        def settled():
-            workers = self.workers()
-            return len(workers) == count and workers
-        return wait_until(settled, timeout, what=f"{count} workers")
-
-    def events(self, name=None):
-        """Logged events, parsed; only those called `name` if given."""
-        try:
-            with open(self.log_path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            return []
-        events = [parse_logfmt(line) for line in lines]
-        return [e for e in events if name is None or e.get("event") == name]
-
-    def wait_event(self, name, count=1, timeout=15):
-        return wait_until(lambda: len(self.events(name)) >= count and self.events(name),
-                          timeout, what=f"{count} x event={name}")
-
-    def stderr_text(self):
-        self.stderr.seek(0)
-        return self.stderr.read()
-
-    def stop(self, timeout=10):
-        """SIGTERM the server and wait; return its exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("the server did not stop on SIGTERM")
-
-    def cleanup(self):
-        """Stop the server; fail if it or any worker it had outlives it."""
-        self.workers()               # remember the last workers too
-        try:
-            status = self.stop() if self.proc.poll() is None else self.proc.returncode
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
         finally:
-            self._reap_known()
-        self.stderr.close()
-        return status
+            if not alone:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            if alone:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
 
-    def _reap_known(self):
-        for proc in self.known:      # nothing may outlive the server for long
-            try:
-                proc.wait(5)
-            except psutil.TimeoutExpired:
-                proc.kill()
-                raise AssertionError(f"worker {proc.pid} outlived its server")
-            except psutil.NoSuchProcess:
-                pass
+
+@pytest.fixture(autouse=True)
+def unit_tests_start_no_python(request, monkeypatch):
+    """Hold a `unit` test to its mark: it may run md5sum, not our programs."""
+    if request.node.get_closest_marker("unit") is not None:
+        refusing = type("UnitPopen", (_UnitPopen,), {"nodeid": request.node.nodeid})
+        monkeypatch.setattr(subprocess, "Popen", refusing)
 
 
 @pytest.fixture(autouse=True)
@@ -175,146 +101,34 @@ def start_server(tmp_path):
 
     `base` is the directory to make the server's own in (default tmp_path),
     `command` the server's argv before its options (default: this Python
-    and bin/integrity-server), `user` a uid to run it as.
+    and bin/integrity-server), `user` a uid to run it as, `env` its whole
+    environment; `fifo_option=False` leaves out --fifo (give `fifo`, where
+    the default entrance will be), `stderr="pipe"` gives it a pipe that
+    nobody reads.  `ready=False` returns at once, `workers` is how many
+    workers make it ready.
     """
     servers = []
 
-    def start(*args, workers=5, ready=True, fifo=None, base=None, command=None, user=None):
+    def start(*args, workers=5, ready=True, fifo=None, base=None, command=None, user=None,
+              env=None, fifo_option=True, stderr="file"):
         directory = (base or tmp_path) / f"server{len(servers)}"
-        server = ServerProcess(directory, args, fifo, command, user)
-        servers.append(server)
+        server = ServerProcess(directory, args, fifo, command, user, env, fifo_option, stderr)
+        servers.append((server, base))
         return server.wait_ready(workers) if ready else server
     yield start
     problems = []
-    for server in reversed(servers):          # every server is stopped, come what may
+    for server, _ in reversed(servers):        # every server is stopped, come what may
         try:
             server.cleanup()
         except AssertionError as exc:
             problems.append(str(exc))
-    for server in servers:
-        if server.proc.returncode != -signal.SIGKILL and os.path.exists(server.fifo):
-            problems.append(f"the entrance FIFO {server.fifo} outlived its server")
+    roots = [str(tmp_path)] + sorted({str(base) for _, base in servers if base and
+                                      not os.path.abspath(base).startswith(f"{tmp_path}/")})
+    for server, _ in servers:
+        problems += server.leaks(roots)
     assert not problems, problems
 
 
 @pytest.fixture
 def server(start_server):
     return start_server()
-
-
-class ClientResult:
-    def __init__(self, proc):
-        self.status = proc.returncode
-        self.stdout = proc.stdout
-        self.stderr = proc.stderr
-
-    def records(self, every_entry=False):
-        """The --json output: (records by path, the count of each status).
-
-        Regular files only, unless every_entry: most tests are about files,
-        and the catalog also reports each directory, symlink and device.
-        The summary line must count exactly the records printed.
-        """
-        objects = [json.loads(line) for line in self.stdout.splitlines()]
-        assert objects and "summary" in objects[-1], self.stdout + self.stderr
-        entries = {}
-        for obj in objects[:-1]:
-            assert obj["path"] not in entries, f"two results for {obj['path']}"
-            entries[obj["path"]] = obj
-        assert objects[-1]["summary"] == _counts(entries.values()), self.stdout
-        if not every_entry:
-            entries = {p: r for p, r in entries.items() if r.get("kind") in ("file", None)}
-        return entries, _counts(entries.values())
-
-    def statuses(self):
-        files, _ = self.records()
-        return {path: rec["status"] for path, rec in files.items()}
-
-
-def _counts(records):
-    counts = {}
-    for record in records:
-        counts[record["status"]] = counts.get(record["status"], 0) + 1
-    return counts
-
-
-def run_client(server_or_fifo, *args, timeout=CLIENT_TIMEOUT, env=None):
-    fifo = getattr(server_or_fifo, "fifo", server_or_fifo)
-    proc = subprocess.run([sys.executable, CLIENT, "--fifo", fifo, *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env,
-                          errors="surrogateescape")
-    return ClientResult(proc)
-
-
-def make_tree(root, files=50, dirs=5, size=2000, seed=0, age=10.0):
-    """Write a tree of `files` regular files spread over `dirs` directories.
-
-    Returns once the tree has settled like a real one nobody is writing to:
-    mtimes dated `age` seconds back, and the last change (ctime) older than
-    the racy window, since a disagreement on a file changed within one
-    timestamp tick may be a race, not a lie (worker.is_racy).
-    """
-    paths = []
-    past = time.time() - age
-    for i in range(files):
-        d = os.path.join(root, f"d{i % dirs}")
-        os.makedirs(d, exist_ok=True)
-        path = os.path.join(d, f"f{i}.dat")
-        with open(path, "wb") as f:
-            f.write(f"{seed}:{i}:".encode() * (size // 8 + i % 7))
-        os.utime(path, (past, past))
-        paths.append(path)
-    settled = time.time() + 0.2
-    wait_until(lambda: time.time() > settled, what="the tree to settle")
-    return paths
-
-
-@contextlib.contextmanager
-def workers_frozen(server):
-    """SIGSTOP every worker for the block: the files wait, listed but unread."""
-    workers = server.wait_workers()
-    for w in workers:
-        w.send_signal(signal.SIGSTOP)
-    try:
-        yield workers
-    finally:
-        for w in workers:
-            w.send_signal(signal.SIGCONT)
-
-
-def files_in(server):
-    """Files the server holds: waiting for a worker, or with one (--status)."""
-    status = json.loads(run_client(server, "--status", "--json").stdout)
-    return status["waiting"] + status["inflight"]
-
-
-def tamper(path, data=b"tampered"):
-    """Alter a file the way an intruder or a careless edit would: append to it."""
-    with open(path, "ab") as f:
-        f.write(data)
-
-
-def md5sum_check(sidecars):
-    """Run the real `md5sum -c` on the sidecars, in their directories.
-
-    Returns md5sum's complaints, empty when every sidecar checks out.
-    """
-    by_dir = {}
-    for sidecar in sidecars:
-        directory, name = os.path.split(os.fsencode(sidecar))
-        by_dir.setdefault(directory, []).append(name)
-    failures = []
-    for directory, names in by_dir.items():
-        proc = subprocess.run([b"md5sum", b"--quiet", b"-c", b"--", *names],
-                              cwd=directory, capture_output=True)
-        if proc.returncode != 0 or not names:
-            failures.append((directory, proc.stdout + proc.stderr))
-    return failures
-
-
-def sidecars_under(root):
-    """Every *.md5 file under root (bytes-safe)."""
-    found = []
-    for directory, _, names in os.walk(os.fsencode(root)):
-        found += [os.path.join(directory, n) for n in names if n.endswith(b".md5")]
-    return [os.fsdecode(p) for p in found]

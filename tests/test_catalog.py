@@ -20,8 +20,20 @@ import traceback
 import pytest
 
 from osproject.client import catalog
-from osproject.client.catalog import (ALTERATIONS, FILE, DIR, SYMLINK, FIFO, SOCKET, CHARDEV,
-                               BLOCKDEV, Catalog, CatalogError, Change, Record)
+from osproject.client.catalog import (
+    ALTERATIONS,
+    BLOCKDEV,
+    CHARDEV,
+    DIR,
+    FIFO,
+    FILE,
+    SOCKET,
+    SYMLINK,
+    Catalog,
+    CatalogError,
+    Change,
+    Record,
+)
 
 NOBODY = 65534
 MD5_A, MD5_B = "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"
@@ -480,6 +492,7 @@ def test_refuses_a_catalog_inside_a_checked_tree(tmp_path):
     Catalog.open(str(tmp_path / "tree-state" / "c.sqlite"), [str(tree)]).close()
 
 
+@pytest.mark.processes
 def test_refuses_a_catalog_reached_through_a_bind_mount_of_the_tree(tmp_path):
     """The tree mounted again under the state directory: no path says so, the inode does."""
     tree, mirror = tmp_path / "tree", tmp_path / "state"

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import CLIENT, files_in, make_tree, run_client, wait_until, workers_frozen
+from helpers import CLIENT, files_in, make_tree, run_client, wait_until, workers_frozen
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -344,7 +344,7 @@ class TestTheCatalogItself:
         assert '"status": "ERROR"' in out
 
     def test_nothing_verifiable_at_all_exits_2(self, start_server, tree):
-        server = start_server("--chaos", "crash:1.0")
+        server = start_server("--chaos", "crash:1.0", "--backoff-scale", "0.05")  # no wait
         result = run_client(server, tree)
         assert result.status == 2, result.stdout
         assert "ERROR" in result.stdout

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import CLIENT, ROOT, SERVER, make_tree, tamper
+from helpers import CLIENT, ROOT, SERVER, make_tree, tamper
 from osproject.client import cli as client_cli
 from osproject.server import cli as server_cli
 

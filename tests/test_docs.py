@@ -3,7 +3,7 @@
 import os
 import re
 
-from conftest import ROOT
+from helpers import ROOT
 
 _EMIT = re.compile(r'log\.(?:info|warning|error|emit)\(\s*(?:\w+,\s*)?"([\w.]+)"')
 

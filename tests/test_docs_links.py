@@ -11,7 +11,7 @@ import glob
 import os
 import re
 
-from conftest import ROOT
+from helpers import ROOT
 
 _FENCE = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1[^\n]*$", re.M | re.S)
 _CODE = re.compile(r"(`+)(?!`).+?(?<!`)\1(?!`)", re.S)

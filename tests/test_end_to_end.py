@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from conftest import make_tree, md5sum_check, run_client, sidecars_under, tamper
+from helpers import make_tree, md5sum_check, run_client, sidecars_under, tamper
 
 pytestmark = pytest.mark.timeout(120)
 

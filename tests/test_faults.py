@@ -14,8 +14,7 @@ import threading
 import psutil
 import pytest
 
-from conftest import (CLIENT, ROOT, make_tree, md5sum_check, run_client,
-                      sidecars_under, wait_until)
+from helpers import CLIENT, ROOT, make_tree, md5sum_check, run_client, sidecars_under, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,6 +34,10 @@ def assert_complete(result, files, status="NEW"):
 
 # -- workers ------------------------------------------------------------------
 
+# Alone: the kills come at a fixed rate, and on a machine busy with other
+# tests the workers read slower, so that a file may see three of its readers
+# killed and become an ERROR, as a poison file would (MAX_DEATHS).
+@pytest.mark.alone
 def test_workers_killed_many_times_a_second_lose_nothing(server, tmp_path):
     tree = tmp_path / "tree"
     files = make_tree(tree, files=4000, dirs=25, size=6000)
@@ -81,7 +84,8 @@ def test_sigterm_during_a_first_run_leaves_no_temp_sidecar(start_server, tmp_pat
                                   stderr=subprocess.DEVNULL)
         try:
             # wait_until calls it at once: the loop cannot move `tree` under it
-            wait_until(lambda: len(sidecars_under(tree)) >= 300, what="sidecars")  # noqa: B023
+            wait_until(lambda: len(sidecars_under(tree)) >= 300,  # noqa: B023
+                       interval=0.1, what="sidecars")          # each look walks 3000 files
             assert server.stop() == 0
         finally:
             client.wait(30)
@@ -158,7 +162,10 @@ def test_workers_that_cannot_start_at_all_stop_the_server_with_a_clear_error(
         start_server, tmp_path):
     cause = tmp_path / "cause"
     cause.write_text("forever")
-    server = start_server("--chaos", f"stillborn:{cause}", ready=False)
+    # The real give-up (GIVE_UP_AFTER deaths unborn in every slot), without
+    # waiting out ~15s of real back-off and fork rate cap.
+    server = start_server("--chaos", f"stillborn:{cause}", "--backoff-scale", "0.05",
+                          ready=False)
     assert server.proc.wait(60) == 1
     assert "workers die before they can start" in server.stderr_text()
     assert server.events("server.failed")
@@ -205,9 +212,12 @@ def test_when_no_worker_can_be_forked_clients_are_told_and_the_server_exits_1(
     uid, home, python, pkg = foreign_home
     # RLIMIT_NPROC counts every process of the uid: at 1 the server is the
     # only one it may have, and each fork fails with EAGAIN, as under a
-    # systemd TasksMax= that is used up.
-    server = start_server(base=home, user=uid, ready=False, command=[
-        "prlimit", "--nproc=1", python, os.path.join(pkg, "bin", "integrity-server")])
+    # systemd TasksMax= that is used up.  Half the real back-off: the server
+    # gives up some 5s after its first failed fork, time enough for the
+    # client to come and be told.
+    server = start_server("--backoff-scale", "0.5", base=home, user=uid, ready=False,
+                          command=["prlimit", "--nproc=1", python,
+                                   os.path.join(pkg, "bin", "integrity-server")])
     assert server.wait_event("worker.spawn_failed")[0]["reason"] == \
         "Resource temporarily unavailable"
     tree = home / "tree"
@@ -422,57 +432,57 @@ def copy_checkout(base):
     return pkg
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
-def test_permission_denied_is_an_error_and_the_run_goes_on():
-    nobody = 65534
+NOBODY = 65534
+
+
+@pytest.fixture
+def nobodys_checkout():
+    """(a directory anyone may enter, the Python uid 65534 runs, our checkout
+    copied there); removed afterwards, after the servers started in it."""
     base = tempfile.mkdtemp(prefix="osp-perm-")
     try:
         os.chmod(base, 0o755)
         pkg = copy_checkout(base)
-        python = interpreter_for(nobody, pkg)
+        python = interpreter_for(NOBODY, pkg)
         if python is None:
             pytest.skip("no Python >= 3.11 is runnable by uid 65534")
-        tree = os.path.join(base, "tree")
-        os.mkdir(tree)
-        for name in ("open", "secret"):
-            with open(os.path.join(tree, name), "w") as f:
-                f.write(name)
-        os.mkdir(os.path.join(tree, "closed"))
-        for path in (tree, *(os.path.join(tree, n) for n in os.listdir(tree))):
-            os.chown(path, nobody, nobody)
-        os.chmod(os.path.join(tree, "secret"), 0)
-        os.chmod(os.path.join(tree, "closed"), 0)
-        private = os.path.join(base, "private")       # the FIFOs, the log, TMPDIR
-        os.mkdir(private)
-        os.chown(private, nobody, nobody)
-        as_nobody = dict(user=nobody, group=nobody, extra_groups=[],
-                         env={"PYTHONPATH": pkg, "TMPDIR": private,
-                              "INTEGRITY_CATALOG": os.path.join(private, "catalog.sqlite")})
-        fifo = os.path.join(private, "server.fifo")
-        server = subprocess.Popen([python, os.path.join(pkg, "bin", "integrity-server"),
-                                   "--fifo", fifo, "--log-dir",
-                                   os.path.join(private, "logs")],
-                                  stderr=subprocess.DEVNULL, **as_nobody)
-        try:
-            wait_until(lambda: os.path.exists(fifo) or server.poll() is not None,
-                       what="the server")
-            client = subprocess.run([python, os.path.join(pkg, "bin", "integrity-client"),
-                                     "--fifo", fifo, "--json", tree],
-                                    capture_output=True, text=True, timeout=60,
-                                    **as_nobody)
-        finally:
-            server.terminate()
-            server.wait(10)
-        import json
-        records = {r["path"]: r for r in map(json.loads, client.stdout.splitlines())
-                   if "path" in r}
-        assert records[os.path.join(tree, "open")]["status"] == "NEW", client.stderr
-        assert records[os.path.join(tree, "secret")]["status"] == "ERROR"
-        assert records[os.path.join(tree, "secret")]["error"] == "Permission denied"
-        assert "Permission denied" in records[os.path.join(tree, "closed")]["error"]
-        assert client.returncode == 0
+        yield base, python, pkg
     finally:
         shutil.rmtree(base)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
+def test_permission_denied_is_an_error_and_the_run_goes_on(nobodys_checkout, start_server):
+    base, python, pkg = nobodys_checkout
+    tree = os.path.join(base, "tree")
+    os.mkdir(tree)
+    for name in ("open", "secret"):
+        with open(os.path.join(tree, name), "w") as f:
+            f.write(name)
+    os.mkdir(os.path.join(tree, "closed"))
+    for path in (tree, *(os.path.join(tree, n) for n in os.listdir(tree))):
+        os.chown(path, NOBODY, NOBODY)
+    os.chmod(os.path.join(tree, "secret"), 0)
+    os.chmod(os.path.join(tree, "closed"), 0)
+    private = os.path.join(base, "private")       # the FIFOs, the log, TMPDIR
+    os.mkdir(private)
+    os.chown(private, NOBODY, NOBODY)
+    as_nobody = dict(user=NOBODY, group=NOBODY, extra_groups=[],
+                     env={"PYTHONPATH": pkg, "TMPDIR": private,
+                          "INTEGRITY_CATALOG": os.path.join(private, "catalog.sqlite")})
+    server = start_server(base=pathlib.Path(private), user=NOBODY, env=as_nobody["env"],
+                          command=[python, os.path.join(pkg, "bin", "integrity-server")])
+    client = subprocess.run([python, os.path.join(pkg, "bin", "integrity-client"),
+                             "--fifo", server.fifo, "--json", tree],
+                            capture_output=True, text=True, timeout=60, **as_nobody)
+    import json
+    records = {r["path"]: r for r in map(json.loads, client.stdout.splitlines())
+               if "path" in r}
+    assert records[os.path.join(tree, "open")]["status"] == "NEW", client.stderr
+    assert records[os.path.join(tree, "secret")]["status"] == "ERROR"
+    assert records[os.path.join(tree, "secret")]["error"] == "Permission denied"
+    assert "Permission denied" in records[os.path.join(tree, "closed")]["error"]
+    assert client.returncode == 0
 
 
 # -- clients -------------------------------------------------------------------
@@ -481,6 +491,7 @@ def test_a_client_that_never_reads_is_dropped_and_others_are_served(server, tmp_
     import hashlib
     import select
     import time
+
     from osproject import protocol
     from osproject.client.connection import Connection
     small = tmp_path / "small"

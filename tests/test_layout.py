@@ -9,7 +9,7 @@ import ast
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 PACKAGE = os.path.join(ROOT, "osproject")
 CORE = {"osproject", "osproject.protocol", "osproject.store", "osproject.statuses"}

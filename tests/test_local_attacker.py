@@ -15,7 +15,7 @@ import tempfile
 
 import pytest
 
-from conftest import CLIENT, files_in, make_tree, run_client, wait_until, workers_frozen
+from helpers import CLIENT, files_in, make_tree, run_client, wait_until, workers_frozen
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to play two uids")]
@@ -64,6 +64,7 @@ def valuable(path):
     return data
 
 
+@pytest.mark.processes
 class TestTheClientJudgesItsEntrance:
     """Nothing is ever written to an entrance path that is not a server's FIFO."""
 

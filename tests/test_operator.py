@@ -7,8 +7,15 @@ import threading
 
 import pytest
 
-from conftest import (CLIENT, CLIENT_TIMEOUT, make_tree, md5sum_check, run_client,
-                      sidecars_under, tamper)
+from helpers import (
+    CLIENT,
+    CLIENT_TIMEOUT,
+    make_tree,
+    md5sum_check,
+    run_client,
+    sidecars_under,
+    tamper,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

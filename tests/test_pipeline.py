@@ -7,8 +7,8 @@ import signal
 import threading
 
 import pytest
-from conftest import wait_until
 
+from helpers import wait_until
 from osproject import protocol
 from osproject.server.loop import Config, Server
 from osproject.server.scheduler import Job

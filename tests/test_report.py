@@ -1,8 +1,8 @@
 """The client's report: held results, corrections, order, summary, exit status."""
 
 import io
-import os
 import json
+import os
 
 from osproject.client.findings import Finding
 from osproject.client.report import EXIT_ALTERED, EXIT_OK, Report, format_status, show_path

@@ -135,6 +135,37 @@ def test_restarts_after_infant_deaths_never_exceed_the_rate_cap(monkeypatch):
     assert len(spawner.spawned) == 16
 
 
+def test_a_backoff_scale_shortens_every_wait_and_keeps_every_count(monkeypatch):
+    """--backoff-scale, the testing aid: the same policy on a shorter clock."""
+    monkeypatch.setattr(sup, "kill_group", lambda pid, sig: None)
+    clock, log, spawner = FakeClock(), FakeLog(), FakeSpawner()
+    s = Supervisor(8, spawner, clock, log, hang_timeout=30, backoff_scale=0.1)
+    s.start_due()
+    for slot in s.slots:
+        s.on_exit(slot.worker.pid, exited(1))
+    assert s.slots[0].restart_at - clock.now == pytest.approx(0.1 * sup.BACKOFF_FIRST)
+    clock.now += 0.1 * sup.BACKOFF_FIRST
+    s.start_due()
+    assert len(spawner.spawned) == 8, "the window, a tenth of a second, is still full"
+    assert s.next_deadline() == pytest.approx(1000.1)
+    clock.now = s.next_deadline()
+    s.start_due()
+    assert len(spawner.spawned) == 8 + sup.MAX_FORKS_PER_SECOND
+    delays = []
+    for deaths in range(2, sup.GIVE_UP_AFTER + 1):
+        while any(slot.state is State.DOWN for slot in s.slots):
+            clock.now = s.next_deadline()
+            s.start_due()
+        assert not s.hopeless(), f"gave up after {deaths - 1} deaths"
+        for slot in s.slots:
+            s.on_exit(slot.worker.pid, exited(1))
+        delays.append(s.slots[0].restart_at - clock.now)
+    assert s.hopeless(), "given up after as many deaths as unscaled"
+    assert delays[:2] == pytest.approx([0.1 * sup.backoff(2), 0.1 * sup.backoff(3)])
+    assert max(delays) == pytest.approx(0.1 * sup.BACKOFF_MAX)
+    assert sup.backoff(3, 0.1) == pytest.approx(0.1 * sup.backoff(3))
+
+
 def test_one_good_assignment_resets_the_back_off(world):
     s, clock, _, _, _ = world
     w = s.slots[0].worker
@@ -204,10 +235,26 @@ def test_illegal_transitions_are_refused(world):
         s.slots[0].enter(State.BUSY)     # STARTING -> BUSY skips the ready frame
 
 
+def waitpid_status(child_main):
+    """The status waitpid gives for a forked child that runs child_main()."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child_main()
+        finally:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
 def test_exit_status_is_described_for_the_log():
     assert sup.describe_status(exited(3)) == {"exit": 3}
     assert sup.describe_status(signal.SIGKILL) == {"signal": "SIGKILL"}
-    assert os.WIFSIGNALED(signal.SIGKILL)
+    # The statuses this file hands to on_exit are the ones waitpid gives.
+    killed = waitpid_status(lambda: os.kill(os.getpid(), signal.SIGKILL))
+    assert os.WIFSIGNALED(killed) and killed == signal.SIGKILL
+    assert sup.describe_status(killed) == {"signal": "SIGKILL"}
+    assert waitpid_status(lambda: os._exit(3)) == exited(3)
 
 
 def test_totals_outlive_the_workers_they_count(world):

@@ -6,13 +6,11 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 
 import pytest
 
-from conftest import SERVER, make_tree, parse_logfmt, run_client, wait_until
+from helpers import make_tree, parse_logfmt, run_client, wait_until
 from osproject.server import log
 
 pytestmark = pytest.mark.timeout(60)
@@ -108,7 +106,7 @@ def test_a_syslog_that_does_not_read_costs_lines_not_the_server(start_server, li
 
 
 @pytest.mark.parametrize("kind", ["missing", "plain-file", "nobody-listens"])
-def test_no_syslog_to_send_to_fails_at_start(tmp_path, listener, kind):
+def test_no_syslog_to_send_to_fails_at_start(listener, start_server, tmp_path, kind):
     listener.sock.close()                   # a daemon that died leaves its socket
     path = listener.path
     if kind != "nobody-listens":
@@ -116,12 +114,10 @@ def test_no_syslog_to_send_to_fails_at_start(tmp_path, listener, kind):
     if kind == "plain-file":
         open(path, "w").close()
     fifo = tmp_path / "server.fifo"
-    proc = subprocess.run([sys.executable, SERVER, "--fifo", str(fifo), "--log-dir",
-                           str(tmp_path / "logs"), "--syslog-socket", path],
-                          capture_output=True, text=True, timeout=10)
-    assert proc.returncode == 2
+    server = start_server("--syslog-socket", path, fifo=str(fifo), ready=False)
+    assert server.proc.wait(10) == 2
     reason = {"missing": "No such file", "nobody-listens": "Connection refused"}
-    assert f"--syslog: cannot send to {path}: {reason.get(kind, '')}" in proc.stderr
+    assert f"--syslog: cannot send to {path}: {reason.get(kind, '')}" in server.stderr_text()
     assert not fifo.exists()
 
 

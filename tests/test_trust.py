@@ -5,12 +5,17 @@ import os
 import random
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import (make_tree, md5sum_check, run_client, sidecars_under, tamper,
-                      wait_until)
+from helpers import (
+    make_tree,
+    md5sum_check,
+    run_client,
+    sidecars_under,
+    tamper,
+    wait_out_racy_window,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -88,6 +93,10 @@ def test_a_liar_against_baselines_cannot_turn_ok_into_changed(start_server, tmp_
     assert changed.statuses()[files[9]] == "CHANGED"
 
 
+# Alone: a first run proves a lie only where the liar read second, and on a
+# machine busy with other tests the liar's share of those readings varied
+# enough that its third proven lie came late, once not at all.
+@pytest.mark.alone
 def test_a_20_percent_liar_is_caught_banned_and_its_work_repaired(start_server, tmp_path):
     server = start_server("--chaos", "liar:1:0.2", "--cross-check", "0.05")
     tree = tmp_path / "tree"
@@ -168,8 +177,7 @@ def test_a_file_rewritten_through_a_shared_mmap_never_gets_a_worker_warned(serve
                                 stdout=subprocess.PIPE, text=True)
     try:
         assert rewriter.stdout.readline() == "dirty\n"
-        settled = time.time() + 0.3          # past worker.is_racy's window
-        wait_until(lambda: time.time() > settled, what="the last stat change to age")
+        wait_out_racy_window(files)          # the last stat change, aged
         moving = [os.stat(p).st_mtime_ns for p in files]
         for _ in range(10):
             result = run_client(server, "--json", tree)

@@ -1,14 +1,25 @@
 """The trust model's rules, as pure functions: no processes, no clock."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
-from types import SimpleNamespace
 
 from osproject.server import verifier
 from osproject.server.scheduler import Job, Phase
-from osproject.server.verifier import (CHANGED, MAX_OPINIONS, NEW, OK, TRUST_AFTER, UNSTABLE,
-                                       Verdict, Vote, judge, proven_lie, wants_cross_check)
+from osproject.server.verifier import (
+    CHANGED,
+    MAX_OPINIONS,
+    NEW,
+    OK,
+    TRUST_AFTER,
+    UNSTABLE,
+    Verdict,
+    Vote,
+    judge,
+    proven_lie,
+    wants_cross_check,
+)
 
 A, B, C, D = ("a" * 32, "b" * 32, "c" * 32, "d" * 32)
 SAME = (100, 1, 1, 7)

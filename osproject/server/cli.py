@@ -99,6 +99,10 @@ def server_parser():
                    help="the syslog daemon's datagram socket (default /dev/log, on "
                         "macOS /var/run/syslog); implies --syslog")
     p.add_argument("--chaos", action="append", default=[], metavar="SPEC", help=CHAOS_HELP)
+    p.add_argument("--backoff-scale", type=fraction, default=1.0, metavar="FACTOR",
+                   help="testing aid: multiply every wait before re-forking a worker "
+                        "that died young (the back-off and the one-second window of "
+                        "the fork rate cap) by FACTOR, above 0 and at most 1 (default 1)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -138,11 +142,14 @@ def main(argv=None):
         server_parser().error("--hang-timeout must be at least 1 second")
     if args.idle_timeout < 1:
         server_parser().error("--idle-timeout must be at least 1 second")
+    if args.backoff_scale <= 0:
+        server_parser().error("--backoff-scale must be above 0")
     config = Config(fifo=args.fifo or default_fifo(),
                     private_dir=uses_default_fifo(args),
                     workers=args.workers, hang_timeout=args.hang_timeout,
                     idle_timeout=args.idle_timeout,
-                    cross_check=args.cross_check, **parse_chaos(args.chaos, args.workers))
+                    cross_check=args.cross_check, backoff_scale=args.backoff_scale,
+                    **parse_chaos(args.chaos, args.workers))
     log = open_log(args)
     if log is None:
         return EXIT_TROUBLE

@@ -55,6 +55,7 @@ class Config:
     hang: float = 0.0
     garble: float = 0.0
     stillborn: str | None = None
+    backoff_scale: float = 1.0      # testing aid: shorter waits before re-forks
 
 
 class Fault(protocol.ProtocolError):
@@ -69,7 +70,8 @@ class Server:
         self.entrance = Entrance(config.fifo, config.private_dir)
         self.scheduler = Scheduler()
         self.supervisor = Supervisor(config.workers, spawner or ForkSpawner(self.chaos_for),
-                                     clock, log, config.hang_timeout)
+                                     clock, log, config.hang_timeout,
+                                     backoff_scale=config.backoff_scale)
         self.sessions = Sessions(log, self.scheduler, clock, config.idle_timeout)
         self.trust = Trust(config, log, self.scheduler, self.supervisor, self.sessions)
         self.stopping = False

@@ -103,12 +103,16 @@ class Supervisor:
     """Fork, watch, reap and replace workers; never block."""
 
     def __init__(self, count: int, spawn: Callable[[Slot], Worker], clock: Callable[[], float],
-                 log: Log, hang_timeout: float) -> None:
+                 log: Log, hang_timeout: float, backoff_scale: float = 1.0) -> None:
         self.slots = [Slot(i) for i in range(count)]
         self.spawn = spawn          # spawn(slot) -> Worker, with pid and pipes
         self.clock = clock
         self.log = log
         self.hang_timeout = hang_timeout
+        # Testing aid (--backoff-scale): below 1, every wait before a re-fork
+        # after deaths in infancy is shorter, the back-off and the window of
+        # the fork rate cap alike; the policy and its counts stay the same.
+        self.backoff_scale = backoff_scale
         self.by_pid: dict[int, Worker] = {}
         self.by_wid: dict[int, Worker] = {}     # live workers, by incarnation id
         self.stopping = False       # shutting down: reap, but do not replace
@@ -138,7 +142,7 @@ class Supervisor:
         """When the next fork keeps us within MAX_FORKS_PER_SECOND."""
         if len(self.recent_forks) < MAX_FORKS_PER_SECOND:
             return float("-inf")
-        return self.recent_forks[0] + 1.0
+        return self.recent_forks[0] + 1.0 * self.backoff_scale
 
     def start(self, slot: Slot, now: float) -> None:
         try:
@@ -148,7 +152,7 @@ class Supervisor:
             self.spawn_error = exc.strerror
             slot.stillborn += 1
             slot.failures += 1
-            slot.restart_at = now + backoff(slot.failures)
+            slot.restart_at = now + backoff(slot.failures, self.backoff_scale)
             return
         worker.heard_at = worker.started = now
         self.spawn_error = None
@@ -285,7 +289,7 @@ class Supervisor:
             slot.restart_at = now
             return
         slot.failures += 1
-        delay = backoff(slot.failures)
+        delay = backoff(slot.failures, self.backoff_scale)
         slot.restart_at = now + delay
         self.log.warning("worker.backoff", slot=slot.index, failures=slot.failures,
                          delay=round(delay, 2))
@@ -331,9 +335,10 @@ class Supervisor:
         return min(times, default=None)
 
 
-def backoff(failures: int) -> float:
-    """Seconds to wait before the next fork after `failures` deaths in a row."""
-    return min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
+def backoff(failures: int, scale: float = 1.0) -> float:
+    """Seconds to wait before the next fork after `failures` deaths in a row
+    (times `scale`, below 1 only as a testing aid)."""
+    return scale * min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
 
 
 def describe_status(status: int) -> dict[str, str | int]:
