@@ -54,7 +54,9 @@ class Workers:
 
     def __init__(self):
         self.ends = {}          # pid -> (read end of its assignments, write end of results)
-        self.next_pid = 90000
+        # Never a real process (Linux's pid_max is at most 2**22, macOS's 99999):
+        # a worker the server kills here is signalled for real.
+        self.next_pid = 2_000_000_000
 
     def __call__(self, slot):
         to_r, to_w = os.pipe()
@@ -166,3 +168,24 @@ def test_results_a_worker_wrote_before_it_died_are_read_however_long(world):
     assert all(job.retried and job.stale == [worker.pid] for job in behind.jobs)
     assert "assignment.requeued" in server.log.events
     assert session.outstanding == 5 and len(server.scheduler.pending) == 5
+
+
+def test_a_worker_killed_for_its_answer_may_have_begun_the_next_assignment(world):
+    """Killed for garbage it wrote about the first, it was at work on the one
+    behind: those files go back with its pid, so the next worker removes its
+    temp files, and may replace a sidecar it wrote."""
+    server, workers, worker = world
+    session = Session()
+    for job in files(session, 10):
+        server.scheduler.submit(job)
+    server.dispatch()
+    first, behind = server.supervisor.held(worker)
+    workers.say(worker, {"id": first.aid, "results": "garbage"})
+    server.on_worker_readable(worker)
+    assert "worker.faulty" in server.log.events
+    assert server.supervisor.state_of(worker) is State.KILLED
+    workers.die(worker)
+    server.on_child_exit(worker.pid, signal.SIGKILL)
+    assert all(job.stale == [worker.pid] and job.retried for job in behind.jobs)
+    assert not any(job.deaths or job.suspect for job in behind.jobs), "it did not die on them"
+    assert {j.path for j in server.scheduler.pending} == {j.path for j in first.jobs + behind.jobs}

@@ -299,7 +299,7 @@ class Server:
                 os.close(fd)
         worker.to_worker = worker.from_worker = -1
         if worker.queued is not None:
-            self.requeue_unread(worker.queued)
+            self.requeue_unread(worker.queued, pid)
         if worker.assignment is not None:
             self.requeue(worker.assignment, pid, verifier.blamed_for_death(worker.killed_for))
         self.trust.drop_proofs(worker.wid)
@@ -339,17 +339,19 @@ class Server:
             return None
         return self.workerless_since + NO_WORKER_GRACE
 
-    def requeue_unread(self, assignment):
+    def requeue_unread(self, assignment, pid):
         """Put back the files queued behind the assignment a dead worker was on.
 
-        It never began them: a worker does its assignments one after the
+        It did not die on them: a worker does its assignments one after the
         other and writes each one's results before it reads the next, and
         every result it wrote before it died is read before its files are
-        requeued (drain_worker).  So they are as they were: no death counts
-        against them, no temp file of its can be beside them, they need not
-        go alone.
+        requeued (drain_worker).  So no death counts against them and they
+        need not go alone.  But it may have begun them: a worker we killed
+        for what its results said (a lie, garbage) was on to the next one by
+        then, so its temp files may be beside them, and a sidecar it wrote.
         """
         for job in reversed(assignment.jobs):
+            job.held_by_dead(pid, blame=False, alone=False)
             self.scheduler.requeue(job)
 
     def requeue(self, assignment, pid, blame):
