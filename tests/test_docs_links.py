@@ -149,3 +149,13 @@ def test_the_link_checker_finds_what_is_broken(tmp_path):
         "also-missing.md: no such file in the repository",
         "gone-too.md: no such file in the repository",
     ], problems
+
+
+def test_no_link_climbs_a_directory():
+    """A link with `..` is one a reader's tools check only knowing where the
+    file sits, and one that a copy of docs/ alone breaks: name the file
+    instead, as `README.md`, at the top of the repository."""
+    climbing = [f"{os.path.relpath(path, ROOT)}: {target}" for path in documents()
+                for target in links(open(path, encoding="utf-8").read())
+                if ".." in target.split("#")[0].split("/")]
+    assert climbing == []

@@ -194,13 +194,7 @@ class EventLog:
 
     def append_all(self, lines):
         """append() of many lines in one write(2); after a short one, line by line."""
-        data = "".join(lines).encode("utf-8", "backslashreplace")
-        if self._torn:
-            data = b"\n" + data
-        try:
-            written = os.write(self._fd, data)
-        except OSError:
-            written = 0
+        data, written = self._put("".join(lines))
         if written == len(data):
             self._torn = False
             return
@@ -214,6 +208,17 @@ class EventLog:
         for line in lines[max(done, 0):]:
             self.append(line)
 
+    def _put(self, text):
+        """One write(2) of text, after a newline ending a line cut short
+        before; return (the bytes meant, how many of them were written)."""
+        data = text.encode("utf-8", "backslashreplace")
+        if self._torn:
+            data = b"\n" + data
+        try:
+            return data, os.write(self._fd, data)
+        except OSError:
+            return data, 0
+
     def append(self, line):
         """Write one line to the file in one write(2), or count it lost.
 
@@ -221,13 +226,7 @@ class EventLog:
         that failed and fail again at close, so shutdown would fail on them.
         A line cut short by the disk filling up is ended before the next.
         """
-        data = line.encode("utf-8", "backslashreplace")
-        if self._torn:
-            data = b"\n" + data
-        try:
-            written = os.write(self._fd, data)
-        except OSError:
-            written = 0
+        data, written = self._put(line)
         if written == len(data):
             self._torn = False
         else:
