@@ -1,11 +1,13 @@
 """The wire protocol: framing, and the shape of every frame, in one place.
 
-One JSON object per line, on pipes and FIFOs alike.  JSON with ensure_ascii
+On the FIFOs, one JSON object per line.  JSON with ensure_ascii
 escapes every control character and every byte that is not ASCII, so a
 frame never contains a raw newline whatever the file names hold.  Names
 that are not UTF-8 travel as os.fsdecode() strings (surrogateescape); JSON
 carries the lone surrogates as \\udcXX and os.fsencode() restores the
-original bytes on the other side.
+original bytes on the other side.  A worker's pipes, which carry every
+file twice, have compact frames of NUL-ended fields behind a length
+(pack, FrameBuffer), paths as their bytes.
 
 Each frame is built by one function here, and each frame a peer we do not
 trust sends (a client's requests, a worker's answers) is checked by one
@@ -16,8 +18,9 @@ docs/protocol.md, which lists every frame and field).  Three channels:
 - a client's two FIFOs: requests up (request, check_item, roots,
   STATUS_REQUEST, audit; validate_request), replies down (welcome,
   verdict, replies, correction, bye, error);
-- a worker's two pipes: assignments down (assignment, assignment_item),
-  results up (ready, progress, results; check_results).
+- a worker's two pipes: assignments down (assignment of Tasks;
+  read_assignment), results up (ready, progress, results; is_ready,
+  is_progress, check_results).
 
 The server may end a session with `{"error": REASON}`, in place of the
 welcome or of the bye: the client reports REASON and exits 2.
@@ -27,8 +30,9 @@ import json
 import os
 import re
 import select
+import struct
 from collections.abc import Iterable
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 Frame = dict[str, Any]          # one decoded frame: a JSON object
 Identity = tuple[int, int] | list[int]   # a directory's (st_dev, st_ino); JSON makes it a list
@@ -349,83 +353,197 @@ def status_report(report: dict) -> Frame:
 
 
 # -- a worker's assignments and results (on its pipes) -------------------------------
+#
+# Not JSON: these legs carry every file twice (down and up), so their frames
+# are a 4-byte big-endian length and that many bytes of fields, each ended
+# by a NUL (a path never holds one).  Paths travel as their bytes.  The
+# first field names the frame; a result's fields sit at fixed places (see
+# RESULT_FIELDS), so the server parses an untrusted worker's answer by
+# position, with no decoder of any general format in between.
 
 WRITE_MODES = ("new", "replace", "keep", "discard")
+_LENGTH = struct.Struct(">I")
+# md5, size, mtime, ctime, ino, flags (r: racy, w: wrote, d: discarded),
+# error, skipped, unstable; an empty field is an absent one.
+RESULT_FIELDS = 9
+ITEM_FIELDS = 6         # path, sidecar, st_dev, st_ino, write, stale pids
+_HEX = b"0123456789abcdef"
 
 
-def assignment_item(path: str, sidecar: str | None, directory: Identity | None,
-                    write: str, stale: Iterable[int] = ()) -> Frame:
-    """One file of an assignment.  Never its expected hash: a worker that knew
-    it could agree without reading."""
-    item = {"path": path, "sidecar": sidecar, "dir": directory, "write": write}
-    if stale:
-        item["stale"] = list(stale)      # pids of dead workers that may have left temp files
-    return item
+class Task(NamedTuple):
+    """One file of an assignment, as the worker reads it.  Never its expected
+    hash: a worker that knew it could agree without reading."""
+    path: str
+    sidecar: str | None
+    dir: tuple[int, int] | None
+    write: str
+    stale: tuple[int, ...] = ()     # pids of dead workers that may have left temp files
 
 
-def assignment(aid: int, items: list[Frame]) -> Frame:
-    return {"id": aid, "files": items}
+def pack(fields: Iterable[bytes]) -> bytes:
+    """Return one worker-leg frame: its length, then each field and a NUL."""
+    payload = b"\0".join(fields) + b"\0"
+    return _LENGTH.pack(len(payload)) + payload
 
 
-def ready(pid: int) -> Frame:
+class FrameBuffer:
+    """Split a worker-leg byte stream into frames of at most `limit` bytes.
+
+    feed() returns the fields of each complete frame; a frame announced
+    longer than the limit is reported as None, and the stream is then
+    past saving (its peer is faulty), so the buffer keeps nothing more.
+    """
+
+    def __init__(self, limit: int = MAX_FRAME) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+        self._broken = False
+
+    def feed(self, data: bytes) -> list[list[bytes] | None]:
+        if self._broken:
+            return []
+        buf = self._buf
+        buf += data
+        frames: list[list[bytes] | None] = []
+        start = 0
+        while len(buf) - start >= 4:
+            (size,) = _LENGTH.unpack_from(buf, start)
+            if not 0 < size <= self.limit:      # a frame has its name at least
+                self._broken = True
+                buf.clear()
+                frames.append(None)
+                return frames
+            end = start + 4 + size
+            if end > len(buf):
+                break
+            if buf[end - 1] != 0:
+                frames.append(None)         # a field not ended: not a frame of ours
+            else:
+                frames.append(bytes(buf[start + 4:end - 1]).split(b"\0"))
+            start = end
+        del buf[:start]
+        return frames
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buf)
+
+
+def assignment(aid: int, tasks: Iterable[Task]) -> bytes:
+    """The frame of assignment `aid`: up to MAX_PATHS tasks."""
+    fields = [b"assign", b"%d" % aid]
+    for task in tasks:
+        identity = (b"", b"") if task.dir is None else (b"%d" % task.dir[0],
+                                                        b"%d" % task.dir[1])
+        fields += (os.fsencode(task.path),
+                   b"" if task.sidecar is None else os.fsencode(task.sidecar),
+                   *identity, task.write.encode("ascii"),
+                   b",".join(b"%d" % pid for pid in task.stale))
+    return pack(fields)
+
+
+def read_assignment(fields: list[bytes]) -> tuple[int, list[Task]]:
+    """(id, tasks) of an assignment frame from the server, which the worker trusts;
+    raise ProtocolError for anything else."""
+    body = len(fields) - 2
+    if fields[0] != b"assign" or body <= 0 or body % ITEM_FIELDS:
+        raise ProtocolError("not an assignment")
+    tasks = []
+    for i in range(2, len(fields), ITEM_FIELDS):
+        path, sidecar, dev, ino, write, stale = fields[i:i + ITEM_FIELDS]
+        tasks.append(Task(os.fsdecode(path), os.fsdecode(sidecar) if sidecar else None,
+                          (int(dev), int(ino)) if dev else None, write.decode("ascii"),
+                          tuple(int(pid) for pid in stale.split(b",")) if stale else ()))
+    return int(fields[1]), tasks
+
+
+def ready(pid: int) -> bytes:
     """A new worker is up: the first frame it sends."""
-    return {"ready": pid}
+    return pack((b"ready", b"%d" % pid))
 
 
-def progress(aid: int) -> Frame:
+def progress(aid: int) -> bytes:
     """Still alive, on a big file: resets the server's hang clock."""
-    return {"progress": aid}
+    return pack((b"progress", b"%d" % aid))
 
 
-def results(aid: int, answers: list[dict]) -> Frame:
-    return {"id": aid, "results": answers}
+def _reason(text: object) -> bytes:
+    if not text:
+        return b""
+    raw = str(text).encode("utf-8", "backslashreplace").replace(b"\0", b" ")
+    return raw[:MAX_REASON]
 
 
-MAX_REASON = 1000       # characters of a worker's error, skipped or unstable reason
-_REASONS = ("error", "skipped", "unstable")
-_FLAGS = ("wrote", "racy", "discarded")
+def results(aid: int, answers: Iterable[dict]) -> bytes:
+    """The answer to assignment `aid`: one result per task, in its order.
+
+    A result is a dict as hash_file() makes it: md5 with size, mtime, ctime
+    and ino; racy, wrote, discarded; error, skipped, unstable."""
+    fields = [b"results", b"%d" % aid]
+    for r in answers:
+        md5 = r.get("md5")
+        if md5:
+            fields += (md5.encode("ascii"), b"%d" % r["size"], b"%d" % r["mtime"],
+                       b"%d" % r["ctime"], b"%d" % r["ino"])
+        else:
+            fields += (b"", b"", b"", b"", b"")
+        fields += ((b"r" if r.get("racy") else b"") + (b"w" if r.get("wrote") else b"")
+                   + (b"d" if r.get("discarded") else b""),
+                   _reason(r.get("error")), _reason(r.get("skipped")),
+                   _reason(r.get("unstable")))
+    return pack(fields)
 
 
-def _is(value: object, number: int) -> bool:
-    """Is a decoded value this very integer (not 6159.0, not true for 1)?"""
-    return type(value) is int and value == number
+MAX_REASON = 1000       # bytes of a worker's error, skipped or unstable reason
+_NUMBER = re.compile(rb"-?[0-9]{1,20}")
 
 
-def is_ready(frame: Frame, pid: int) -> bool:
-    return _is(frame.get("ready"), pid)
+def is_ready(fields: list[bytes], pid: int) -> bool:
+    return fields == [b"ready", b"%d" % pid]
 
 
-def is_progress(frame: Frame, aid: int) -> bool:
-    return _is(frame.get("progress"), aid)
+def is_progress(fields: list[bytes], aid: int) -> bool:
+    return fields == [b"progress", b"%d" % aid]
 
 
-def check_results(frame: Frame, aid: int, paths: list[str]) -> list[dict]:
-    """Return the results of a worker's answer to assignment `aid` of `paths`,
-    each with "stat": (size, mtime, ctime, ino) when it has an md5; raise
-    ProtocolError if it is not such an answer.
+def check_results(fields: list[bytes], aid: int, count: int) -> list[dict]:
+    """Return the results of a worker's answer to assignment `aid` of `count`
+    files, each a dict with "md5" and "stat": (size, mtime, ctime, ino) when
+    it has a hash, "racy", "wrote", "discarded" when set, and "error",
+    "skipped", "unstable" when given; raise ProtocolError if it is not such
+    an answer.
 
-    A worker is not trusted: whatever it says goes to a client and to the
-    log only as a string of bounded length or a boolean."""
-    answers = frame.get("results")
-    if not _is(frame.get("id"), aid) or not isinstance(answers, list) \
-            or len(answers) != len(paths):
+    A worker is not trusted: what it says goes to a client and to the log
+    only as a string of bounded length or a boolean, and a result is the
+    file of its place: there is no path in it to be the wrong one."""
+    if fields[0] != b"results" or len(fields) != 2 + RESULT_FIELDS * count \
+            or fields[1] != b"%d" % aid:
         raise ProtocolError("answer does not match its assignment")
-    for path, result in zip(paths, answers, strict=True):
-        if not isinstance(result, dict) or result.get("path") != path:
-            raise ProtocolError("answered for a path it was not given")
-        for key in _REASONS:
-            if key in result and not (isinstance(result[key], str)
-                                      and len(result[key]) <= MAX_REASON):
-                raise ProtocolError(f"malformed {key}")
-        for key in _FLAGS:
-            if key in result and not isinstance(result[key], bool):
-                raise ProtocolError(f"malformed {key}")
-        if "md5" in result:
-            if not (isinstance(result["md5"], str) and MD5.fullmatch(result["md5"])):
+    answers = []
+    number = _NUMBER.fullmatch
+    for i in range(2, len(fields), RESULT_FIELDS):
+        md5, size, mtime, ctime, ino, flags, error, skipped, unstable = \
+            fields[i:i + RESULT_FIELDS]
+        result: dict[str, Any] = {}
+        if md5:
+            if len(md5) != 32 or md5.translate(None, _HEX):
                 raise ProtocolError("malformed md5")
-            stat = (result.get("size"), result.get("mtime"), result.get("ctime"),
-                    result.get("ino"))
-            if not all(type(v) is int for v in stat):
+            if not (number(size) and number(mtime) and number(ctime) and number(ino)):
                 raise ProtocolError("malformed stat")
-            result["stat"] = stat
+            result["md5"] = md5.decode("ascii")
+            result["stat"] = (int(size), int(mtime), int(ctime), int(ino))
+        elif size or mtime or ctime or ino:
+            raise ProtocolError("malformed stat")
+        if flags:
+            if flags.translate(None, b"rwd"):
+                raise ProtocolError("malformed flags")
+            result["racy"] = b"r" in flags
+            result["wrote"] = b"w" in flags
+            result["discarded"] = b"d" in flags
+        for key, value in (("error", error), ("skipped", skipped), ("unstable", unstable)):
+            if value:
+                if len(value) > MAX_REASON:
+                    raise ProtocolError(f"malformed {key}")
+                result[key] = value.decode("utf-8", "replace")
+        answers.append(result)
     return answers

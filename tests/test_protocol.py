@@ -1,6 +1,7 @@
 """Framing of the wire protocol: fast unit tests, no processes."""
 
 import os
+import struct
 
 import pytest
 
@@ -143,29 +144,92 @@ def test_a_verdict_leaves_out_what_it_does_not_know():
         protocol.read_welcome(protocol.bye({}))
 
 
-def test_a_worker_answer_must_match_its_assignment_path_for_path():
-    item = protocol.assignment_item("/t/f", "/t/f.md5", (1, 2), "new", stale=(41,))
-    assert "expected" not in item and item["stale"] == [41]
-    assert "stale" not in protocol.assignment_item("/t/f", None, None, "keep")
-    good = {"path": "/t/f", "md5": MD5, "size": 1, "mtime": 2, "ctime": 3, "ino": 4}
-    [result] = protocol.check_results(protocol.results(5, [dict(good)]), 5, ["/t/f"])
-    assert result["stat"] == (1, 2, 3, 4)
-    assert protocol.is_ready({"ready": 41}, 41) and protocol.is_progress({"progress": 5}, 5)
-    assert not protocol.is_ready({"ready": 41.0}, 41) and not protocol.is_progress({}, 5)
-    assert not protocol.is_progress({"progress": True}, 1)
-    for frame, why in ((protocol.results(6, [good]), "does not match"),
-                       ({"id": 5.0, "results": [good]}, "does not match"),
-                       (protocol.results(5, [good, good]), "does not match"),
-                       (protocol.results(5, [{**good, "path": "/etc/passwd"}]), "not given"),
-                       (protocol.results(5, [{**good, "md5": "x" * 32}]), "malformed md5"),
-                       (protocol.results(5, [{**good, "ino": "4"}]), "malformed stat"),
-                       (protocol.results(5, [{**good, "error": {"x": 1}}]), "malformed error"),
-                       (protocol.results(5, [{**good, "error": "e" * 1001}]),
-                        "malformed error"),
-                       (protocol.results(5, [{"path": "/t/f", "skipped": 7}]),
-                        "malformed skipped"),
-                       (protocol.results(5, [{**good, "wrote": "yes"}]), "malformed wrote"),
-                       (protocol.results(5, [{**good, "size": 1.5}]),
-                        "malformed stat")):
-        with pytest.raises(protocol.ProtocolError, match=why):
-            protocol.check_results(frame, 5, ["/t/f"])
+def _frames(data, chunk):
+    """The frames a FrameBuffer makes of `data` fed `chunk` bytes at a time."""
+    buf, out = protocol.FrameBuffer(), []
+    for i in range(0, len(data), chunk):
+        out += buf.feed(data[i:i + chunk])
+    assert not buf.pending
+    return out
+
+
+def test_an_assignment_carries_any_name_and_never_the_expected_hash():
+    odd = os.fsdecode(b"/t/caf\xe9 \n\\x.txt")        # not UTF-8, a newline, a backslash
+    tasks = [protocol.Task(odd, odd + ".md5", (1, 2), "new", (41, 42)),
+             protocol.Task("/t/g", None, None, "keep")]
+    data = protocol.assignment(7, tasks)
+    assert b"expected" not in data and MD5.encode() not in data
+    for chunk in (1, 3, len(data)):
+        [fields] = _frames(data, chunk)
+        assert protocol.read_assignment(fields) == (7, tasks)
+    with pytest.raises(protocol.ProtocolError):
+        protocol.read_assignment([b"results", b"7"])
+
+
+def test_a_worker_frame_too_long_or_not_ended_is_refused():
+    good = protocol.progress(3)
+    assert _frames(good * 3, 5) == [[b"progress", b"3"]] * 3
+    buf = protocol.FrameBuffer(limit=100)
+    assert buf.feed(protocol.pack([b"x" * 200]) + good) == [None]
+    assert buf.feed(good) == [], "a stream past saving stays so"
+    unended = struct.pack(">I", 4) + b"abcd"
+    assert protocol.FrameBuffer().feed(unended + good) == [None, [b"progress", b"3"]]
+    assert protocol.FrameBuffer().feed(struct.pack(">I", 0)) == [None]
+
+
+GOOD = {"md5": MD5, "size": 1, "mtime": -2, "ctime": 3, "ino": 4}
+
+
+def test_a_worker_answer_is_read_result_for_task():
+    answers = [dict(GOOD, racy=True, wrote=True), {"error": "Permission denied"},
+               {"skipped": "socket"}, {"discarded": True},
+               dict(GOOD, unstable="changed while it was read")]
+    data = protocol.results(5, answers)
+    [fields] = _frames(data, 7)
+    ok, error, skipped, discarded, unstable = protocol.check_results(fields, 5, 5)
+    assert ok == {"md5": MD5, "stat": (1, -2, 3, 4), "racy": True, "wrote": True,
+                  "discarded": False}
+    assert error == {"error": "Permission denied"} and skipped == {"skipped": "socket"}
+    assert discarded == {"racy": False, "wrote": False, "discarded": True}
+    assert unstable["unstable"] == "changed while it was read" and unstable["md5"] == MD5
+    assert protocol.is_ready([b"ready", b"41"], 41) and protocol.is_progress([b"progress", b"5"], 5)
+    assert not protocol.is_ready([b"ready", b"041"], 41)
+    assert not protocol.is_progress([b"progress", b"5", b""], 5)
+
+
+def _answer(*results, aid=b"5"):
+    fields = [b"results", aid]
+    for result in results:
+        fields += result
+    return fields
+
+
+OK_FIELDS = [MD5.encode(), b"1", b"2", b"3", b"4", b"", b"", b"", b""]
+
+
+@pytest.mark.parametrize("fields, why", [
+    (_answer(OK_FIELDS, aid=b"6"), "does not match"),
+    (_answer(OK_FIELDS, aid=b"5.0"), "does not match"),
+    (_answer(OK_FIELDS, OK_FIELDS), "does not match"),
+    (_answer(OK_FIELDS[:-1]), "does not match"),
+    ([b"result", b"5"] + OK_FIELDS, "does not match"),
+    (_answer([b"x" * 32] + OK_FIELDS[1:]), "malformed md5"),
+    (_answer([MD5.upper().encode()] + OK_FIELDS[1:]), "malformed md5"),
+    (_answer([MD5[:31].encode()] + OK_FIELDS[1:]), "malformed md5"),
+    (_answer(OK_FIELDS[:1] + [b"1.5"] + OK_FIELDS[2:]), "malformed stat"),
+    (_answer(OK_FIELDS[:1] + [b" 1"] + OK_FIELDS[2:]), "malformed stat"),
+    (_answer(OK_FIELDS[:4] + [b""] + OK_FIELDS[5:]), "malformed stat"),
+    (_answer([b""] + OK_FIELDS[1:]), "malformed stat"),
+    (_answer(OK_FIELDS[:5] + [b"rx"] + OK_FIELDS[6:]), "malformed flags"),
+    (_answer(OK_FIELDS[:6] + [b"e" * 1001] + OK_FIELDS[7:]), "malformed error"),
+    (_answer(OK_FIELDS[:7] + [b"s" * 1001, b""]), "malformed skipped"),
+])
+def test_a_worker_answer_that_is_not_one_of_ours_is_refused(fields, why):
+    with pytest.raises(protocol.ProtocolError, match=why):
+        protocol.check_results(fields, 5, 1)
+
+
+def test_what_a_worker_says_reaches_the_log_bounded_and_without_nul():
+    [result] = protocol.check_results(
+        _frames(protocol.results(1, [{"error": "a\0b" + "e" * 2000}]), 100)[0], 1, 1)
+    assert result["error"].startswith("a b") and len(result["error"]) == protocol.MAX_REASON

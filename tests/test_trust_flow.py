@@ -148,7 +148,7 @@ def test_a_proof_re_reading_reads_the_very_file_in_its_directory(tmp_path):
     [proof] = scheduler.take(workers[1]).jobs
     to_worker, from_worker = os.pipe()
     try:
-        result = WorkerProcess(to_worker, from_worker, {}).do_file(proof.item())
+        result = WorkerProcess(to_worker, from_worker, {}).do_file(proof.task())
     finally:
         os.close(to_worker)
         os.close(from_worker)

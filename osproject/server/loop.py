@@ -382,7 +382,7 @@ class Server:
     def assign(self, worker, assignment):
         if assignment is None:
             return
-        worker.outbuf += protocol.encode(assignment.frame())
+        worker.outbuf += assignment.frame()
         self.supervisor.assigned(worker, assignment)
         self.flush_worker(worker)
 
@@ -416,12 +416,12 @@ class Server:
             worker.from_worker = -1
             return False
         try:
-            for line in worker.lines.feed(data):
+            for fields in worker.frames.feed(data):
                 if self.supervisor.state_of(worker) is State.KILLED:
                     return False
-                if line is None:
-                    raise Fault("oversized frame")
-                self.on_worker_frame(worker, protocol.decode(line))
+                if fields is None:
+                    raise Fault("not a frame: too long, or a field not ended")
+                self.on_worker_frame(worker, fields)
         except (Fault, protocol.ProtocolError) as exc:
             self.log.error("worker.faulty", slot=worker.slot, pid=worker.pid,
                            reason=str(exc))
@@ -429,16 +429,15 @@ class Server:
             return False
         return True
 
-    def on_worker_frame(self, worker, frame):
+    def on_worker_frame(self, worker, fields):
         state = self.supervisor.state_of(worker)
-        if state is State.STARTING and protocol.is_ready(frame, worker.pid):
+        if state is State.STARTING and protocol.is_ready(fields, worker.pid):
             self.supervisor.on_ready(worker)
-        elif state is State.BUSY and protocol.is_progress(frame, worker.assignment.aid):
+        elif state is State.BUSY and protocol.is_progress(fields, worker.assignment.aid):
             self.supervisor.heard_from(worker)
-        elif "results" in frame and state is State.BUSY:
+        elif fields[0] == b"results" and state is State.BUSY:
             assignment = worker.assignment
-            results = protocol.check_results(frame, assignment.aid,
-                                             [job.path for job in assignment.jobs])
+            results = protocol.check_results(fields, assignment.aid, len(assignment.jobs))
             self.supervisor.answered(worker)
             for job, result in zip(assignment.jobs, results, strict=True):
                 self.trust.take_result(worker, job, result)

@@ -105,10 +105,10 @@ class Job:
             self.deaths += alone
             self.suspect = True
 
-    def item(self):
+    def task(self):
         """The assignment entry a worker sees: no expected hash."""
-        return protocol.assignment_item(self.path, self.sidecar, self.dir,
-                                        verifier.write_mode(self), self.stale)
+        return protocol.Task(self.path, self.sidecar, self.dir, verifier.write_mode(self),
+                             tuple(self.stale))
 
 
 @dataclass(eq=False)
@@ -118,7 +118,7 @@ class Assignment:
     jobs: list[Job]
 
     def frame(self):
-        return protocol.assignment(self.aid, [job.item() for job in self.jobs])
+        return protocol.assignment(self.aid, [job.task() for job in self.jobs])
 
     @property
     def quick(self):

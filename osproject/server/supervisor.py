@@ -69,7 +69,7 @@ class Worker:
     confirmed: int = 0              # answers another reading agreed with: trust
     completed: int = 0              # assignments answered
     killed_for: str | None = None   # why we killed it, if we did
-    lines: protocol.LineBuffer = field(default_factory=protocol.LineBuffer)
+    frames: protocol.FrameBuffer = field(default_factory=protocol.FrameBuffer)
     outbuf: bytearray = field(default_factory=bytearray)
 
 

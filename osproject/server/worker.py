@@ -118,36 +118,35 @@ class WorkerProcess:
         if stillborn and os.path.exists(stillborn):
             return EXIT_CHAOS             # chaos: die before we ever say ready
         self.send(protocol.ready(os.getpid()))
-        lines = protocol.LineBuffer()
+        frames = protocol.FrameBuffer()
         while True:
             data = os.read(self.rfd, 65536)
             if not data:
                 return EXIT_SERVER_GONE
-            for line in lines.feed(data):
-                if line is None:
+            for fields in frames.feed(data):
+                if fields is None:
                     return EXIT_PROTOCOL
-                self.handle(protocol.decode(line))
+                self.handle(*protocol.read_assignment(fields))
 
-    def handle(self, frame):
+    def handle(self, aid, tasks):
         """Do one assignment and send its results."""
-        self._aid = frame["id"]
+        self._aid = aid
         self.dirs.next_assignment()
         self.misbehave()
-        results = [self.do_file(item) for item in frame["files"]]
+        results = [self.do_file(task) for task in tasks]
         if self.rng.random() < self.chaos.get("garble", 0.0):
             return self.garble(results)
         self.send(protocol.results(self._aid, results))
 
     def garble(self, results):
-        """Chaos: answer with garbage, an oversized frame, or a path not given."""
+        """Chaos: answer with garbage, an oversized frame, or one result too many."""
         kind = self.rng.randrange(3)
         if kind == 0:
-            os.write(self.wfd, os.urandom(200).replace(b"\n", b"") + b"\n")
+            os.write(self.wfd, protocol.pack([os.urandom(200)]))
         elif kind == 1:
-            os.write(self.wfd, b"[" * (protocol.MAX_FRAME + 1024))
+            os.write(self.wfd, protocol.pack([b"x" * (protocol.MAX_FRAME + 1024)]))
         else:
-            results[0]["path"] = "/etc/passwd"
-            self.send(protocol.results(self._aid, results))
+            self.send(protocol.results(self._aid, results + results[:1]))
 
     def misbehave(self):
         """Chaos: crash or freeze on this assignment, as --chaos asked."""
@@ -158,39 +157,36 @@ class WorkerProcess:
                 time.sleep(0.2)
             os._exit(EXIT_SERVER_GONE)
 
-    def do_file(self, item):
+    def do_file(self, task):
         """Hash one file and, if asked, write its sidecar; return the result dict."""
-        path = item["path"]
-        directory, name = os.path.split(path)
+        directory, name = os.path.split(task.path)
         try:
-            dir_fd = self.dirs.open(directory, item.get("dir"))
+            dir_fd = self.dirs.open(directory, task.dir)
         except OSError as exc:      # DirectoryReplaced among them: nothing is read
-            return {"path": path, "error": _strerror(exc)}
-        if item.get("write") == "discard":       # no hash was agreed: no baseline
-            return {"path": path, "discarded": self.discard(item, dir_fd, name)}
+            return {"error": _strerror(exc)}
+        if task.write == "discard":       # no hash was agreed: no baseline
+            return {"discarded": self.discard(task, dir_fd, name)}
         result = hash_file(name, self.progress, dir_fd=dir_fd)
-        result["path"] = path
         md5 = result.get("md5")
         self.files_done += 1
         if md5 and self.files_done > self.chaos.get("honest_first", 0) \
                 and self.rng.random() < self.chaos.get("lie", 0.0):
             # A random lie, as bad RAM would tell: two liars never agree on one.
             result["md5"] = md5 = os.urandom(16).hex()
-        if md5 and "unstable" not in result and item.get("write", "keep") != "keep":
-            self.write(item, result, dir_fd, name)
+        if md5 and "unstable" not in result and task.write != "keep":
+            self.write(task, result, dir_fd, name)
         return result
 
-    def sidecar_dir(self, item, dir_fd, create=False):
+    def sidecar_dir(self, task, dir_fd, create=False):
         """Return (fd of the sidecar's directory, whether to close it, its name)."""
-        sidecar = item["sidecar"]
-        where, sidecar_name = os.path.split(sidecar)
-        if where == os.path.dirname(item["path"]):
+        where, sidecar_name = os.path.split(task.sidecar)
+        if where == os.path.dirname(task.path):
             return dir_fd, False, sidecar_name
         return store.open_store_directory(where, create), True, sidecar_name
 
-    def discard(self, item, dir_fd, name):
+    def discard(self, task, dir_fd, name):
         try:
-            fd, own, sidecar = self.sidecar_dir(item, dir_fd)
+            fd, own, sidecar = self.sidecar_dir(task, dir_fd)
         except OSError:
             return False
         try:
@@ -199,15 +195,15 @@ class WorkerProcess:
             if own:
                 os.close(fd)
 
-    def write(self, item, result, dir_fd, name):
-        replace = item["write"] == "replace"
+    def write(self, task, result, dir_fd, name):
+        replace = task.write == "replace"
         try:
-            fd, own, sidecar = self.sidecar_dir(item, dir_fd, create=True)
+            fd, own, sidecar = self.sidecar_dir(task, dir_fd, create=True)
         except OSError as exc:
             result["error"] = f"cannot write sidecar: {_strerror(exc)}"
             return
         try:
-            for pid in item.get("stale", ()):
+            for pid in task.stale:
                 remove_stale_temps(fd, pid)
             with sigterm_deferred():
                 written = store.write_sidecar(sidecar, result["md5"], name, replace,
@@ -233,8 +229,7 @@ class WorkerProcess:
                 os._exit(EXIT_SERVER_GONE)
             self.send(protocol.progress(self._aid))
 
-    def send(self, frame):
-        data = protocol.encode(frame)
+    def send(self, data):
         while data:
             data = data[os.write(self.wfd, data):]
 
@@ -371,7 +366,7 @@ class Directories:
         """Return an fd of the directory at `path` that is `identity`, or raise OSError."""
         if not identity:
             raise store.DirectoryReplaced(errno.EINVAL, "no identity for its directory")
-        key = (path, tuple(identity))
+        key = (path, identity)
         fd = self.fds.pop(key, None)
         if fd is not None and key not in self.checked:
             try:
