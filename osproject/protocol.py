@@ -34,6 +34,8 @@ import struct
 from collections.abc import Iterable
 from typing import Any, NamedTuple, TypeGuard
 
+from .store import FS_CODEC
+
 Frame = dict[str, Any]          # one decoded frame: a JSON object
 Identity = tuple[int, int] | list[int]   # a directory's (st_dev, st_ino); JSON makes it a list
 
@@ -185,8 +187,10 @@ def is_absolute_path(value: object) -> TypeGuard[str]:
     """An absolute path that the OS can take: a str, no NUL, encodable."""
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         return False
+    if value.isascii():
+        return True
     try:
-        os.fsencode(value)           # a lone surrogate from JSON is not a path
+        value.encode(*FS_CODEC)      # a lone surrogate from JSON is not a path
     except UnicodeEncodeError:
         return False
     return True
@@ -259,7 +263,7 @@ def validate_request(frame: Frame) -> Frame:
 def _validate_item(item: object) -> None:
     if not isinstance(item, dict) or item.get("kind") != "check":
         raise ProtocolError('a file entry needs kind "check"')
-    if not set(item) <= _ITEM_KEYS:
+    if not item.keys() <= _ITEM_KEYS:
         raise ProtocolError(f"a file entry has only {', '.join(sorted(_ITEM_KEYS))}")
     if not is_absolute_path(item.get("path")):
         raise ProtocolError("a file entry needs an absolute path")
@@ -272,7 +276,8 @@ def _validate_item(item: object) -> None:
         raise ProtocolError("update must be true or false")
     identity = item.get("dir")          # without one, the worker reads nothing
     if identity is not None and not (isinstance(identity, list) and len(identity) == 2
-                                     and all(type(n) is int for n in identity)):
+                                     and type(identity[0]) is int
+                                     and type(identity[1]) is int):
         raise ProtocolError("dir must be its directory's [st_dev, st_ino]")
     expected = item.get("expected")
     if expected is not None and not (isinstance(expected, str) and MD5.fullmatch(expected)):
@@ -321,11 +326,16 @@ def verdict(rid: int, index: int, status: str, md5: str | None = None,
     `unchecked` says one worker's word stands for it (the server may still
     correct it before the bye).  Fields that are None are left out.
     """
-    frame = {"id": rid, "i": index, "status": status, "md5": md5, "expected": expected,
-             "error": error}
+    frame = {"id": rid, "i": index, "status": status}
+    if md5 is not None:
+        frame["md5"] = md5
+    if expected is not None:
+        frame["expected"] = expected
+    if error is not None:
+        frame["error"] = error
     if unchecked:
         frame["unchecked"] = True
-    return {k: v for k, v in frame.items() if v is not None}
+    return frame
 
 
 def replies(verdicts: list[Frame]) -> Frame:
@@ -435,8 +445,8 @@ def assignment(aid: int, tasks: Iterable[Task]) -> bytes:
     for task in tasks:
         identity = (b"", b"") if task.dir is None else (b"%d" % task.dir[0],
                                                         b"%d" % task.dir[1])
-        fields += (os.fsencode(task.path),
-                   b"" if task.sidecar is None else os.fsencode(task.sidecar),
+        fields += (task.path.encode(*FS_CODEC),
+                   b"" if task.sidecar is None else task.sidecar.encode(*FS_CODEC),
                    *identity, task.write.encode("ascii"),
                    b",".join(b"%d" % pid for pid in task.stale))
     return pack(fields)
@@ -495,7 +505,6 @@ def results(aid: int, answers: Iterable[dict]) -> bytes:
 
 
 MAX_REASON = 1000       # bytes of a worker's error, skipped or unstable reason
-_NUMBER = re.compile(rb"-?[0-9]{1,20}")
 
 
 def is_ready(fields: list[bytes], pid: int) -> bool:
@@ -520,7 +529,6 @@ def check_results(fields: list[bytes], aid: int, count: int) -> list[dict]:
             or fields[1] != b"%d" % aid:
         raise ProtocolError("answer does not match its assignment")
     answers = []
-    number = _NUMBER.fullmatch
     for i in range(2, len(fields), RESULT_FIELDS):
         md5, size, mtime, ctime, ino, flags, error, skipped, unstable = \
             fields[i:i + RESULT_FIELDS]
@@ -528,10 +536,11 @@ def check_results(fields: list[bytes], aid: int, count: int) -> list[dict]:
         if md5:
             if len(md5) != 32 or md5.translate(None, _HEX):
                 raise ProtocolError("malformed md5")
-            if not (number(size) and number(mtime) and number(ctime) and number(ino)):
-                raise ProtocolError("malformed stat")
+            try:            # int() takes " 1" and "1_0" too: still the integers they spell
+                result["stat"] = (int(size), int(mtime), int(ctime), int(ino))
+            except ValueError:
+                raise ProtocolError("malformed stat") from None
             result["md5"] = md5.decode("ascii")
-            result["stat"] = (int(size), int(mtime), int(ctime), int(ino))
         elif size or mtime or ctime or ino:
             raise ProtocolError("malformed stat")
         if flags:

@@ -217,7 +217,7 @@ OK_FIELDS = [MD5.encode(), b"1", b"2", b"3", b"4", b"", b"", b"", b""]
     (_answer([MD5.upper().encode()] + OK_FIELDS[1:]), "malformed md5"),
     (_answer([MD5[:31].encode()] + OK_FIELDS[1:]), "malformed md5"),
     (_answer(OK_FIELDS[:1] + [b"1.5"] + OK_FIELDS[2:]), "malformed stat"),
-    (_answer(OK_FIELDS[:1] + [b" 1"] + OK_FIELDS[2:]), "malformed stat"),
+    (_answer(OK_FIELDS[:1] + [b"0x1"] + OK_FIELDS[2:]), "malformed stat"),
     (_answer(OK_FIELDS[:4] + [b""] + OK_FIELDS[5:]), "malformed stat"),
     (_answer([b""] + OK_FIELDS[1:]), "malformed stat"),
     (_answer(OK_FIELDS[:5] + [b"rx"] + OK_FIELDS[6:]), "malformed flags"),

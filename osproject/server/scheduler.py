@@ -1,6 +1,5 @@
 """The scheduler: files waiting for a worker, and assignments of at most five."""
 
-import enum
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -9,7 +8,7 @@ from typing import TYPE_CHECKING
 from .. import protocol
 from ..protocol import MAX_PATHS
 from . import verifier
-from .verifier import Verdict, Vote
+from .verifier import Phase, Verdict, Vote
 
 if TYPE_CHECKING:
     from .session import Session
@@ -17,13 +16,6 @@ if TYPE_CHECKING:
 
 BATCH_BYTES = 4 * 1024 * 1024   # an assignment stops growing past this many bytes
 QUEUE_BEHIND_BYTES = 1024 * 1024    # another may wait behind an assignment this small
-
-
-class Phase(enum.Enum):
-    READING = "reading"         # gathering opinions until the votes settle it
-    REPAIRING = "repairing"     # a worker of the majority rewrites a liar's sidecar
-    DISCARDING = "discarding"   # a worker removes a sidecar no reading vouches for
-    DONE = "done"               # its verdict went out (or its re-check is over)
 
 
 # Job.enter() refuses what this table does not list.  A repair may need another
@@ -36,7 +28,7 @@ TRANSITIONS = {
 }
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
     """One file to be settled, from arrival until its verdict is sent.
 

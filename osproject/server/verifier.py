@@ -11,6 +11,7 @@ minority are lies, warned once proven (proven_lie).  More than MAX_WARNINGS
 warnings and a worker is banned.
 """
 
+import enum
 from collections import Counter
 from dataclasses import dataclass
 
@@ -24,6 +25,16 @@ TRUST_AFTER = 10   # confirmed results a worker needs before it is only sampled
 MAX_WARNINGS = 2   # proven lies a worker may tell; one more and it is banned
 MAX_REPAIRS = 3    # rewrites of a sidecar a liar wrote, before giving up on it
 MAX_DEATHS = 3     # workers a file may kill or hang, alone, before it is an ERROR
+
+
+class Phase(enum.Enum):
+    """Where a Job is (scheduler.TRANSITIONS says where it may go next)."""
+    READING = "reading"         # gathering opinions until the votes settle it
+    REPAIRING = "repairing"     # a worker of the majority rewrites a liar's sidecar
+    DISCARDING = "discarding"   # a worker removes a sidecar no reading vouches for
+    DONE = "done"               # its verdict went out (or its re-check is over)
+
+    __hash__ = object.__hash__  # Enum's own hashes the name, in Python: enter() is hot
 
 
 @dataclass(frozen=True)
@@ -84,8 +95,8 @@ def settles_at_once(job, result):
     proofs always go the long way.
     """
     return (job.expected is not None and result.get("md5") == job.expected
-            and not job.opinions and job.reverify_of is None and job.proving is None
-            and not job.declined and not (job.repairing or job.discarding or job.done)
+            and job.phase is Phase.READING and not job.opinions and not job.declined
+            and job.reverify_of is None and job.proving is None
             and "unstable" not in result and not result.get("error")
             and not result.get("wrote"))
 
@@ -167,11 +178,12 @@ def may_read(job, wid):
     to); a repair, which writes the agreed hash, from any worker not caught
     lying over this file; a discard from any worker at all.
     """
-    if job.discarding:
+    phase = job.phase
+    if phase is Phase.DISCARDING:
         return True
     if job.proving is not None and len(job.opinions) == 1:
         return wid == job.proving       # the accused reads next, after the agreed hash
-    if job.repairing:                   # never the worker whose lie is being repaired
+    if phase is Phase.REPAIRING:        # never the worker whose lie is being repaired
         return wid not in job.losers and wid != job.reverify_of
     return (wid != job.reverify_of and wid not in job.declined
             and all(v.wid != wid for v in job.opinions))
