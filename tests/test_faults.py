@@ -298,7 +298,20 @@ def test_a_file_swapped_while_read_is_unstable(tmp_path):
         if other.exists():
             os.rename(other, path)                     # replaced under the reader
     result = hash_file(str(path), progress=swap)
+    # Its old inode lost its name, which changed its ctime too.
     assert result["unstable"] in ("replaced while it was read", "changed while it was read")
+
+
+def test_a_file_written_while_read_is_unstable(tmp_path):
+    from osproject.server.worker import hash_file
+    path = tmp_path / "f"
+    path.write_bytes(b"a" * 1_000_000)
+    def append():
+        with open(path, "ab") as f:
+            f.write(b"b")
+    result = hash_file(str(path), progress=append)
+    assert result["unstable"] == "changed while it was read"
+    assert hash_file(str(path)).get("unstable") is None, "still, it is stable"
 
 
 def test_names_too_long_and_paths_too_deep_are_errors_not_omissions(server, tmp_path):

@@ -127,15 +127,25 @@ class Lister:
         context = _Context(directory, absdir, identity, prefix, covered, recorded, sidecars,
                            _joiner(directory), _joiner(absdir))
         subdirs = []
-        below = context.below
+        below, abs_below, skip = context.below, context.abs_below, sidecars.skip
+        excluding = self.excludes or self.absolute_excludes
         try:
             for name in names:
-                if name in sidecars.skip:
+                if name in skip:
                     continue
                 path = below + name         # os.path.join(directory, name)
-                if self.excluded(path, prefix):
+                if excluding and self.excluded(path, prefix):
                     continue
                 st = listing.stat(name)
+                if st is not None and stat.S_ISREG(st.st_mode) and self.store_identity is None \
+                        and not name.startswith(".osp-"):
+                    # The common case, the long way below without its generator:
+                    # a regular file that is no temp sidecar of ours.
+                    was = recorded.get(name)
+                    yield self.file_entry(path, abs_below + name, name, st, context, was)
+                    if was is not None and was.kind == catalog_mod.DIR:
+                        yield from self.gone_below(abs_below + name, path, prefix)
+                    continue
                 if st is None and name in listing.vanished:
                     listing.names.discard(name)     # gone since the listing: as if unlisted
                     continue
@@ -173,7 +183,8 @@ class Lister:
         catalog's Record of it, or None)."""
         sidecars = context.sidecars
         sidecar_md5 = sidecar_error = None
-        sidecar = None if name in sidecars.taken else store.sidecar_path(key, self.store_dir)
+        sidecar = None if name in sidecars.taken else \
+            key + store.SUFFIX if self.store_dir is None else store.sidecar_path(key, self.store_dir)
         if sidecar is not None:
             if sidecars.error:
                 sidecar_error = sidecars.error

@@ -134,7 +134,7 @@ class WorkerProcess:
         self.dirs.next_assignment()
         self.misbehave()
         results = [self.do_file(task) for task in tasks]
-        if self.rng.random() < self.chaos.get("garble", 0.0):
+        if self.chaos and self.rng.random() < self.chaos.get("garble", 0.0):
             return self.garble(results)
         self.send(protocol.results(self._aid, results))
 
@@ -150,6 +150,8 @@ class WorkerProcess:
 
     def misbehave(self):
         """Chaos: crash or freeze on this assignment, as --chaos asked."""
+        if not self.chaos:
+            return
         if self.rng.random() < self.chaos.get("crash", 0.0):
             os._exit(EXIT_CHAOS)
         if self.rng.random() < self.chaos.get("hang", 0.0):
@@ -169,7 +171,7 @@ class WorkerProcess:
         result = hash_file(name, self.progress, dir_fd=dir_fd)
         md5 = result.get("md5")
         self.files_done += 1
-        if md5 and self.files_done > self.chaos.get("honest_first", 0) \
+        if md5 and self.chaos and self.files_done > self.chaos.get("honest_first", 0) \
                 and self.rng.random() < self.chaos.get("lie", 0.0):
             # A random lie, as bad RAM would tell: two liars never agree on one.
             result["md5"] = md5 = os.urandom(16).hex()
@@ -239,8 +241,10 @@ def hash_file(path, progress=lambda: None, dir_fd=None):
     {error} / {skipped} / {unstable} with the reason.
 
     The open never blocks and never follows a link; only a regular file is
-    read, and it is stat'ed again afterwards to catch a file in motion.
-    With dir_fd, `path` is a name in that directory.
+    read.  Afterwards its name is stat'ed again: still the inode we read
+    (else it was replaced while read), whose stat, the very one fstat(2)
+    would give now, must be what it was before the reading (else it changed
+    while read).  With dir_fd, `path` is a name in that directory.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
@@ -253,7 +257,15 @@ def hash_file(path, progress=lambda: None, dir_fd=None):
             return {"skipped": describe_kind(before.st_mode)}
         started = time.time_ns()
         digest = _digest(fd, before.st_size, progress)
-        after = os.fstat(fd)
+        try:
+            after = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return {"error": "vanished while it was read"}
+        if after.st_ino != before.st_ino or after.st_dev != before.st_dev:
+            after = os.fstat(fd)        # what we read is no longer the file's
+            replaced = True
+        else:
+            replaced = False
     except OSError as exc:
         return {"error": _strerror(exc)}
     finally:
@@ -263,13 +275,8 @@ def hash_file(path, progress=lambda: None, dir_fd=None):
               "racy": is_racy(after, started)}
     if _fingerprint(before) != _fingerprint(after):
         result["unstable"] = "changed while it was read"
-    else:
-        try:
-            now = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
-        except OSError:
-            return {"error": "vanished while it was read"}
-        if (now.st_dev, now.st_ino) != (after.st_dev, after.st_ino):
-            result["unstable"] = "replaced while it was read"
+    elif replaced:
+        result["unstable"] = "replaced while it was read"
     return result
 
 
