@@ -232,8 +232,25 @@ def audit(events: list[dict]) -> Frame:
                       for event in events]}
 
 
-def validate_request(frame: Frame) -> Frame:
-    """Check a frame from a client; return it, or raise ProtocolError saying why.
+class CheckItem(NamedTuple):
+    """One file of a client's request, as validate_request read it."""
+    path: str
+    sidecar: str | None
+    dir: tuple[int, int] | None
+    expected: str | None
+    size: int
+    update: bool
+
+
+class Request(NamedTuple):
+    """A client's request of files, as validate_request read it."""
+    rid: int
+    items: list[CheckItem]
+
+
+def validate_request(frame: Frame) -> "Frame | Request":
+    """Check a frame from a client; return it (a request of files as a
+    Request), or raise ProtocolError saying why.
 
     Each kind of frame has its keys and no others, so the server can tell
     them apart by one key: a status request is {"status": true} alone.
@@ -255,33 +272,36 @@ def validate_request(frame: Frame) -> Frame:
     if set(frame) != {"id", "files"} or type(frame["id"]) is not int \
             or not isinstance(files, list) or not 0 < len(files) <= MAX_REQUEST:
         raise ProtocolError(f"a request has an id and 1 to {MAX_REQUEST} files, nothing else")
-    for item in files:
-        _validate_item(item)
-    return frame
+    return Request(frame["id"], [_check_item(item) for item in files])
 
 
-def _validate_item(item: object) -> None:
-    if not isinstance(item, dict) or item.get("kind") != "check":
+def _check_item(item: object) -> CheckItem:
+    if type(item) is not dict or item.get("kind") != "check":
         raise ProtocolError('a file entry needs kind "check"')
     if not item.keys() <= _ITEM_KEYS:
         raise ProtocolError(f"a file entry has only {', '.join(sorted(_ITEM_KEYS))}")
-    if not is_absolute_path(item.get("path")):
+    path = item.get("path")
+    if not is_absolute_path(path):
         raise ProtocolError("a file entry needs an absolute path")
-    if "sidecar" not in item or not (item["sidecar"] is None
-                                     or is_absolute_path(item["sidecar"])):
+    sidecar = item.get("sidecar", "")
+    if not (sidecar is None or is_absolute_path(sidecar)):
         raise ProtocolError("a file entry needs an absolute sidecar (or null: none)")
-    if type(item.get("size", 0)) is not int:
+    size = item.get("size", 0)
+    if type(size) is not int:
         raise ProtocolError("size must be an integer")
-    if item.get("update", False) is not True and item.get("update", False) is not False:
+    update = item.get("update", False)
+    if update is not True and update is not False:
         raise ProtocolError("update must be true or false")
     identity = item.get("dir")          # without one, the worker reads nothing
-    if identity is not None and not (isinstance(identity, list) and len(identity) == 2
-                                     and type(identity[0]) is int
-                                     and type(identity[1]) is int):
-        raise ProtocolError("dir must be its directory's [st_dev, st_ino]")
+    if identity is not None:
+        if not (type(identity) is list and len(identity) == 2
+                and type(identity[0]) is int and type(identity[1]) is int):
+            raise ProtocolError("dir must be its directory's [st_dev, st_ino]")
+        identity = (identity[0], identity[1])
     expected = item.get("expected")
-    if expected is not None and not (isinstance(expected, str) and MD5.fullmatch(expected)):
+    if expected is not None and not (type(expected) is str and MD5.fullmatch(expected)):
         raise ProtocolError("expected must be 32 lowercase hex digits")
+    return CheckItem(path, sidecar, identity, expected, size, update)
 
 
 _ITEM_KEYS = {"kind", "path", "sidecar", "dir", "expected", "size", "update"}

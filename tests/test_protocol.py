@@ -85,9 +85,10 @@ MD5 = "0123456789abcdef" * 2
 def test_a_request_built_by_the_client_is_one_the_server_accepts():
     item = protocol.check_item("/t/f", "/t/f.md5", (1, 2), MD5, 10, update=True)
     frame = protocol.decode(protocol.encode(protocol.request(7, [item] * 50)))
-    assert protocol.validate_request(frame)["files"][0] == {
-        "kind": "check", "path": "/t/f", "sidecar": "/t/f.md5", "dir": [1, 2],
-        "expected": MD5, "size": 10, "update": True}
+    request = protocol.validate_request(frame)
+    assert request.rid == 7 and len(request.items) == 50
+    assert request.items[0] == protocol.CheckItem(path="/t/f", sidecar="/t/f.md5", dir=(1, 2),
+                                                  expected=MD5, size=10, update=True)
     for frame in (protocol.STATUS_REQUEST, protocol.roots(["/a", "/b"], 2),
                   protocol.audit([{"event": "file.moved", "path": "/a", "to": "/b",
                                    "check": 3, "md5": None}])):

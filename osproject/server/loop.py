@@ -473,6 +473,8 @@ class Server:
             self.sessions.refuse(session, str(exc))
 
     def accept_request(self, session, frame):
+        if isinstance(frame, protocol.Request):
+            return self.accept_files(session, frame)
         if frame.get("status"):
             session.send(protocol.status_report(self.status_report(asker=session)))
             return
@@ -485,16 +487,18 @@ class Server:
             self.log.info("session.roots", session=session.sid, count=frame["count"],
                           roots=json.dumps(frame["roots"]))
             return
+        raise Refused("a frame the server cannot serve")     # validate_request knows them all
+
+    def accept_files(self, session, request):
         if session.spare:
             raise Refused("too many clients; only --status is served until some leave")
-        for index, item in enumerate(frame["files"]):
-            session.expect()
-            session.files += 1
-            self.scheduler.submit(Job(
-                session=session, rid=frame["id"], index=index, path=item["path"],
-                sidecar=item["sidecar"], expected=item.get("expected"),
-                update=bool(item.get("update")), size=item.get("size") or 0,
-                dir=tuple(item["dir"]) if item.get("dir") else None))
+        rid = request.rid
+        session.expect(len(request.items))
+        session.files += len(request.items)
+        self.scheduler.submit_all(session, [
+            Job(session=session, rid=rid, index=index, path=item.path, sidecar=item.sidecar,
+                expected=item.expected, update=item.update, size=item.size, dir=item.dir)
+            for index, item in enumerate(request.items)])
 
     def status_report(self, asker=None):
         """What `integrity-client --status` shows (see status.py)."""

@@ -148,7 +148,14 @@ class Scheduler:
         if urgent:
             self.urgent.appendleft(job)
         else:
-            self.queues.setdefault(job.session, deque()).append(job)
+            self.submit_all(job.session, [job])
+
+    def submit_all(self, session, jobs):
+        """Queue a session's new jobs behind its others."""
+        queue = self.queues.get(session)
+        if queue is None:
+            queue = self.queues[session] = deque()
+        queue.extend(jobs)
 
     def take(self, worker):
         """Return an Assignment of the jobs this worker may do next, or None.

@@ -190,9 +190,9 @@ class Session:
         self.outbuf += protocol.encode(protocol.error(reason))
         self.flush()
 
-    def expect(self):
-        """One more job whose end the session waits for."""
-        self.outstanding += 1
+    def expect(self, jobs=1):
+        """More jobs whose end the session waits for: a request's files, or a re-check."""
+        self.outstanding += jobs
 
     def answered(self, verdict, status):
         """Queue one file's verdict; a loop pass's verdicts leave as one frame."""

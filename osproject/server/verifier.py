@@ -186,7 +186,7 @@ def may_read(job, wid):
     if phase is Phase.REPAIRING:        # never the worker whose lie is being repaired
         return wid not in job.losers and wid != job.reverify_of
     return (wid != job.reverify_of and wid not in job.declined
-            and all(v.wid != wid for v in job.opinions))
+            and (not job.opinions or all(v.wid != wid for v in job.opinions)))
 
 
 def write_mode(job):
@@ -198,9 +198,9 @@ def write_mode(job):
     a worker died holding the file, its sidecar may be that worker's: it is
     replaced, not refused.
     """
-    if job.discarding:
+    if job.phase is Phase.DISCARDING:
         return "discard"
-    if job.repairing:
+    if job.phase is Phase.REPAIRING:
         return "replace"
     if job.opinions or job.expected is not None or job.reverify_of is not None \
             or job.sidecar is None:
