@@ -274,12 +274,16 @@ class Client:
             return
         entry = request.entries[index]
         request.entries[index] = None
-        finding = findings.of_file(entry, reply["status"], reply.get("md5"),
-                                   reply.get("error"), self.update,
-                                   unchecked=reply.get("unchecked", False))
-        if finding.repair:
-            finding = finding._replace(error=self.repair(entry, finding.md5))
-        self.report.add(finding)
+        status, md5, unchecked = reply["status"], reply.get("md5"), reply.get("unchecked", False)
+        if self.report.counts_only and entry.covered and findings.as_recorded(entry, status, md5,
+                                                                      unchecked):
+            self.report.add_as_recorded()       # nothing of it is printed or recorded
+        else:
+            finding = findings.of_file(entry, status, md5, reply.get("error"), self.update,
+                                       unchecked=unchecked)
+            if finding.repair:
+                finding = finding._replace(error=self.repair(entry, finding.md5))
+            self.report.add(finding)
         request.due -= 1
         if not request.due:
             with self.waiting_lock:

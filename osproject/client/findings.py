@@ -53,6 +53,16 @@ def of_entry(path, key, was, now, covered, update, **extra):
                    updated=update and altered, **extra)
 
 
+def as_recorded(entry, status, md5, unchecked=False):
+    """Is a file's verdict the common case of a clean night: OK, by a checked
+    reading, with the catalog's hash, which its sidecar holds too, and every
+    attribute (kind through target) as recorded?  Then nothing changed,
+    settled without comparing field by field."""
+    was = entry.was
+    return (status == OK and was is not None and md5 == was.md5 == entry.sidecar_md5
+            and was[1:12] == entry.now[1:12] and not unchecked)
+
+
 def of_file(entry, status, md5, error, update, unchecked=False):
     """A regular file, once the server has said what its content is.
 
@@ -60,10 +70,7 @@ def of_file(entry, status, md5, error, update, unchecked=False):
     catalog's hash when it has one, else the sidecar's.
     """
     was = entry.was
-    if (status == OK and was is not None and md5 == was.md5 == entry.sidecar_md5
-            and was[1:12] == entry.now[1:12] and not unchecked):
-        # As recorded, to the last attribute (kind through target): the
-        # common case of a clean night, settled without comparing field by field.
+    if as_recorded(entry, status, md5, unchecked):
         return Finding(entry.path, entry.key, OK, md5, entry.expected, error, was=was,
                        now=entry.now, covered=entry.covered)
     common = dict(path=entry.path, key=entry.key, expected=entry.expected,

@@ -127,40 +127,46 @@ class Lister:
         context = _Context(directory, absdir, identity, prefix, covered, recorded, sidecars,
                            _joiner(directory), _joiner(absdir))
         subdirs = []
-        below, abs_below, skip = context.below, context.abs_below, sidecars.skip
-        excluding = self.excludes or self.absolute_excludes
         try:
-            for name in names:
-                if name in skip:
-                    continue
-                path = below + name         # os.path.join(directory, name)
-                if excluding and self.excluded(path, prefix):
-                    continue
-                st = listing.stat(name)
-                if st is not None and stat.S_ISREG(st.st_mode) and self.store_identity is None \
-                        and not name.startswith(".osp-"):
-                    # The common case, the long way below without its generator:
-                    # a regular file that is no temp sidecar of ours.
-                    was = recorded.get(name)
-                    yield self.file_entry(path, abs_below + name, name, st, context, was)
-                    if was is not None and was.kind == catalog_mod.DIR:
-                        yield from self.gone_below(abs_below + name, path, prefix)
-                    continue
-                if st is None and name in listing.vanished:
-                    listing.names.discard(name)     # gone since the listing: as if unlisted
-                    continue
-                if st is not None and ((st.st_dev, st.st_ino) == self.store_identity or
-                                       store.is_temp_name(name) and _looks_like_temp(st)):
-                    continue
-                for found in self.judge(name, path, st, listing, context, fd):
-                    if st is not None and stat.S_ISDIR(st.st_mode) and found.path == path:
-                        subdirs.append((path, (st.st_dev, st.st_ino), found))
-                    else:
-                        yield found
+            yield from self.entries(names, listing, context, fd, subdirs)
             yield from self.gone(context, listing)
         finally:
             sidecars.close()
         return subdirs
+
+    def entries(self, names, listing, context, fd, subdirs):
+        """Yield what each listed name is; put its subdirectories in `subdirs`."""
+        below, abs_below, prefix = context.below, context.abs_below, context.prefix
+        skip, recorded = context.sidecars.skip, context.recorded
+        excluding = self.excludes or self.absolute_excludes
+        plain = self.store_identity is None     # no --store mirror to leave out
+        for name in names:
+            if name in skip:
+                continue
+            path = below + name         # os.path.join(directory, name)
+            if excluding and self.excluded(path, prefix):
+                continue
+            st = listing.stat(name)
+            if st is None:
+                if name in listing.vanished:
+                    listing.names.discard(name)     # gone since the listing: as if unlisted
+                    continue
+            elif stat.S_ISREG(st.st_mode) and plain and not name.startswith(".osp-"):
+                # The common case, as judge() would take it, without a generator:
+                # a regular file that is no temp sidecar of ours.
+                was = recorded.get(name)
+                yield self.file_entry(path, abs_below + name, name, st, context, was)
+                if was is not None and was.kind == catalog_mod.DIR:
+                    yield from self.gone_below(abs_below + name, path, prefix)
+                continue
+            elif (st.st_dev, st.st_ino) == self.store_identity or \
+                    store.is_temp_name(name) and _looks_like_temp(st):
+                continue
+            for found in self.judge(name, path, st, listing, context, fd):
+                if st is not None and stat.S_ISDIR(st.st_mode) and found.path == path:
+                    subdirs.append((path, (st.st_dev, st.st_ino), found))
+                else:
+                    yield found
 
     def judge(self, name, path, st, listing, context, fd):
         """What one listed name is: a Finding, or an Entry for the checkers."""
@@ -183,8 +189,12 @@ class Lister:
         catalog's Record of it, or None)."""
         sidecars = context.sidecars
         sidecar_md5 = sidecar_error = None
-        sidecar = None if name in sidecars.taken else \
-            key + store.SUFFIX if self.store_dir is None else store.sidecar_path(key, self.store_dir)
+        if name in sidecars.taken:
+            sidecar = None
+        elif self.store_dir is None:
+            sidecar = key + store.SUFFIX        # store.sidecar_path(key), inline
+        else:
+            sidecar = store.sidecar_path(key, self.store_dir)
         if sidecar is not None:
             if sidecars.error:
                 sidecar_error = sidecars.error

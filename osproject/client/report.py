@@ -64,6 +64,7 @@ class Report:
     def __init__(self, out, as_json=False, progress=None):
         self.out = out
         self.as_json = as_json
+        self.counts_only = not as_json  # an entry as recorded is counted, nothing more
         self.progress = progress    # a Progress line to clear before printing, or None
         self.counts = dict.fromkeys(STATUSES, 0)
         self.received = 0           # results in
@@ -86,11 +87,19 @@ class Report:
         """
         with self._lock:
             self.received += 1
-            if not self.as_json and _silent(finding):
+            if self.counts_only and _silent(finding):
                 self._count(finding)
                 return
             self._moves.note(finding)
             self._runs.add(sort_key(finding.path), finding)
+
+    def add_as_recorded(self):
+        """Count a file found as recorded (findings.as_recorded), under a root
+        the catalog knew: what add() does with its Finding on a terminal."""
+        with self._lock:
+            self.received += 1
+            self.counts[OK] += 1
+            self.files_verified += 1
 
     def correct(self, key, status, md5, error=None):
         """The server re-checked a held result and found the first hash wrong."""
