@@ -126,7 +126,7 @@ class Lister:
         sidecars = self.sidecars_of(absdir, fd, listing, recorded)
         context = _Context(directory, absdir, identity, prefix, covered, recorded, sidecars,
                            _joiner(directory), _joiner(absdir))
-        subdirs = []
+        subdirs: list[tuple[str, tuple[int, int], Any]] = []
         try:
             yield from self.entries(names, listing, context, fd, subdirs)
             yield from self.gone(context, listing)
