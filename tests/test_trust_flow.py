@@ -153,3 +153,41 @@ def test_a_proof_re_reading_reads_the_very_file_in_its_directory(tmp_path):
         os.close(to_worker)
         os.close(from_worker)
     assert result.get("md5") == agreed, result
+
+
+def _first_run(shortcut, monkeypatch, results):
+    """Each result as a fresh new file's first reading by a trusted worker; return
+    what the client and the trust state saw."""
+    import osproject.server.verifier as verifier_mod
+    if not shortcut:
+        monkeypatch.setattr(verifier_mod, "new_at_first_reading", lambda job, result: False)
+    workers = {1: worker(1)}
+    workers[1].confirmed = 100                     # trusted: only sampled (never, here)
+    tallies = []
+    scheduler, log, session = Scheduler(), Log(), Session()
+    trust = Trust(SimpleNamespace(cross_check=0.0, workers=3), log, scheduler,
+                  supervisor(workers, tally=tallies.append), [session])
+    jobs = []
+    for i, result in enumerate(results):
+        job = Job(session=session, rid=1, index=i, path=f"/t/{i}",
+                  sidecar=None if i == 3 else f"/t/{i}.md5", dir=(1, 2))
+        session.outstanding += 1
+        trust.on_result(workers[1], job, result)
+        jobs.append((job.phase, job.written, job.opinions, job.write_error, job.cross_check))
+    pending = [(j.path, j.phase) for j in scheduler.pending]
+    return (session.replies, session.outstanding, bytes(session.unchecked._by_wid[1]),
+            jobs, pending, log.events, len(tallies), workers[1].confirmed)
+
+
+def test_a_first_run_shortcut_comes_to_what_the_long_way_does(monkeypatch):
+    md5 = "b" * 32
+    results = [reading("/t/0", md5), reading("/t/1", md5, racy=True),
+               reading("/t/2", md5, wrote=False, error="a sidecar appeared meanwhile; "
+                       "not overwritten"),
+               {"md5": md5, "stat": (1, 2, 3, 4)},          # no sidecar: none written
+               reading("/t/4", md5, unstable="changed while it was read")]
+    short = _first_run(True, monkeypatch, results)
+    monkeypatch.undo()
+    assert short == _first_run(False, monkeypatch, results)
+    assert [r["status"] for r in short[0]] == ["NEW", "NEW", "ERROR", "NEW", "UNSTABLE"]
+    assert all(r.get("unchecked") for r in short[0][:2])

@@ -16,6 +16,7 @@ import os
 import stat
 
 from .. import protocol
+from ..store import FS_CODEC
 from .verifier import Vote
 
 MAX_OUTPUT = 4 * 1024 * 1024   # a client that stops reading is dropped past this
@@ -233,12 +234,15 @@ class Unchecked:
 
     def add(self, path, sidecar, directory, vote):
         self._slots[vote.wid] = vote.slot
-        packed = self._by_wid.setdefault(vote.wid, bytearray())
+        packed = self._by_wid.get(vote.wid)
+        if packed is None:
+            packed = self._by_wid[vote.wid] = bytearray()
+        dev, dir_ino = directory or (-1, -1)
         size, mtime, ctime, ino = vote.stat
-        for field in (path, sidecar or "", vote.md5):
-            packed += os.fsencode(field) + b"\0"
-        packed += b"%d\0%d\0%d\0%d\0%d\0%d\0%d\0%d\0" % (
-            *(directory or (-1, -1)), size, mtime, ctime, ino, vote.racy, vote.pid)
+        packed += b"%s\0%s\0%s\0%d\0%d\0%d\0%d\0%d\0%d\0%d\0%d\0" % (
+            path.encode(*FS_CODEC), sidecar.encode(*FS_CODEC) if sidecar else b"",
+            vote.md5.encode("ascii"), dev, dir_ino, size, mtime, ctime, ino, vote.racy,
+            vote.pid)
 
     def pop(self, wid):
         """Return and forget [(path, sidecar, directory, Vote)] of worker `wid`."""

@@ -64,6 +64,10 @@ class Trust:
         """Take one worker's reading of a file, and act on what it settles."""
         if verifier.settles_at_once(job, result):
             return self.answer_ok(worker, job)
+        if verifier.new_at_first_reading(job, result):
+            job.cross_check = verifier.wants_cross_check(worker, self.sample, self.rng)
+            if not job.cross_check:
+                return self.answer_new(worker, job, result)
         if job.discarding:                      # the discard is done
             assert job.settled is not None
             return self.conclude(job, job.settled)
@@ -90,6 +94,24 @@ class Trust:
         job.session.answered(protocol.verdict(job.rid, job.index, statuses.OK, job.expected,
                                               job.expected), statuses.OK)
 
+    def answer_new(self, worker: Worker, job: Job, result: Result) -> None:
+        """A first reading of a file with no baseline, not to be cross-checked
+        (verifier.new_at_first_reading): what the long way comes to, without
+        its Verdict.  The client gets NEW, unchecked; the hash is kept for
+        re-checks, should this worker be caught lying later."""
+        assert job.rid is not None and job.index is not None, "a client's file"
+        self.supervisor.tally(worker)
+        md5 = result["md5"]
+        if result.get("wrote"):
+            job.written = md5
+        vote = Vote(worker.wid, md5, result["stat"], bool(result.get("racy")), worker.pid,
+                    worker.slot)
+        job.opinions.append(vote)
+        job.session.unchecked.add(job.path, job.sidecar, job.dir, vote)
+        job.enter(Phase.DONE)
+        job.session.answered(protocol.verdict(job.rid, job.index, statuses.NEW, md5,
+                                              unchecked=True), statuses.NEW)
+
     def record(self, worker: Worker, job: Job, result: Result) -> Verdict | None:
         """Add a worker's hash to the file's votes; return the Verdict they
         support, or None when another worker must read it."""
@@ -97,7 +119,8 @@ class Trust:
             job.write_error = result["error"]
         if result.get("wrote"):
             job.written = result["md5"]
-        if not job.opinions and job.reverify_of is None:
+        if not job.opinions and job.reverify_of is None and not job.cross_check:
+            # (a cross-check new_at_first_reading asked for stands: one throw of the dice)
             job.cross_check = verifier.wants_cross_check(worker, self.sample, self.rng)
         job.opinions.append(Vote(worker.wid, result["md5"], result["stat"],
                                  bool(result.get("racy")), worker.pid, worker.slot))

@@ -101,6 +101,22 @@ def settles_at_once(job, result):
             and not result.get("wrote"))
 
 
+def new_at_first_reading(job, result):
+    """Is this the first reading of a client's file with no baseline, a hash
+    read whole and stable, with its sidecar (if it can have one) written
+    and no error?
+
+    The common case of a first run: judge() says NEW on this one opinion,
+    unchecked, unless the worker is to be cross-checked (wants_cross_check),
+    and nothing is punished, repaired or discarded.  The server answers at
+    once (Trust.answer_new); a cross-check goes the long way.
+    """
+    return (job.expected is None and job.phase is Phase.READING and not job.opinions
+            and not job.declined and job.reverify_of is None and job.proving is None
+            and "md5" in result and "unstable" not in result and not result.get("error")
+            and (job.sidecar is None or result.get("wrote") is True))
+
+
 def _status(expected, agreed):
     if expected is None:
         return NEW
