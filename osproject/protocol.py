@@ -56,7 +56,7 @@ MAX_PATHS = 5          # files per worker assignment
 MAX_REQUEST = 50
 MAX_ROOTS = 64         # roots a client names in its roots frame, for the log
 PID_MAX = 4194304      # the widest pid (Linux's limit): the longest hello has it
-HELLO_VERSION = 1
+HELLO_VERSION = 2      # 2: worker frames, ok frames, 50-file requests
 MAX_AUDIT = 100        # events per audit frame
 MD5 = re.compile(r"[0-9a-f]{32}")   # a digest as md5sum prints it, and only that
 CLIENT_DIR_PREFIX = "osp-client-"   # a client's FIFOs: ENTRANCE_DIR/osp-client-XXXX/
@@ -172,15 +172,28 @@ def read_hello(line: bytes) -> tuple[str, str, int | None]:
     """Return (request_fifo, reply_fifo, the client's pid or None) from a hello
     line, or raise ProtocolError."""
     frame = decode(line)
-    if frame.get("hello") != HELLO_VERSION:
-        raise ProtocolError("not a hello of protocol version 1")
+    version = frame.get("hello")
+    if type(version) is not int or version < 1:
+        raise ProtocolError("not a hello")
     request, reply = frame.get("request"), frame.get("reply")
     if not (is_absolute_path(request) and is_absolute_path(reply)):
         raise ProtocolError("hello must name two absolute FIFO paths")
     pid = frame.get("pid")
     if pid is not None and not (type(pid) is int and 0 < pid <= PID_MAX):
         raise ProtocolError("a hello's pid must be a process id")
+    if version != HELLO_VERSION:
+        raise VersionMismatch(version, request, reply)
     return request, reply, pid
+
+
+class VersionMismatch(ProtocolError):
+    """A well-formed hello of another protocol version: its client can be told why."""
+
+    def __init__(self, version: int, request: str, reply: str) -> None:
+        super().__init__(f"this client speaks protocol version {version}, the server "
+                         f"{HELLO_VERSION}: a client and its server must be of one release "
+                         "(restart the server after an upgrade)")
+        self.request, self.reply = request, reply
 
 
 def is_absolute_path(value: object) -> TypeGuard[str]:
@@ -332,7 +345,12 @@ def welcome(session: int, server_pid: int) -> Frame:
 
 def read_welcome(frame: Frame) -> int | None:
     """Return the session number a welcome gives, or raise ProtocolError."""
-    if frame.get("welcome") != HELLO_VERSION:
+    version = frame.get("welcome")
+    if type(version) is int and version != HELLO_VERSION:
+        raise ProtocolError(f"the server speaks protocol version {version}, this client "
+                            f"{HELLO_VERSION}: a client and its server must be of one "
+                            "release (restart the server after an upgrade)")
+    if version != HELLO_VERSION:
         raise ProtocolError("the server answered with something else than welcome")
     return frame.get("session")
 
@@ -361,6 +379,26 @@ def verdict(rid: int, index: int, status: str, md5: str | None = None,
 def replies(verdicts: list[Frame]) -> Frame:
     """A loop pass's verdicts for one client, REPLIES_PER_FRAME at most."""
     return {"replies": verdicts}
+
+
+def oks(found: list[list[int]]) -> Frame:
+    """A loop pass's files found OK at once, as [rid, index, index...] per request.
+
+    The verdict of a file whose one reading equals the baseline it was sent
+    with (Trust.answer_ok) says nothing but OK: its hash is that baseline.
+    Most of a clean verify, at a few bytes a file instead of a verdict each.
+    """
+    return {"ok": found}
+
+
+def read_oks(frame: Frame) -> list[list[int]]:
+    """The [rid, index...] lists of an ok frame, or raise ProtocolError."""
+    found = frame["ok"]
+    if not isinstance(found, list) or not all(
+            isinstance(batch, list) and len(batch) >= 2
+            and all(type(n) is int for n in batch) for batch in found):
+        raise ProtocolError("an ok frame lists [request id, index...] lists")
+    return found
 
 
 def correction(path: str, status: str, md5: str | None, error: str | None) -> Frame:

@@ -41,7 +41,7 @@ def test_frames_that_once_crashed_the_server_cost_only_their_session(server, tmp
     for payload in (nested, lone, nul, no_sidecar):
         hostile_session(server, payload)
     for reply in ("/tmp/x\\u0000", "/tmp/\\ud800"):
-        hello = b'{"hello":1,"request":"/tmp/r","reply":"%s"}\n' % reply.encode()
+        hello = b'{"hello":2,"request":"/tmp/r","reply":"%s"}\n' % reply.encode()
         fd = os.open(server.fifo, os.O_WRONLY | os.O_NONBLOCK)
         os.write(fd, hello)
         os.close(fd)

@@ -52,9 +52,11 @@ def test_hello_fits_pipe_buf_or_is_refused():
 
 
 @pytest.mark.parametrize("line", [
-    b'{"hello":2,"request":"/a","reply":"/b"}',
-    b'{"hello":1,"request":"relative","reply":"/b"}',
-    b'{"hello":1,"request":"/a"}',
+    b'{"hello":1,"request":"/a","reply":"/b"}',         # another release's
+    b'{"hello":"2","request":"/a","reply":"/b"}',
+    b'{"hello":2,"request":"relative","reply":"/b"}',
+    b'{"hello":2,"request":"/a"}',
+    b'{"hello":2,"request":"/a","reply":7}',
     b'{"hello":1,"request":"/a","reply":7}',
 ])
 def test_bogus_hellos_are_refused(line):
@@ -143,6 +145,22 @@ def test_a_verdict_leaves_out_what_it_does_not_know():
     assert protocol.read_welcome(protocol.welcome(12, 999)) == 12
     with pytest.raises(protocol.ProtocolError):
         protocol.read_welcome(protocol.bye({}))
+    with pytest.raises(protocol.ProtocolError, match="speaks protocol version 1, this client 2"):
+        protocol.read_welcome({"welcome": 1, "server": 9, "session": 1})
+
+
+def test_a_hello_of_another_release_says_so_with_where_to_answer():
+    with pytest.raises(protocol.VersionMismatch, match="restart the server") as caught:
+        protocol.read_hello(b'{"hello":1,"request":"/a","reply":"/b","pid":7}')
+    assert (caught.value.request, caught.value.reply) == ("/a", "/b")
+
+
+def test_an_ok_frame_is_request_ids_and_indexes_only():
+    assert protocol.read_oks(protocol.oks([[7, 0, 3], [9, 1]])) == [[7, 0, 3], [9, 1]]
+    for bad in ({"ok": [[7]]}, {"ok": [[7, "1"]]}, {"ok": [7, 1]}, {"ok": {"7": [1]}},
+                {"ok": [[7, 1.0]]}):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.read_oks(bad)
 
 
 def _frames(data, chunk):

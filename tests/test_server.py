@@ -233,12 +233,16 @@ def test_garbage_on_the_entrance_is_refused_and_the_next_client_served(server, t
     os.mkfifo(beside / "fifo-of-ours")
     (beside / "link").symlink_to(beside / "fifo-of-ours")
     bogus = [b"\x00\xff random bytes\n", b"{}\n", b"not json at all\n",
-             b'{"hello":1,"request":"/dev/null","reply":"/dev/null"}\n',
+             b'{"hello":2,"request":"/dev/null","reply":"/dev/null"}\n',
+             b'{"hello":2,"request":"%s","reply":"%s"}\n' % (bytes(victim), bytes(victim)),
+             b'{"hello":2,"request":"%s","reply":"%s"}\n'
+             % (bytes(beside / "link"), bytes(beside / "link")),
+             b'{"hello":2,"request":"%s","reply":"%s"}\n'
+             % (bytes(beside / "fifo-of-ours"), bytes(beside / "fifo-of-ours")),
+             # another release's hello is answered why: never through these
              b'{"hello":1,"request":"%s","reply":"%s"}\n' % (bytes(victim), bytes(victim)),
              b'{"hello":1,"request":"%s","reply":"%s"}\n'
-             % (bytes(beside / "link"), bytes(beside / "link")),
-             b'{"hello":1,"request":"%s","reply":"%s"}\n'
-             % (bytes(beside / "fifo-of-ours"), bytes(beside / "fifo-of-ours"))]
+             % (bytes(beside / "link"), bytes(beside / "link"))]
     for line in bogus:
         write_entrance(server, line)
     with open(server.fifo, "wb") as entrance:     # blocking: the server drains it
@@ -268,6 +272,36 @@ def test_a_partial_line_left_on_the_entrance_costs_the_next_client_nothing(
     assert len(server.events("request.refused")) == 1, "the garbage, and nothing else"
 
 
+def test_a_client_of_another_release_is_told_why_it_is_not_served(server, tmp_path):
+    """An old client after an upgrade (or a new one before the server's
+    restart): its hello is answered with the reason, not left to time out."""
+    mine = server.dir / "osp-client-old"
+    mine.mkdir()
+    for name in ("request", "reply"):
+        os.mkfifo(mine / name, 0o600)
+    reply = os.open(mine / "reply", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        write_entrance(server, b'{"hello":1,"request":"%s","reply":"%s"}\n'
+                       % (bytes(mine / "request"), bytes(mine / "reply")))
+        [refused] = server.wait_event("request.refused")
+        assert "protocol version 1" in refused["reason"], refused
+        def answer():
+            try:
+                return os.read(reply, 4096)
+            except BlockingIOError:
+                return None
+        said = wait_until(answer, what="the server's answer")
+        assert json.loads(said)["error"].startswith(
+            "this client speaks protocol version 1, the server 2")
+        assert "restart the server" in json.loads(said)["error"]
+    finally:
+        os.close(reply)
+    assert "session.opened" not in [e["event"] for e in server.events()]
+    tree = tmp_path / "tree"
+    make_tree(tree, files=3)
+    assert run_client(server, tree).status == 0
+
+
 def test_fifos_anywhere_but_beside_the_entrance_are_never_looked_at(server, tmp_path):
     # Proper FIFOs of ours, with a client's directory name, in the wrong place:
     # the server must refuse them by their names, before any lstat or open.
@@ -277,7 +311,7 @@ def test_fifos_anywhere_but_beside_the_entrance_are_never_looked_at(server, tmp_
         os.mkfifo(elsewhere / name)
     escape = f"{server.dir}/osp-client-x/../../elsewhere/osp-client-x"
     for directory in (str(elsewhere), escape):
-        write_entrance(server, b'{"hello":1,"request":"%s/request","reply":"%s/reply"}\n'
+        write_entrance(server, b'{"hello":2,"request":"%s/request","reply":"%s/reply"}\n'
                        % (directory.encode(), directory.encode()))
     refusals = server.wait_event("request.refused", count=2)
     assert all("beside the entrance" in e["reason"] for e in refusals), refusals

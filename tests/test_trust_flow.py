@@ -33,6 +33,9 @@ class Session:
         self.outstanding -= 1
         self.replies.append(verdict)
 
+    def answered_ok(self, rid, index):
+        self.answered({"id": rid, "i": index, "status": "OK"}, "OK")
+
     def settled_aside(self):
         self.outstanding -= 1
 

@@ -22,7 +22,7 @@ import sys
 import threading
 
 from .. import protocol, store
-from ..statuses import MISSING, MOVED
+from ..statuses import MISSING, MOVED, OK
 from . import findings
 from .connection import ClientError, Connection
 from .lister import Entry, Lister
@@ -252,34 +252,44 @@ class Client:
                 self.waiting.clear()
 
     def route(self, frame):
-        if "replies" in frame:
+        if "ok" in frame:           # files found OK at once: their hash is the one sent
+            waiting = self.waiting
+            for rid, *indexes in protocol.read_oks(frame):
+                request = waiting.get(rid)
+                if request is not None:
+                    for index in indexes:
+                        self.record(request, rid, index, OK)
+        elif "replies" in frame:
             waiting = self.waiting
             for reply in frame["replies"]:
                 request = waiting.get(reply["id"])
                 if request is not None:
-                    self.record(request, reply)
+                    self.record(request, reply["id"], reply["i"], reply["status"],
+                                reply.get("md5"), reply.get("error"),
+                                reply.get("unchecked", False))
         elif "correct" in frame:
             fix = frame["correct"]
             self.report.correct(fix["path"], fix["status"], fix.get("md5"), fix.get("error"))
         elif "bye" in frame:
             self.bye = frame["bye"]
 
-    def record(self, request, reply):
+    def record(self, request, rid, index, status, md5=None, error=None, unchecked=False):
         """Report one verdict, in the reader thread; the last of a request frees
         its checker's place.  A verdict the request does not hold, or one it
-        had already, is ignored."""
-        rid, index = reply["id"], reply["i"]
+        had already, is ignored.  An OK without a hash (an ok frame's) is of
+        the hash the file was checked against."""
         if type(index) is not int or not 0 <= index < len(request.entries) \
                 or request.entries[index] is None:
             return
         entry = request.entries[index]
         request.entries[index] = None
-        status, md5, unchecked = reply["status"], reply.get("md5"), reply.get("unchecked", False)
+        if md5 is None and status == OK:
+            md5 = entry.expected
         if self.report.counts_only and entry.covered and findings.as_recorded(entry, status, md5,
                                                                       unchecked):
             self.report.add_as_recorded()       # nothing of it is printed or recorded
         else:
-            finding = findings.of_file(entry, status, md5, reply.get("error"), self.update,
+            finding = findings.of_file(entry, status, md5, error, self.update,
                                        unchecked=unchecked)
             if finding.repair:
                 finding = finding._replace(error=self.repair(entry, finding.md5))

@@ -458,7 +458,12 @@ class Server:
         """Serve the client a hello line is from, or raise Refused saying why not."""
         if line is None:
             raise Refused(f"hello longer than {protocol.HELLO_MAX} bytes")
-        request, reply, pid = protocol.read_hello(line)
+        try:
+            request, reply, pid = protocol.read_hello(line)
+        except protocol.VersionMismatch as exc:     # tell that client why, if we can
+            if self.entrance.beside(exc.request) and self.entrance.beside(exc.reply):
+                self.sessions.turn_away(exc.request, exc.reply, str(exc))
+            raise
         if not (self.entrance.beside(request) and self.entrance.beside(reply)):
             raise Refused("FIFOs must be in a client directory beside the entrance")
         self.sessions.open(request, reply, pid)

@@ -16,11 +16,13 @@ import os
 import stat
 
 from .. import protocol
+from ..statuses import OK
 from ..store import FS_CODEC
 from .verifier import Vote
 
 MAX_OUTPUT = 4 * 1024 * 1024   # a client that stops reading is dropped past this
 REPLIES_PER_FRAME = 50         # verdicts are ~150 bytes: a frame stays far below MAX_FRAME
+OK_PER_FRAME = 5000            # files found OK at once per ok frame: a few bytes each
 READ_SIZE = 64 * 1024
 MAX_SESSIONS = 100        # two fds each: select() cannot watch fds >= FD_SETSIZE
 SPARE_SESSIONS = 4        # beyond MAX_SESSIONS, for --status only: it always gets in
@@ -100,6 +102,7 @@ class Session:
         self.dead = False         # a write failed, or it is closed: replies go nowhere
         self.outstanding = 0      # jobs whose verdict is not sent yet
         self.replies = []         # verdicts of this loop pass, sent together by pack()
+        self.oks = {}             # rid -> indexes found OK at once this pass, ditto
         self.files = 0
         self.counts = {}
         self.unchecked = Unchecked()
@@ -164,6 +167,17 @@ class Session:
 
     def pack(self):
         """Frame the queued verdicts (raises Refused like send)."""
+        if self.oks:
+            found, count = [], 0
+            for rid, indexes in self.oks.items():
+                found.append([rid, *indexes])
+                count += len(indexes)
+                if count >= OK_PER_FRAME:
+                    self.send(protocol.oks(found))
+                    found, count = [], 0
+            if found:
+                self.send(protocol.oks(found))
+            self.oks = {}
         while self.replies:
             batch = self.replies[:REPLIES_PER_FRAME]
             del self.replies[:REPLIES_PER_FRAME]
@@ -201,6 +215,17 @@ class Session:
         self.counts[status] = self.counts.get(status, 0) + 1
         if not self.dead:
             self.replies.append(verdict)
+
+    def answered_ok(self, rid, index):
+        """answered(), for a file found OK at once: it goes in an ok frame."""
+        self.outstanding -= 1
+        self.counts[OK] = self.counts.get(OK, 0) + 1
+        if not self.dead:
+            indexes = self.oks.get(rid)
+            if indexes is None:
+                self.oks[rid] = [index]
+            else:
+                indexes.append(index)
 
     def settled_aside(self):
         """A job it waited for ended with nothing to tell (a re-check that
@@ -310,6 +335,15 @@ class Sessions:
         session.send(protocol.welcome(session.sid, os.getpid()))
         session.flush()
         return session
+
+    def turn_away(self, request_fifo, reply_fifo, reason):
+        """Tell a client we will not serve why, best effort, and close at once."""
+        try:
+            session = Session(next(self._sids), request_fifo, reply_fifo)
+        except Refused:
+            return
+        session.say_goodbye(reason)
+        session.close()
 
     def send(self, session, frame):
         """Queue a frame for a client; drop it if it lets too much pile up."""
