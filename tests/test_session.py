@@ -1,5 +1,6 @@
 """A session's life in the Sessions registry, on real FIFOs, without a server."""
 
+import dataclasses
 import os
 
 import pytest
@@ -102,3 +103,49 @@ def test_a_fifo_that_is_not_the_clients_own_is_refused(client, tmp_path):
     with pytest.raises(Refused, match="not a FIFO"):
         sessions.open(request, str(plain), pid=None)
     assert len(sessions) == 0
+
+
+def _hashes(count):
+    """(path, sidecar, directory, Vote) of `count` files, some with odd names."""
+    from osproject.server.verifier import Vote
+    out = []
+    for i in range(count):
+        path = os.fsdecode(b"/t/caf\xe9-%d\nx" % i) if i % 3 == 0 else f"/t/f{i}"
+        out.append((path, None if i % 5 == 0 else path + ".md5", (1, i),
+                    Vote(7, f"{i:032x}", (i, -i, i + 1, i + 2), bool(i % 2), 4242, 3)))
+    return out
+
+
+def test_unchecked_hashes_past_their_limit_wait_in_a_temp_file_and_come_back_whole(
+        monkeypatch):
+    from osproject.server import session as session_mod
+    monkeypatch.setattr(session_mod.Unchecked, "SPILL", 500)
+    unchecked = session_mod.Unchecked()
+    kept = _hashes(200)
+    other = _hashes(3)
+    for path, sidecar, directory, vote in kept:
+        unchecked.add(path, sidecar, directory, vote)
+        assert len(unchecked._by_wid[7]) < 500, "never more than SPILL in memory"
+    for path, sidecar, directory, vote in other:
+        unchecked.add(path, sidecar, directory, dataclasses.replace(vote, wid=8))
+    assert unchecked._file is not None and len(unchecked._spans[7]) > 10
+    assert unchecked.pop(7) == kept
+    assert unchecked.pop(7) == [], "popped once"
+    assert [path for path, *_ in unchecked.pop(8)] == [path for path, *_ in other]
+    fd = unchecked._file.fileno()
+    unchecked.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_unchecked_hashes_stay_in_memory_when_no_temp_file_can_be_made(monkeypatch):
+    from osproject.server import session as session_mod
+    monkeypatch.setattr(session_mod.Unchecked, "SPILL", 500)
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(session_mod.tempfile, "TemporaryFile", no_room)
+    unchecked = session_mod.Unchecked()
+    kept = _hashes(50)
+    for path, sidecar, directory, vote in kept:
+        unchecked.add(path, sidecar, directory, vote)
+    assert unchecked.pop(7) == kept

@@ -14,6 +14,7 @@ import errno
 import itertools
 import os
 import stat
+import tempfile
 
 from .. import protocol
 from ..statuses import OK
@@ -239,6 +240,7 @@ class Session:
             if fd >= 0:
                 os.close(fd)
         self.request_fd = self.reply_fd = -1
+        self.unchecked.close()
 
 
 class Unchecked:
@@ -248,13 +250,19 @@ class Unchecked:
     again.  Packed into one bytearray per worker, NUL-terminated fields (a
     path never holds a NUL), about 150 bytes a file instead of a kilobyte of
     objects: on a first run this is the only server state that grows with
-    the tree.
+    the tree.  Past SPILL bytes, a worker's go to an unlinked temp file, so
+    the server's memory stays flat however big the tree (a temp file that
+    cannot be written leaves them in memory: nothing is lost).
     """
 
     FIELDS = 11
+    SPILL = 1 << 20             # bytes of one worker's hashes held in memory at most
 
     def __init__(self):
-        self._by_wid = {}
+        self._by_wid = {}           # wid -> its packed hashes not in the temp file
+        self._spans = {}            # wid -> [(offset, length)] of its hashes in the file
+        self._file = None           # the temp file, once a worker's hashes pass SPILL
+        self._end = 0
         self._slots = {}            # wid -> its slot, once per worker, for the log
 
     def add(self, path, sidecar, directory, vote):
@@ -268,10 +276,28 @@ class Unchecked:
             path.encode(*FS_CODEC), sidecar.encode(*FS_CODEC) if sidecar else b"",
             vote.md5.encode("ascii"), dev, dir_ino, size, mtime, ctime, ino, vote.racy,
             vote.pid)
+        if len(packed) >= self.SPILL:
+            self._spill(vote.wid, packed)
+
+    def _spill(self, wid, packed):
+        try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="osp-unchecked-", buffering=0)
+            fd, offset, written = self._file.fileno(), self._end, 0
+            with memoryview(packed) as view:
+                while written < len(packed):
+                    written += os.pwrite(fd, view[written:], offset + written)
+        except OSError:
+            return                  # kept in memory, then
+        self._end = offset + written
+        self._spans.setdefault(wid, []).append((offset, len(packed)))
+        packed.clear()
 
     def pop(self, wid):
         """Return and forget [(path, sidecar, directory, Vote)] of worker `wid`."""
-        fields = bytes(self._by_wid.pop(wid, b"")).split(b"\0")[:-1]
+        parts = [self._read(offset, length) for offset, length in self._spans.pop(wid, ())]
+        parts.append(bytes(self._by_wid.pop(wid, b"")))
+        fields = b"".join(parts).split(b"\0")[:-1]
         slot = self._slots.pop(wid, None)
         entries = []
         for i in range(0, len(fields), self.FIELDS):
@@ -281,6 +307,24 @@ class Unchecked:
                             Vote(wid, md5.decode("ascii"), (size, mtime, ctime, ino),
                                  bool(racy), pid, slot)))
         return entries
+
+    def _read(self, offset, length):
+        assert self._file is not None, "spans are only kept in the file"
+        parts = []
+        while length:
+            data = os.pread(self._file.fileno(), length, offset)
+            if not data:
+                raise OSError(errno.EIO, "the unchecked hashes' temp file is cut short")
+            parts.append(data)
+            offset, length = offset + len(data), length - len(data)
+        return b"".join(parts)
+
+    def close(self):
+        """Forget every hash, and the temp file with them."""
+        self._by_wid, self._spans, self._slots = {}, {}, {}
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 
@@ -399,7 +443,7 @@ class Sessions:
 
     def say_bye(self, session):
         session.enter(State.LEAVING)
-        session.unchecked = Unchecked()     # free it: no re-checks after the bye
+        session.unchecked.close()           # free it: no re-checks after the bye
         self.send(session, protocol.bye(session.counts))
         session.flush()
         if session.dead:
