@@ -565,6 +565,16 @@ def results(aid: int, answers: Iterable[dict]) -> bytes:
 MAX_REASON = 1000       # bytes of a worker's error, skipped or unstable reason
 
 
+def _printable(text: str) -> str:
+    """A worker's words, with what a terminal would act on (ESC, CR, a newline
+    that would start a forged report line) spelled out as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+                   for c in text)
+
+
 def is_ready(fields: list[bytes], pid: int) -> bool:
     return fields == [b"ready", b"%d" % pid]
 
@@ -611,6 +621,6 @@ def check_results(fields: list[bytes], aid: int, count: int) -> list[dict]:
             if value:
                 if len(value) > MAX_REASON:
                     raise ProtocolError(f"malformed {key}")
-                result[key] = value.decode("utf-8", "replace")
+                result[key] = _printable(value.decode("utf-8", "replace"))
         answers.append(result)
     return answers

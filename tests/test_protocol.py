@@ -252,3 +252,10 @@ def test_what_a_worker_says_reaches_the_log_bounded_and_without_nul():
     [result] = protocol.check_results(
         _frames(protocol.results(1, [{"error": "a\0b" + "e" * 2000}]), 100)[0], 1, 1)
     assert result["error"].startswith("a b") and len(result["error"]) == protocol.MAX_REASON
+
+
+def test_a_workers_words_cannot_forge_a_report_line_or_drive_a_terminal():
+    fields = _frames(protocol.results(1, [{"error": "x\nOK  /etc/shadow\x1b[2K\r"}]), 100)[0]
+    [result] = protocol.check_results(fields, 1, 1)
+    assert result["error"] == "x\\x0aOK  /etc/shadow\\x1b[2K\\x0d"
+    assert result["error"].isprintable()

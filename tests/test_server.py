@@ -273,8 +273,9 @@ def test_a_partial_line_left_on_the_entrance_costs_the_next_client_nothing(
 
 
 def test_a_client_of_another_release_is_told_why_it_is_not_served(server, tmp_path):
-    """An old client after an upgrade (or a new one before the server's
-    restart): its hello is answered with the reason, not left to time out."""
+    """An old client after an upgrade: its hello is answered with the reason,
+    not left to time out.  (A new client before a 0.2.0 server's restart still
+    times out: that server refuses without a word.)"""
     mine = server.dir / "osp-client-old"
     mine.mkdir()
     for name in ("request", "reply"):

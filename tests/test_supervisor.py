@@ -283,3 +283,18 @@ def test_trust_reaches_workers_by_incarnation_only_while_they_live(world):
     s.on_exit(w.pid, signal.SIGKILL)
     s.confirm(w.wid)                    # gone: nothing to credit, and no error
     assert s.alive(w.wid) is None and w.confirmed == 1
+
+
+def test_chaos_off_means_no_chaos_dice():
+    """(From a review.)  The server names every fault, at 0 when off: the
+    worker must still see none, and roll no dice for them."""
+    from types import SimpleNamespace
+
+    from osproject.server.loop import Server
+    from osproject.server.worker import WorkerProcess
+    config = SimpleNamespace(crash=0.0, hang=0.0, garble=0.0, stillborn=None, liars={})
+    chaos = Server.chaos_for(SimpleNamespace(config=config), SimpleNamespace(forks=0, index=0))
+    assert WorkerProcess(0, 1, chaos).chaos == {}
+    config.liars = {0: {"lie": 0.2}}
+    chaos = Server.chaos_for(SimpleNamespace(config=config), SimpleNamespace(forks=0, index=0))
+    assert WorkerProcess(0, 1, chaos).chaos == {"lie": 0.2}

@@ -194,3 +194,37 @@ def test_a_first_run_shortcut_comes_to_what_the_long_way_does(monkeypatch):
     assert short == _first_run(False, monkeypatch, results)
     assert [r["status"] for r in short[0]] == ["NEW", "NEW", "ERROR", "NEW", "UNSTABLE"]
     assert all(r.get("unchecked") for r in short[0][:2])
+
+
+def test_a_liar_whose_spilled_hashes_cannot_be_read_back_is_banned_and_they_are_kept(
+        monkeypatch):
+    """(From a review.)  The hashes wait for a later try, the error is logged,
+    the ban still comes and the file that proved the lie is answered OK."""
+    import errno
+    import os
+
+    from osproject.server.verifier import Vote
+    monkeypatch.setattr(Unchecked, "SPILL", 200)
+    liar = worker(1)
+    liar.warnings = 2
+    workers = {1: liar, 2: worker(2)}
+    banned = []
+    sup = SimpleNamespace(alive=workers.get, note_lie=workers.get, confirm=lambda w: None,
+                          tally=lambda w: None, warn=lambda w: True, ban=banned.append)
+    session, scheduler, log = Session(), Scheduler(), Log()
+    for i in range(10):
+        session.unchecked.add(f"/t/{i}", f"/t/{i}.md5", (1, 2),
+                              Vote(1, "a" * 32, (1, 2, 3, 4), False, 1001, 1))
+    assert session.unchecked._spans
+    trust = Trust(SimpleNamespace(cross_check=0.1, workers=3), log, scheduler, sup, [session])
+    job = Job(session=session, rid=1, index=0, path="/t/x", sidecar=None, expected="e" * 32,
+              opinions=[Vote(1, "b" * 32, (1, 2, 3, 4), False, 1001, 1)])
+    def broken(*args):
+        raise OSError(errno.EIO, "Input/output error")
+    with monkeypatch.context() as m:
+        m.setattr(os, "pread", broken)
+        trust.take_result(workers[2], job, {"md5": "e" * 32, "stat": (1, 2, 3, 4)})
+    assert banned == [liar]
+    assert [r["status"] for r in session.replies] == ["OK"]
+    assert "worker.reverify" in log.events and "server.error" not in log.events
+    assert len(session.unchecked.pop(1)) == 10, "kept for the next try"

@@ -263,6 +263,7 @@ class Unchecked:
         self._spans = {}            # wid -> [(offset, length)] of its hashes in the file
         self._file = None           # the temp file, once a worker's hashes pass SPILL
         self._end = 0
+        self._no_file = False       # a temp file failed once: memory only from then on
         self._slots = {}            # wid -> its slot, once per worker, for the log
 
     def add(self, path, sidecar, directory, vote):
@@ -276,7 +277,7 @@ class Unchecked:
             path.encode(*FS_CODEC), sidecar.encode(*FS_CODEC) if sidecar else b"",
             vote.md5.encode("ascii"), dev, dir_ino, size, mtime, ctime, ino, vote.racy,
             vote.pid)
-        if len(packed) >= self.SPILL:
+        if len(packed) >= self.SPILL and not self._no_file:
             self._spill(vote.wid, packed)
 
     def _spill(self, wid, packed):
@@ -287,15 +288,19 @@ class Unchecked:
             with memoryview(packed) as view:
                 while written < len(packed):
                     written += os.pwrite(fd, view[written:], offset + written)
-        except OSError:
-            return                  # kept in memory, then
+        except OSError:             # kept in memory, then, and never tried again: a
+            self._no_file = True    # full disk would cost a write of it per file
+            return
         self._end = offset + written
         self._spans.setdefault(wid, []).append((offset, len(packed)))
         packed.clear()
 
     def pop(self, wid):
         """Return and forget [(path, sidecar, directory, Vote)] of worker `wid`."""
-        parts = [self._read(offset, length) for offset, length in self._spans.pop(wid, ())]
+        # Read back first, forget after: a read that fails (OSError) leaves
+        # them all here, for the caller to say so and for a later try.
+        parts = [self._read(offset, length) for offset, length in self._spans.get(wid, ())]
+        self._spans.pop(wid, None)
         parts.append(bytes(self._by_wid.pop(wid, b"")))
         fields = b"".join(parts).split(b"\0")[:-1]
         slot = self._slots.pop(wid, None)

@@ -298,7 +298,13 @@ class Trust:
         for session in self.sessions:
             if session.said_bye:
                 continue
-            for path, sidecar, directory, vote in session.unchecked.pop(wid):
+            try:
+                hashes = session.unchecked.pop(wid)
+            except OSError as exc:      # its temp file: kept, and tried again next time
+                self.log.error("worker.reverify", session=session.sid, error=str(exc),
+                               **who)
+                continue
+            for path, sidecar, directory, vote in hashes:
                 session.expect()
                 self.scheduler.submit(Job(session=session, rid=None, index=None,
                                           path=path, sidecar=sidecar, dir=directory,

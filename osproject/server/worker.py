@@ -104,7 +104,8 @@ class WorkerProcess:
     def __init__(self, to_worker, from_worker, chaos):
         self.rfd = to_worker
         self.wfd = from_worker
-        self.chaos = chaos or {}
+        # Only the faults asked for: the server names every one, at 0 when off.
+        self.chaos = {k: v for k, v in (chaos or {}).items() if v}
         self.parent = os.getppid()
         self.rng = random.Random()
         self._last_progress = 0.0
