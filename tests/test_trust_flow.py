@@ -228,3 +228,35 @@ def test_a_liar_whose_spilled_hashes_cannot_be_read_back_is_banned_and_they_are_
     assert [r["status"] for r in session.replies] == ["OK"]
     assert "worker.reverify" in log.events and "server.error" not in log.events
     assert len(session.unchecked.pop(1)) == 10, "kept for the next try"
+
+
+def test_a_liar_that_says_racy_is_never_warned_but_loses_its_trust_and_its_unchecked_hashes():
+    """(From a review.)  The racy flag and the stat are a worker's own words:
+    a liar that claims them on every lie went unwarned and kept its trust, so
+    90% of its new files' lies went unchecked.  Now the excuse spares the
+    warning only."""
+    from osproject.server.verifier import Vote, wants_cross_check
+    A, X = "a" * 32, "1" * 32
+    workers = {w: worker(w) for w in (1, 2)}
+    workers[1].confirmed = 100                      # trusted: only sampled
+    warned = []
+    scheduler, log, session = Scheduler(), Log(), Session()
+    trust = Trust(SimpleNamespace(cross_check=0.0, workers=3), log, scheduler,
+                  supervisor(workers, tally=lambda w: None,
+                             warn=lambda w: warned.append(w.wid) or False), [session])
+    for i in range(3):                              # its earlier lies, unchecked
+        session.unchecked.add(f"/t/n{i}", f"/t/n{i}.md5", (1, 2),
+                              Vote(1, X, (1, 2, 3, 4), True, 1001, 1))
+    for excuse in ({"racy": True}, {"stat": (9, 9, 9, 9)}):
+        workers[1].confirmed = 100
+        job = Job(session=session, rid=1, index=0, path="/t/f", sidecar=None, expected=A)
+        session.outstanding += 1
+        trust.on_result(workers[1], job, {**reading("/t/f", X), **excuse})
+        assert scheduler.withdraw(lambda j, job=job: j is not job) == [job], "asked again"
+        trust.on_result(workers[2], job, reading("/t/f", A))
+        assert warned == [], "an excused reading is never a warning"
+        assert workers[1].confirmed == 0
+        assert wants_cross_check(workers[1], 0.0, None), "each new file of it checked again"
+    rechecks = [j for j in scheduler.pending if j.reverify_of == 1]
+    assert sorted(j.path for j in rechecks) == ["/t/n0", "/t/n1", "/t/n2"]
+    assert log.events.count("worker.outvoted") == 2 and "worker.warned" not in log.events

@@ -234,3 +234,10 @@ def test_a_job_moves_only_along_its_transition_table():
             j.enter(phase)              # done is done
     with pytest.raises(RuntimeError):
         job(phase=Phase.DISCARDING).enter(Phase.REPAIRING)
+
+
+def test_an_excused_reading_is_named_so_it_earns_no_trust():
+    v = judge(A, [vote(1, B, racy=True), vote(2, A), vote(3, C, stat=(9, 9, 9, 9))],
+              cross_check=False)
+    assert (v.status, v.liars, v.excused) == (OK, (), (1, 3))
+    assert judge(A, [vote(1, B), vote(2, A)], cross_check=False).excused == ()

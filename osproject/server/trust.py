@@ -225,6 +225,8 @@ class Trust:
                 self.penalize(wid, job, verdict)
             else:
                 self.distrust(wid, job, verdict)
+        for wid in verdict.excused:
+            self.doubt(wid, job, verdict)
         if verdict.md5 is not None:
             job.losers |= {v.wid for v in job.opinions if v.md5 != verdict.md5}
 
@@ -263,6 +265,21 @@ class Trust:
         worker.confirmed = 0
         if job.proving is None:         # one proof per outvoting: a moving file
             self.put_to_proof(wid, job, verdict)    # could ask for them for ever
+
+    def doubt(self, wid: int, job: Job, verdict: Verdict) -> None:
+        """An outvoted reading excused as racy or of another version
+        (verifier._excused): never a warning, for an honest worker may read
+        so; but a liar may claim the same, so the worker earns its trust
+        again (until then a second worker checks each of its hashes) and the
+        hashes it gave unchecked are checked now."""
+        vote = next(v for v in job.opinions if v.wid == wid)
+        self.log.info("worker.outvoted", slot=vote.slot, pid=vote.pid, path=job.path,
+                      got=vote.md5, agreed=verdict.md5,
+                      excused="racy" if vote.racy else "another version")
+        self.reverify(wid, slot=vote.slot, pid=vote.pid)
+        worker = self.supervisor.alive(wid)
+        if worker is not None:
+            worker.confirmed = 0
 
     def put_to_proof(self, wid: int, job: Job, verdict: Verdict) -> None:
         """Have worker `wid` read the file again, right after a reading of the

@@ -53,6 +53,7 @@ class Verdict:
     status: str
     md5: str | None = None
     liars: tuple = ()       # workers in the minority: each earns a warning
+    excused: tuple = ()     # ... but racy, or of another version: no warning, no trust
     checked: bool = True    # False: one opinion that nobody cross-checked
     reason: str | None = None
 
@@ -74,7 +75,8 @@ def judge(expected, opinions, cross_check, max_opinions=MAX_OPINIONS):
         hashes[expected] += 1
     (top, votes), *rest = hashes.most_common(2)
     if votes >= 2 and (not rest or rest[0][1] < votes):
-        return Verdict(_status(expected, top), top, _liars(opinions, top))
+        return Verdict(_status(expected, top), top, _liars(opinions, top),
+                       excused=_excused(opinions, top))
     if len(opinions) == 1 and expected is None and not cross_check:
         return Verdict(NEW, top, checked=False)
     if len({v.stat for v in opinions}) > 1:
@@ -133,6 +135,17 @@ def _liars(opinions, agreed):
     honest_stats = {v.stat for v in opinions if v.md5 == agreed}
     return tuple(v.wid for v in opinions
                  if v.md5 != agreed and not v.racy and v.stat in honest_stats)
+
+
+def _excused(opinions, agreed):
+    """Workers whose hash lost, but whom _liars excuses: a racy reading, or one
+    of another version.  A liar can claim either (the flag and the stat are
+    its own words), so an excuse spares the warning and nothing else: the
+    worker earns its trust again and its unchecked hashes are checked
+    (Trust.doubt)."""
+    honest_stats = {v.stat for v in opinions if v.md5 == agreed}
+    return tuple(v.wid for v in opinions
+                 if v.md5 != agreed and (v.racy or v.stat not in honest_stats))
 
 
 def proven_lie(expected, opinions, wid, agreed):
