@@ -567,11 +567,13 @@ MAX_REASON = 1000       # bytes of a worker's error, skipped or unstable reason
 
 def _printable(text: str) -> str:
     """A worker's words, with what a terminal would act on (ESC, CR, a newline
-    that would start a forged report line) spelled out as escapes."""
-    if text.isprintable():
+    that would start a forged report line) spelled out as escapes, and a
+    backslash doubled, so that an escape means one thing only."""
+    if text.isprintable() and "\\" not in text:
         return text
-    return "".join(c if c.isprintable() else
-                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+    return "".join("\\\\" if c == "\\" else c if c.isprintable() else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else
+                   f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
                    for c in text)
 
 

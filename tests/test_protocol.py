@@ -259,3 +259,10 @@ def test_a_workers_words_cannot_forge_a_report_line_or_drive_a_terminal():
     [result] = protocol.check_results(fields, 1, 1)
     assert result["error"] == "x\\x0aOK  /etc/shadow\\x1b[2K\\x0d"
     assert result["error"].isprintable()
+
+
+def test_a_workers_escaped_words_mean_one_thing_only():
+    assert protocol._printable("a\\x0a") != protocol._printable("a\n")
+    assert protocol._printable("a\\x0a") == "a\\\\x0a"
+    assert protocol._printable("\U000e0041") == "\\U000e0041"
+    assert protocol._printable("plain words, é") == "plain words, é"

@@ -149,3 +149,24 @@ def test_unchecked_hashes_stay_in_memory_when_no_temp_file_can_be_made(monkeypat
     for path, sidecar, directory, vote in kept:
         unchecked.add(path, sidecar, directory, vote)
     assert unchecked.pop(7) == kept
+
+
+def test_a_read_back_that_fails_half_way_loses_nothing_and_reads_nothing_twice(monkeypatch):
+    from osproject.server import session as session_mod
+    monkeypatch.setattr(session_mod.Unchecked, "SPILL", 500)
+    unchecked = session_mod.Unchecked()
+    kept = _hashes(60)
+    for path, sidecar, directory, vote in kept:
+        unchecked.add(path, sidecar, directory, vote)
+    assert len(unchecked._spans[7]) >= 2
+    real, calls = os.pread, []
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real(*args)
+    monkeypatch.setattr(session_mod.os, "pread", flaky)
+    with pytest.raises(OSError):
+        unchecked.pop(7)
+    assert unchecked.pop(7) == kept
+    assert unchecked.pop(7) == []

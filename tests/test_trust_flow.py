@@ -196,10 +196,22 @@ def test_a_first_run_shortcut_comes_to_what_the_long_way_does(monkeypatch):
     assert all(r.get("unchecked") for r in short[0][:2])
 
 
-def test_a_liar_whose_spilled_hashes_cannot_be_read_back_is_banned_and_they_are_kept(
+class Sessions(list):
+    """What Trust asks of the Sessions registry: the sessions, and refuse()."""
+
+    def __init__(self, *sessions):
+        super().__init__(sessions)
+        self.refused = []
+
+    def refuse(self, session, reason):
+        self.refused.append((session, reason))
+
+
+def test_a_liar_whose_spilled_hashes_cannot_be_read_back_is_banned_and_its_client_told(
         monkeypatch):
-    """(From a review.)  The hashes wait for a later try, the error is logged,
-    the ban still comes and the file that proved the lie is answered OK."""
+    """(From two reviews.)  The ban still comes, the file that proved the lie
+    is answered OK, and the client, which would record lies nobody can
+    re-check now, is refused (its run fails, exit 2)."""
     import errno
     import os
 
@@ -216,7 +228,8 @@ def test_a_liar_whose_spilled_hashes_cannot_be_read_back_is_banned_and_they_are_
         session.unchecked.add(f"/t/{i}", f"/t/{i}.md5", (1, 2),
                               Vote(1, "a" * 32, (1, 2, 3, 4), False, 1001, 1))
     assert session.unchecked._spans
-    trust = Trust(SimpleNamespace(cross_check=0.1, workers=3), log, scheduler, sup, [session])
+    sessions = Sessions(session)
+    trust = Trust(SimpleNamespace(cross_check=0.1, workers=3), log, scheduler, sup, sessions)
     job = Job(session=session, rid=1, index=0, path="/t/x", sidecar=None, expected="e" * 32,
               opinions=[Vote(1, "b" * 32, (1, 2, 3, 4), False, 1001, 1)])
     def broken(*args):
@@ -226,8 +239,9 @@ def test_a_liar_whose_spilled_hashes_cannot_be_read_back_is_banned_and_they_are_
         trust.take_result(workers[2], job, {"md5": "e" * 32, "stat": (1, 2, 3, 4)})
     assert banned == [liar]
     assert [r["status"] for r in session.replies] == ["OK"]
-    assert "worker.reverify" in log.events and "server.error" not in log.events
-    assert len(session.unchecked.pop(1)) == 10, "kept for the next try"
+    assert "server.error" not in log.events
+    [(refused, reason)] = sessions.refused
+    assert refused is session and "could not re-check" in reason
 
 
 def test_a_liar_that_says_racy_is_never_warned_but_loses_its_trust_and_its_unchecked_hashes():
@@ -260,3 +274,54 @@ def test_a_liar_that_says_racy_is_never_warned_but_loses_its_trust_and_its_unche
     rechecks = [j for j in scheduler.pending if j.reverify_of == 1]
     assert sorted(j.path for j in rechecks) == ["/t/n0", "/t/n1", "/t/n2"]
     assert log.events.count("worker.outvoted") == 2 and "worker.warned" not in log.events
+
+
+def _doubting(confirmed=0):
+    workers = {w: worker(w) for w in (1, 2, 3)}
+    workers[1].confirmed = confirmed
+    scheduler, log, session, warned = Scheduler(), Log(), Session(), []
+    trust = Trust(SimpleNamespace(cross_check=0.0, workers=3), log, scheduler,
+                  supervisor(workers, tally=lambda w: None,
+                             warn=lambda w: warned.append(w.wid) or False), [session])
+    return workers, scheduler, log, session, warned, trust
+
+
+def test_a_trusted_liar_that_reports_a_stat_of_its_own_loses_its_trust_first_run_or_not():
+    """(From a review.)  Readings of two stats are UNSTABLE before any loser is
+    named: that verdict excuses every reader, so the liar earns no trust."""
+    A, X, B = "a" * 32, "1" * 32, "b" * 32
+    for expected, honest in ((None, A), (A, B)):        # a first run; a real change
+        workers, scheduler, log, session, warned, trust = _doubting(confirmed=100)
+        job = Job(session=session, rid=1, index=0, path="/t/f", expected=expected,
+                  sidecar="/t/f.md5" if expected is None else None)
+        trust.sample = 1.0                              # sampled, on a first run
+        trust.on_result(workers[1], job, {**reading("/t/f", X), "stat": (9, 9, 9, 9)})
+        assert scheduler.take(workers[2]).jobs == [job]
+        trust.on_result(workers[2], job, {**reading("/t/f", honest), "wrote": False})
+        if expected is None:
+            assert job.discarding, "the sidecar the liar wrote goes: nobody vouches for it"
+        else:
+            assert [r["status"] for r in session.replies] == ["UNSTABLE"]
+        assert workers[1].confirmed == 0 and warned == []
+        assert "worker.outvoted" in log.events
+
+
+def test_a_worker_is_doubted_once_per_file_and_for_its_losing_reading():
+    A, X, Y = "a" * 32, "1" * 32, "2" * 32
+    workers, scheduler, log, session, warned, trust = _doubting()
+    events = []
+    trust.log = SimpleNamespace(info=lambda e, **f: events.append((e, f)),
+                                warning=lambda e, **f: events.append((e, f)),
+                                error=lambda e, **f: events.append((e, f)))
+    job = Job(session=session, rid=1, index=0, path="/t/f", sidecar="/t/f.md5")
+    trust.on_result(workers[1], job, reading("/t/f", X, racy=True))   # wrote X, "racy"
+    assert scheduler.take(workers[2]).jobs == [job]
+    trust.on_result(workers[2], job, {**reading("/t/f", A), "wrote": False})
+    assert scheduler.take(workers[3]).jobs == [job]
+    trust.on_result(workers[3], job, {**reading("/t/f", A), "wrote": False})
+    assert job.repairing
+    [repair] = scheduler.take(workers[2]).jobs
+    trust.on_result(workers[2], repair, {**reading("/t/f", Y), "stat": (9, 9, 9, 9)})
+    outvoted = [f for e, f in events if e == "worker.outvoted"]
+    assert [(f["slot"], f["got"]) for f in outvoted] == [(1, X), (2, Y)], outvoted
+    assert warned == []

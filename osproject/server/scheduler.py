@@ -55,6 +55,7 @@ class Job:
     cross_check: bool = False
     declined: set[int] = field(default_factory=set)  # wids that read no hash (error...)
     warned: set[int] = field(default_factory=set)    # wids already warned over this file
+    doubted: set[int] = field(default_factory=set)   # wids already doubted over it
     losers: set[int] = field(default_factory=set)    # wids whose hash lost, warned or not
     # the sidecar
     written: str | None = None  # the hash its sidecar now holds, as its writer said

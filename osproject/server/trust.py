@@ -225,7 +225,8 @@ class Trust:
                 self.penalize(wid, job, verdict)
             else:
                 self.distrust(wid, job, verdict)
-        for wid in verdict.excused:
+        for wid in set(verdict.excused) - job.doubted:
+            job.doubted.add(wid)
             self.doubt(wid, job, verdict)
         if verdict.md5 is not None:
             job.losers |= {v.wid for v in job.opinions if v.md5 != verdict.md5}
@@ -272,7 +273,8 @@ class Trust:
         so; but a liar may claim the same, so the worker earns its trust
         again (until then a second worker checks each of its hashes) and the
         hashes it gave unchecked are checked now."""
-        vote = next(v for v in job.opinions if v.wid == wid)
+        vote = next((v for v in job.opinions if v.wid == wid and v.md5 != verdict.md5),
+                    next(v for v in job.opinions if v.wid == wid))
         self.log.info("worker.outvoted", slot=vote.slot, pid=vote.pid, path=job.path,
                       got=vote.md5, agreed=verdict.md5,
                       excused="racy" if vote.racy else "another version")
@@ -317,9 +319,11 @@ class Trust:
                 continue
             try:
                 hashes = session.unchecked.pop(wid)
-            except OSError as exc:      # its temp file: kept, and tried again next time
-                self.log.error("worker.reverify", session=session.sid, error=str(exc),
-                               **who)
+            except OSError as exc:
+                # Hashes a liar gave that can no longer be re-checked: the
+                # client must not record them, so its run fails (exit 2).
+                self.sessions.refuse(session, "the server could not re-check the hashes "
+                                              f"of a worker caught lying: {exc}")
                 continue
             for path, sidecar, directory, vote in hashes:
                 session.expect()

@@ -79,11 +79,14 @@ def judge(expected, opinions, cross_check, max_opinions=MAX_OPINIONS):
                        excused=_excused(opinions, top))
     if len(opinions) == 1 and expected is None and not cross_check:
         return Verdict(NEW, top, checked=False)
+    # No hash agreed: every reader is excused, none is trusted for it (a liar
+    # that reports a stat of its own makes the file look in motion).
+    everyone = tuple(v.wid for v in opinions)
     if len({v.stat for v in opinions}) > 1:
-        return Verdict(UNSTABLE, reason="changed between readings")
+        return Verdict(UNSTABLE, reason="changed between readings", excused=everyone)
     if len(opinions) < max_opinions:
         return None
-    return Verdict(UNSTABLE, reason="no two readings agree")
+    return Verdict(UNSTABLE, reason="no two readings agree", excused=everyone)
 
 
 def settles_at_once(job, result):
