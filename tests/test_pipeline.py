@@ -147,17 +147,23 @@ def test_nothing_waits_behind_a_big_file_or_one_that_killed_a_worker(world, why)
     assert len(server.scheduler.pending) == 5, "left for the next worker free"
 
 
+def two_assignments(server, worker):
+    """Ten files for one worker: (their session, the assignment it works on, the one behind)."""
+    session = Session()
+    for job in files(session, 10):
+        server.scheduler.submit(job)
+    server.dispatch()
+    first, behind = server.supervisor.held(worker)
+    return session, first, behind
+
+
 def test_results_a_worker_wrote_before_it_died_are_read_however_long(world):
     """Results behind more than one read (a big file's progress frames, then
     the answer): the assignment it answers is done, and the one behind it,
     the one the worker died on, is a dead worker's (retried, its temp files
     named), not one it never began."""
     server, workers, worker = world
-    session = Session()
-    for job in files(session, 10):
-        server.scheduler.submit(job)
-    server.dispatch()
-    first, behind = server.supervisor.held(worker)
+    session, first, behind = two_assignments(server, worker)
     frame = protocol.progress(first.aid) * 4400 + answer(first)
     assert 65536 < len(frame) < 2 * 65536, "more than one read, less than it and a pipe"
 
@@ -182,11 +188,7 @@ def test_a_worker_killed_for_its_answer_may_have_begun_the_next_assignment(world
     behind: those files go back with its pid, so the next worker removes its
     temp files, and may replace a sidecar it wrote."""
     server, workers, worker = world
-    session = Session()
-    for job in files(session, 10):
-        server.scheduler.submit(job)
-    server.dispatch()
-    first, behind = server.supervisor.held(worker)
+    session, first, behind = two_assignments(server, worker)
     workers.say(worker, protocol.pack([b"results", b"%d" % first.aid, b"garbage"]))
     server.on_worker_readable(worker)
     assert "worker.faulty" in server.log.events
