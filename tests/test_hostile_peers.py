@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from helpers import CLIENT, SERVER, make_tree, md5sum_check, run_client, sidecars_under, wait_until
+from osproject import protocol
 from osproject.client.connection import Connection
 
 pytestmark = pytest.mark.timeout(90)
@@ -113,6 +114,45 @@ def test_an_entrance_too_deep_for_a_hello_is_refused_by_server_and_client(
     assert result.status == 2
     assert "too long a path" in result.stderr and "Traceback" not in result.stderr
     assert os.listdir(deep) == [], "the client left its directory behind"
+
+
+@pytest.mark.processes
+def test_a_server_gone_between_its_welcome_and_the_first_request(tmp_path):
+    """It welcomes the client and never reads a request, as a server killed
+    at that moment: the client's first write meets a broken pipe, and it says
+    it lost the server (exit 2), never a traceback."""
+    fifo = str(tmp_path / "server.fifo")
+    os.mkfifo(fifo, 0o600)
+    entrance = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    reply = None
+    tree = tmp_path / "tree"
+    make_tree(tree, files=3)
+    client = subprocess.Popen([sys.executable, CLIENT, "--fifo", fifo, str(tree)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = bytearray()
+
+        def hello():
+            try:
+                said.extend(os.read(entrance, 4096))
+            except BlockingIOError:
+                pass
+            return said.strip() != b"" and said.endswith(b"\n")     # one hello, whole
+
+        wait_until(hello, what="the client's hello")
+        _, reply_fifo, _ = protocol.read_hello(bytes(said).strip(b"\n"))
+        reply = os.open(reply_fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(reply, protocol.encode(protocol.welcome(1, os.getpid())))
+        out, err = client.communicate(timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.communicate()
+        os.close(entrance)
+        if reply is not None:
+            os.close(reply)
+    assert (client.returncode, out, err) == (2, "", "integrity-client: lost the server: "
+                                                    "Broken pipe\n")
 
 
 def test_a_repair_finds_a_worker_even_when_every_worker_has_voted(start_server, tmp_path):

@@ -60,8 +60,11 @@ class Client:
 
     def run(self, roots):
         """Check every root; return the exit status."""
-        self.conn.send(protocol.roots([os.path.abspath(r) for r in roots],
-                                      len(roots)))      # for the server's log
+        try:
+            self.conn.send(protocol.roots([os.path.abspath(r) for r in roots],
+                                          len(roots)))  # for the server's log
+        except OSError as exc:      # it died between its welcome and now
+            raise ClientError(f"lost the server: {exc.strerror or exc}") from None
         reader = threading.Thread(target=self.read_replies, name="reader", daemon=True)
         # Daemons, so that Ctrl-C in the main thread ends the client at once.
         lister = threading.Thread(target=self.list_all, args=(roots,), name="lister",
