@@ -553,6 +553,9 @@ def results(aid: int, answers: Iterable[dict]) -> bytes:
         if md5:
             fields += (md5.encode("ascii"), b"%d" % r["size"], b"%d" % r["mtime"],
                        b"%d" % r["ctime"], b"%d" % r["ino"])
+            if r.keys() == _PLAIN_READING:
+                fields += (b"r" if r["racy"] else b"", b"", b"", b"")
+                continue
         else:
             fields += (b"", b"", b"", b"", b"")
         fields += ((b"r" if r.get("racy") else b"") + (b"w" if r.get("wrote") else b"")
@@ -563,6 +566,7 @@ def results(aid: int, answers: Iterable[dict]) -> bytes:
 
 
 MAX_REASON = 1000       # bytes of a worker's error, skipped or unstable reason
+_PLAIN_READING = {"md5", "size", "mtime", "ctime", "ino", "racy"}   # nothing else to say
 
 
 def _printable(text: str) -> str:

@@ -47,7 +47,7 @@ def test_a_session_served_to_the_end_goes_serving_draining_leaving_closed(client
     assert session.state is State.SERVING and len(sessions) == 1
     assert frames_from(fds["reply"])[0]["welcome"] == protocol.HELLO_VERSION
 
-    session.expect()
+    session.requested(1, 1)
     os.close(fds.pop("request"))            # the client asks for nothing more
     assert session.read() == [] and session.state is State.DRAINING
     sessions.close_finished()
@@ -61,6 +61,34 @@ def test_a_session_served_to_the_end_goes_serving_draining_leaving_closed(client
     assert [e for e, _ in log.events] == ["session.opened", "session.closed"]
     with pytest.raises(RuntimeError):
         session.enter(State.SERVING)
+
+
+def test_verdicts_leave_once_a_request_is_answered_in_full(client):
+    """One frame a request, not one a loop pass: the client acts on a request
+    only once its last verdict is in.  Those of other requests still partly
+    answered go out with it."""
+    request, reply, fds = client
+    sessions = Sessions(Log(), Scheduler(), clock=lambda: 0.0, idle_timeout=60)
+    session = sessions.open(request, reply, pid=123)
+    fds["request"] = os.open(request, os.O_WRONLY | os.O_NONBLOCK)
+    frames_from(fds["reply"])               # the welcome
+    session.requested(1, 3)
+    session.requested(2, 2)
+    session.answered_ok(1, 0)
+    session.answered(protocol.verdict(2, 1, "CHANGED", "b" * 32, "a" * 32), "CHANGED")
+    session.answered_ok(1, 2)
+    sessions.send_replies()
+    with pytest.raises(BlockingIOError):
+        os.read(fds["reply"], 1 << 16)      # no request is answered in full yet
+    session.answered_ok(1, 1)               # request 1 is
+    sessions.send_replies()
+    assert frames_from(fds["reply"]) == [
+        {"ok": [[1, 0, 2, 1]]},
+        {"replies": [protocol.verdict(2, 1, "CHANGED", "b" * 32, "a" * 32)]}]
+    session.answered_ok(2, 0)
+    sessions.send_replies()
+    assert frames_from(fds["reply"]) == [{"ok": [[2, 0]]}]
+    assert session.outstanding == 0 and session.due == {}
 
 
 def test_a_client_that_vanishes_is_dropped_and_its_waiting_files_forgotten(client):

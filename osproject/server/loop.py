@@ -498,7 +498,7 @@ class Server:
         if session.spare:
             raise Refused("too many clients; only --status is served until some leave")
         rid = request.rid
-        session.expect(len(request.items))
+        session.requested(rid, len(request.items))
         session.files += len(request.items)
         self.scheduler.submit_all(session, [
             Job(session=session, rid=rid, index=index, path=item.path, sidecar=item.sidecar,

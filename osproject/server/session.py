@@ -102,8 +102,10 @@ class Session:
         self.state = State.SERVING
         self.dead = False         # a write failed, or it is closed: replies go nowhere
         self.outstanding = 0      # jobs whose verdict is not sent yet
-        self.replies = []         # verdicts of this loop pass, sent together by pack()
-        self.oks = {}             # rid -> indexes found OK at once this pass, ditto
+        self.due = {}             # rid -> files of that request not answered yet
+        self.replies = []         # verdicts not sent yet, sent together by pack()
+        self.oks = {}             # rid -> indexes found OK at once not sent yet, ditto
+        self.completed = False    # a request was answered in full since the last pack()
         self.files = 0
         self.counts = {}
         self.unchecked = Unchecked()
@@ -167,7 +169,18 @@ class Session:
             raise Refused(f"client read nothing of {MAX_OUTPUT} bytes of replies")
 
     def pack(self):
-        """Frame the queued verdicts (raises Refused like send)."""
+        """Frame the queued verdicts once a request is answered in full (raises
+        Refused like send).
+
+        The client acts on a request only when its last verdict is in (it
+        frees the asking checker's place), so verdicts wait for that: one
+        frame a request or so, not one a loop pass, and so a tenth of the
+        writes here and of the reads and wake-ups in the client.  Every
+        request is answered in full in the end, so nothing waits for ever.
+        """
+        if not self.completed:
+            return
+        self.completed = False
         if self.oks:
             found, count = [], 0
             for rid, indexes in self.oks.items():
@@ -207,12 +220,18 @@ class Session:
         self.flush()
 
     def expect(self, jobs=1):
-        """More jobs whose end the session waits for: a request's files, or a re-check."""
+        """More jobs whose end the session waits for: a re-check, say."""
         self.outstanding += jobs
 
+    def requested(self, rid, files):
+        """A request of `files` files under `rid`: each is answered()."""
+        self.outstanding += files
+        self.due[rid] = self.due.get(rid, 0) + files    # a client may reuse an id
+
     def answered(self, verdict, status):
-        """Queue one file's verdict; a loop pass's verdicts leave as one frame."""
+        """Queue one file's verdict; they leave together (see pack)."""
         self.outstanding -= 1
+        self._one_less(verdict["id"])
         self.counts[status] = self.counts.get(status, 0) + 1
         if not self.dead:
             self.replies.append(verdict)
@@ -220,6 +239,7 @@ class Session:
     def answered_ok(self, rid, index):
         """answered(), for a file found OK at once: it goes in an ok frame."""
         self.outstanding -= 1
+        self._one_less(rid)
         self.counts[OK] = self.counts.get(OK, 0) + 1
         if not self.dead:
             indexes = self.oks.get(rid)
@@ -227,6 +247,14 @@ class Session:
                 self.oks[rid] = [index]
             else:
                 indexes.append(index)
+
+    def _one_less(self, rid):
+        left = self.due.get(rid, 1) - 1
+        if left > 0:
+            self.due[rid] = left
+        else:
+            self.due.pop(rid, None)
+            self.completed = True
 
     def settled_aside(self):
         """A job it waited for ended with nothing to tell (a re-check that

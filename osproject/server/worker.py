@@ -162,7 +162,7 @@ class WorkerProcess:
 
     def do_file(self, task):
         """Hash one file and, if asked, write its sidecar; return the result dict."""
-        directory, name = os.path.split(task.path)
+        directory, _, name = task.path.rpartition("/")    # absolute: "" is "/"
         try:
             dir_fd = self.dirs.open(directory, task.dir)
         except OSError as exc:      # DirectoryReplaced among them: nothing is read
