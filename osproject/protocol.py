@@ -34,7 +34,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any, NamedTuple, TypeGuard
 
-from .store import FS_CODEC
+from .store import FS_CODEC, SUFFIX
 
 Frame = dict[str, Any]          # one decoded frame: a JSON object
 Identity = tuple[int, int] | list[int]   # a directory's (st_dev, st_ino); JSON makes it a list
@@ -56,7 +56,7 @@ MAX_PATHS = 5          # files per worker assignment
 MAX_REQUEST = 50
 MAX_ROOTS = 64         # roots a client names in its roots frame, for the log
 PID_MAX = 4194304      # the widest pid (Linux's limit): the longest hello has it
-HELLO_VERSION = 2      # 2: worker frames, ok frames, 50-file requests
+HELLO_VERSION = 2      # 2: worker frames, ok frames, requests of files by directory
 MAX_AUDIT = 100        # events per audit frame
 MD5 = re.compile(r"[0-9a-f]{32}")   # a digest as md5sum prints it, and only that
 CLIENT_DIR_PREFIX = "osp-client-"   # a client's FIFOs: ENTRANCE_DIR/osp-client-XXXX/
@@ -221,38 +221,68 @@ def roots(paths: list[str], count: int) -> Frame:
     return {"roots": list(paths[:MAX_ROOTS]), "count": count}
 
 
+class CheckItem(NamedTuple):
+    """One file of a client's request: its absolute path, its sidecar's (None:
+    the sidecar's name is a file of its own), its directory's (st_dev, st_ino),
+    the baseline hash the client holds, its size (for batching) and whether to
+    rewrite a changed baseline."""
+    path: str
+    sidecar: str | None
+    dir: tuple[int, int] | None
+    expected: str | None = None
+    size: int = 0
+    update: bool = False
+
+
 def check_item(path: str, sidecar: str | None, directory: Identity | None,
-               expected: str | None = None, size: int = 0, update: bool = False) -> Frame:
-    """One file of a request: its absolute path, its sidecar (None: the sidecar's
-    name is a file of its own), its directory's (st_dev, st_ino), the baseline
-    hash the client holds, its size (for batching) and whether to rewrite a
-    changed baseline."""
-    item = {"kind": "check", "path": path, "sidecar": sidecar, "dir": directory,
-            "expected": expected, "size": size}
+               expected: str | None = None, size: int = 0, update: bool = False) -> CheckItem:
+    """A CheckItem, its directory's identity a tuple."""
+    return CheckItem(path, sidecar,
+                     None if directory is None else (directory[0], directory[1]),
+                     expected, size, update)
+
+
+def request(rid: int, items: Iterable[CheckItem]) -> Frame:
+    """A request: up to MAX_REQUEST files, answered one verdict each under `rid`.
+
+    Files go by directory, each named once: [directory, st_dev, st_ino,
+    where their sidecars are (None: beside them), [[name, expected, size],
+    ...]], a file's list ending in False when it can have no sidecar.  A
+    sidecar is always the file's name and SUFFIX (beside it, or in a --store
+    mirror); `update` is the client's, one for all its files.
+    """
+    groups: list[list] = []
+    update = False
+    for item in items:
+        directory, _, name = item.path.rpartition("/")
+        directory = directory or "/"
+        file: list = [name, item.expected, item.size]
+        where = None
+        if item.sidecar is None:
+            file.append(False)
+        else:
+            where, _, sidecar_name = item.sidecar.rpartition("/")
+            if sidecar_name != name + SUFFIX:
+                raise ValueError(f"a sidecar is its file's name and {SUFFIX}: {item.sidecar}")
+            where = None if (where or "/") == directory else where or "/"
+        identity = [None, None] if item.dir is None else list(item.dir)
+        last = groups[-1] if groups else None
+        if last is None or last[0] != directory or last[1:3] != identity \
+                or (item.sidecar is not None and last[3] != where):
+            last = [directory, *identity, where, []]
+            groups.append(last)
+        last[4].append(file)
+        update = update or item.update
+    frame: Frame = {"id": rid, "dirs": groups}
     if update:
-        item["update"] = True
-    return item
-
-
-def request(rid: int, items: list[Frame]) -> Frame:
-    """A request: up to MAX_REQUEST files, answered one verdict each under `rid`."""
-    return {"id": rid, "files": items}
+        frame["update"] = True
+    return frame
 
 
 def audit(events: list[dict]) -> Frame:
     """Up to MAX_AUDIT alterations a client found, each {"event": ..., fields}."""
     return {"audit": [{k: v for k, v in event.items() if v is not None}
                       for event in events]}
-
-
-class CheckItem(NamedTuple):
-    """One file of a client's request, as validate_request read it."""
-    path: str
-    sidecar: str | None
-    dir: tuple[int, int] | None
-    expected: str | None
-    size: int
-    update: bool
 
 
 class Request(NamedTuple):
@@ -281,43 +311,66 @@ def validate_request(frame: Frame) -> "Frame | Request":
                 and type(count) is int and count >= len(paths)):
             raise ProtocolError("roots: a list of absolute paths, and their count")
         return frame
-    files = frame.get("files")
-    if set(frame) != {"id", "files"} or type(frame["id"]) is not int \
-            or not isinstance(files, list) or not 0 < len(files) <= MAX_REQUEST:
-        raise ProtocolError(f"a request has an id and 1 to {MAX_REQUEST} files, nothing else")
-    return Request(frame["id"], [_check_item(item) for item in files])
-
-
-def _check_item(item: object) -> CheckItem:
-    if type(item) is not dict or item.get("kind") != "check":
-        raise ProtocolError('a file entry needs kind "check"')
-    if not item.keys() <= _ITEM_KEYS:
-        raise ProtocolError(f"a file entry has only {', '.join(sorted(_ITEM_KEYS))}")
-    path = item.get("path")
-    if not is_absolute_path(path):
-        raise ProtocolError("a file entry needs an absolute path")
-    sidecar = item.get("sidecar", "")
-    if not (sidecar is None or is_absolute_path(sidecar)):
-        raise ProtocolError("a file entry needs an absolute sidecar (or null: none)")
-    size = item.get("size", 0)
-    if type(size) is not int:
-        raise ProtocolError("size must be an integer")
-    update = item.get("update", False)
+    groups = frame.get("dirs")
+    if not frame.keys() <= {"id", "dirs", "update"} or "id" not in frame \
+            or type(frame["id"]) is not int or not isinstance(groups, list) or not groups:
+        raise ProtocolError("a request has an id and its files by directory (dirs), and "
+                            "update or nothing else")
+    update = frame.get("update", False)
     if update is not True and update is not False:
         raise ProtocolError("update must be true or false")
-    identity = item.get("dir")          # without one, the worker reads nothing
-    if identity is not None:
-        if not (type(identity) is list and len(identity) == 2
-                and type(identity[0]) is int and type(identity[1]) is int):
-            raise ProtocolError("dir must be its directory's [st_dev, st_ino]")
-        identity = (identity[0], identity[1])
-    expected = item.get("expected")
+    items: list[CheckItem] = []
+    for group in groups:
+        items += _check_group(group, update)
+        if len(items) > MAX_REQUEST:
+            break
+    if len(items) > MAX_REQUEST:
+        raise ProtocolError(f"a request has 1 to {MAX_REQUEST} files")
+    return Request(frame["id"], items)
+
+
+def _check_group(group: object, update: bool) -> list[CheckItem]:
+    """The files of one directory of a request, read into CheckItems."""
+    if type(group) is not list or len(group) != 5:
+        raise ProtocolError("a directory of a request is [directory, st_dev, st_ino, "
+                            "sidecars, files]")
+    directory, dev, ino, where, files = group
+    if not is_absolute_path(directory):
+        raise ProtocolError("a directory of a request must be an absolute path")
+    if dev is None and ino is None:     # without an identity the worker reads nothing
+        identity = None
+    elif type(dev) is int and type(ino) is int:
+        identity = (dev, ino)
+    else:
+        raise ProtocolError("a directory's st_dev and st_ino are two integers (or nulls)")
+    if not (where is None or is_absolute_path(where)):
+        raise ProtocolError("sidecars are in an absolute directory (or null: beside)")
+    if type(files) is not list or not files or len(files) > MAX_REQUEST:
+        raise ProtocolError(f"a directory of a request has 1 to {MAX_REQUEST} files")
+    prefix = directory if directory.endswith("/") else directory + "/"
+    sidecars = prefix if where is None else where if where.endswith("/") else where + "/"
+    return [_check_file(file, prefix, sidecars, identity, update) for file in files]
+
+
+def _check_file(file: object, prefix: str, sidecars: str, identity: tuple[int, int] | None,
+                update: bool) -> CheckItem:
+    if type(file) is not list or not 3 <= len(file) <= 4:
+        raise ProtocolError("a file of a request is [name, expected, size] (and false: "
+                            "no sidecar)")
+    name, expected, size = file[0], file[1], file[2]
+    if type(name) is not str or not name or "/" in name or name in (".", "..") \
+            or not is_absolute_path(prefix + name):
+        raise ProtocolError("a file's name is one entry of its directory")
     if expected is not None and not (type(expected) is str and MD5.fullmatch(expected)):
         raise ProtocolError("expected must be 32 lowercase hex digits")
-    return CheckItem(path, sidecar, identity, expected, size, update)
-
-
-_ITEM_KEYS = {"kind", "path", "sidecar", "dir", "expected", "size", "update"}
+    if type(size) is not int:
+        raise ProtocolError("size must be an integer")
+    if len(file) == 3:
+        return CheckItem(prefix + name, sidecars + name + SUFFIX, identity, expected, size,
+                         update)
+    if file[3] is not False:
+        raise ProtocolError("a file's fourth field is false (no sidecar) or absent")
+    return CheckItem(prefix + name, None, identity, expected, size, update)
 
 
 def validate_audit(frame: Frame) -> Frame:

@@ -509,8 +509,8 @@ def test_a_client_that_never_reads_is_dropped_and_others_are_served(server, tmp_
     from osproject.client.connection import Connection
     small = tmp_path / "small"
     small.write_bytes(b"tiny")
-    item = {"kind": "check", "path": str(small), "sidecar": str(small) + ".md5",
-            "expected": hashlib.md5(b"tiny").hexdigest()}
+    item = protocol.check_item(str(small), str(small) + ".md5", None,
+                               hashlib.md5(b"tiny").hexdigest())
     conn = Connection(server.fifo)
     conn.open()
     os.set_blocking(conn.request_fd, False)
@@ -520,7 +520,7 @@ def test_a_client_that_never_reads_is_dropped_and_others_are_served(server, tmp_
         while time.monotonic() < deadline and not dropped:
             if not pending:
                 rid += 1
-                pending = protocol.encode({"id": rid, "files": [item] * 5})
+                pending = protocol.encode(protocol.request(rid, [item] * 5))
             try:
                 pending = pending[os.write(conn.request_fd, pending):]
             except BlockingIOError:                    # the server stopped reading us

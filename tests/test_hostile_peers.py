@@ -36,13 +36,14 @@ def still_serves(server, tmp_path, name="ok"):
 
 def test_frames_that_once_crashed_the_server_cost_only_their_session(server, tmp_path):
     nested = b"[" * 60000 + b"\n"
-    lone = b'{"id":1,"files":[{"kind":"check","path":"/x\\ud800","sidecar":"/x.md5"}]}\n'
-    nul = b'{"id":1,"files":[{"kind":"check","path":"/x\\u0000y","sidecar":"/x.md5"}]}\n'
-    no_sidecar = b'{"id":1,"files":[{"kind":"check","path":"/x"}]}\n'
-    for payload in (nested, lone, nul, no_sidecar):
+    lone = b'{"id":1,"dirs":[["/x\\ud800",1,2,null,[["y",null,1]]]]}\n'
+    nul = b'{"id":1,"dirs":[["/x",1,2,null,[["y\\u0000z",null,1]]]]}\n'
+    short = b'{"id":1,"dirs":[["/x",1,2,null,[["y"]]]]}\n'
+    for payload in (nested, lone, nul, short):
         hostile_session(server, payload)
     for reply in ("/tmp/x\\u0000", "/tmp/\\ud800"):
-        hello = b'{"hello":2,"request":"/tmp/r","reply":"%s"}\n' % reply.encode()
+        hello = b'{"hello":%d,"request":"/tmp/r","reply":"%s"}\n' % (protocol.HELLO_VERSION,
+                                                                    reply.encode())
         fd = os.open(server.fifo, os.O_WRONLY | os.O_NONBLOCK)
         os.write(fd, hello)
         os.close(fd)
@@ -184,8 +185,8 @@ def test_one_worker_cannot_turn_a_checked_file_into_an_error_alone(server, tmp_p
     conn.open()
     gone = str(tmp_path / "gone")
     try:
-        conn.send({"id": 1, "files": [{"kind": "check", "path": gone,
-                                       "sidecar": gone + ".md5", "expected": "0" * 32}]})
+        conn.send(protocol.request(1, [protocol.check_item(gone, gone + ".md5", None,
+                                                           "0" * 32)]))
         frame = next(conn.frames())
     finally:
         conn.close()

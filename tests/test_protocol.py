@@ -98,32 +98,72 @@ def test_a_request_built_by_the_client_is_one_the_server_accepts():
     assert "md5" not in protocol.audit([{"event": "file.moved", "md5": None}])["audit"][0]
 
 
+def test_a_request_names_each_directory_once_and_reads_back_file_by_file():
+    C = protocol.CheckItem
+    items = [C("/t/a", "/t/a.md5", (1, 2), MD5, 3), C("/t/b.md5", "/t/b.md5.md5", (1, 2)),
+             C("/t/b", None, (1, 2), None, 5),           # its sidecar's name is a file
+             C("/t/u/c", "/t/u/c.md5", (1, 3)),          # another directory
+             C("/t/a2", "/t/a2.md5", (1, 2)),            # back: a group of its own
+             C("/r", "/r.md5", (1, 1)),                  # in the root directory
+             C("/t/s", "/store/t/s.md5", (1, 2)),        # a --store mirror
+             C("/t/ü\udcff", "/t/ü\udcff.md5", (1, 2)),  # no UTF-8: a surrogate escape
+             C("/t/x", "/t/x.md5", None)]                # no identity: nothing read
+    frame = protocol.request(4, items)
+    assert frame == {"id": 4, "dirs": [
+        ["/t", 1, 2, None, [["a", MD5, 3], ["b.md5", None, 0], ["b", None, 5, False]]],
+        ["/t/u", 1, 3, None, [["c", None, 0]]],
+        ["/t", 1, 2, None, [["a2", None, 0]]],
+        ["/", 1, 1, None, [["r", None, 0]]],
+        ["/t", 1, 2, "/store/t", [["s", None, 0]]],
+        ["/t", 1, 2, None, [["ü\udcff", None, 0]]],
+        ["/t", None, None, None, [["x", None, 0]]]]}
+    assert protocol.validate_request(protocol.decode(protocol.encode(frame))) == \
+        protocol.Request(4, items)
+    updating = protocol.request(5, [C("/t/a", "/t/a.md5", (1, 2), update=True)])
+    assert updating["update"] is True
+    assert protocol.validate_request(updating).items[0].update
+    with pytest.raises(ValueError):         # a sidecar not named after its file
+        protocol.request(6, [C("/t/a", "/t/other.md5", (1, 2))])
+
+
+def _files(*files, directory="/t", dev=1, ino=2, sidecars=None):
+    return {"id": 1, "dirs": [[directory, dev, ino, sidecars, list(files)]]}
+
+
 @pytest.mark.parametrize("frame, why", [
-    ({"id": 1, "files": []}, "1 to 50 files"),
-    ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None}] * 51}, "1 to 50"),
-    ({"id": "1", "files": [{"kind": "check", "path": "/f", "sidecar": None}]}, "an id"),
-    ({"id": 1, "files": [{"kind": "read", "path": "/f"}]}, 'kind "check"'),
-    ({"id": 1, "files": [{"kind": "missing", "path": "/f", "sidecar": "/f.md5"}]},
-     'kind "check"'),
-    ({"id": True, "files": [{"kind": "check", "path": "/f", "sidecar": None}]}, "an id"),
-    ({"id": 1, "status": True, "files": [{"kind": "check", "path": "/f", "sidecar": None}]},
-     "nothing else"),
-    ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None, "md5": MD5}]},
-     "has only"),
-    ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None, "size": True}]},
-     "size"),
-    ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None, "update": 1}]},
-     "update must be"),
-    ({"roots": ["/a"], "count": 1, "id": 1, "files": []}, "nothing else"),
-    ({"id": 1, "files": [{"kind": "check", "path": "f", "sidecar": None}]}, "absolute path"),
-    ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": "f.md5"}]}, "sidecar"),
-    ({"id": 1, "files": [{"kind": "check", "path": "/f"}]}, "sidecar"),
-    ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None, "size": "9"}]},
-     "size"),
-    ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None, "dir": [1]}]},
-     "dir must be"),
-    ({"id": 1, "files": [{"kind": "check", "path": "/f", "sidecar": None,
-                          "expected": MD5.upper()}]}, "32 lowercase hex"),
+    ({"id": 1, "dirs": []}, "an id and its files by directory"),
+    ({"id": 1}, "an id and its files"),
+    ({"dirs": _files(["f", None, 1])["dirs"]}, "an id"),
+    ({"id": "1", "dirs": _files(["f", None, 1])["dirs"]}, "an id"),
+    ({"id": True, "dirs": _files(["f", None, 1])["dirs"]}, "an id"),
+    ({"id": 1, "status": True, "dirs": _files(["f", None, 1])["dirs"]}, "nothing else"),
+    ({**_files(["f", None, 1]), "update": 1}, "update must be"),
+    (_files(*[["f", None, 1]] * 51), "1 to 50 files"),
+    ({"id": 1, "dirs": _files(*[["f", None, 1]] * 30)["dirs"] * 2}, "1 to 50 files"),
+    ({"id": 1, "dirs": [["/t", 1, 2, None]]}, r"\[directory, st_dev"),
+    ({"id": 1, "dirs": [{"dir": "/t"}]}, r"\[directory, st_dev"),
+    (_files(["f", None, 1], directory="t"), "absolute path"),
+    (_files(["f", None, 1], directory="/t\0"), "absolute path"),
+    (_files(["f", None, 1], dev=None), "two integers"),
+    (_files(["f", None, 1], dev=True), "two integers"),
+    (_files(["f", None, 1], sidecars="store"), "absolute directory"),
+    (_files(), "1 to 50 files"),
+    (_files({"name": "f"}), r"\[name, expected, size\]"),
+    (_files(["f", None]), r"\[name, expected, size\]"),
+    (_files(["f", None, 1, False, 0]), r"\[name, expected, size\]"),
+    (_files(["", None, 1]), "one entry of its directory"),
+    (_files([".", None, 1]), "one entry of its directory"),
+    (_files(["..", None, 1]), "one entry of its directory"),
+    (_files(["a/b", None, 1]), "one entry of its directory"),
+    (_files(["a\0b", None, 1]), "one entry of its directory"),
+    (_files(["\ud800", None, 1]), "one entry of its directory"),   # no file's name
+    (_files([7, None, 1]), "one entry of its directory"),
+    (_files(["f", MD5.upper(), 1]), "32 lowercase hex"),
+    (_files(["f", MD5, True]), "size"),
+    (_files(["f", MD5, "9"]), "size"),
+    (_files(["f", MD5, 1, None]), "fourth field"),
+    (_files(["f", MD5, 1, True]), "fourth field"),
+    ({"roots": ["/a"], "count": 1, "id": 1, "dirs": []}, "nothing else"),
     ({"roots": ["/a", "rel"], "count": 2}, "absolute paths"),
     ({"roots": ["/a"], "count": 0}, "their count"),
     ({"audit": []}, "1 to 100 events"),
@@ -145,7 +185,8 @@ def test_a_verdict_leaves_out_what_it_does_not_know():
     assert protocol.read_welcome(protocol.welcome(12, 999)) == 12
     with pytest.raises(protocol.ProtocolError):
         protocol.read_welcome(protocol.bye({}))
-    with pytest.raises(protocol.ProtocolError, match="speaks protocol version 1, this client 2"):
+    with pytest.raises(protocol.ProtocolError,
+                       match=f"speaks protocol version 1, this client {protocol.HELLO_VERSION}"):
         protocol.read_welcome({"welcome": 1, "server": 9, "session": 1})
 
 

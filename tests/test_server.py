@@ -22,8 +22,10 @@ from helpers import (
     wait_out_racy_window,
     wait_until,
 )
+from osproject import protocol
 
 pytestmark = pytest.mark.timeout(60)
+HELLO = b'{"hello":%d,' % protocol.HELLO_VERSION     # the start of a hello of this release
 
 
 def fd_targets(pid):
@@ -233,11 +235,11 @@ def test_garbage_on_the_entrance_is_refused_and_the_next_client_served(server, t
     os.mkfifo(beside / "fifo-of-ours")
     (beside / "link").symlink_to(beside / "fifo-of-ours")
     bogus = [b"\x00\xff random bytes\n", b"{}\n", b"not json at all\n",
-             b'{"hello":2,"request":"/dev/null","reply":"/dev/null"}\n',
-             b'{"hello":2,"request":"%s","reply":"%s"}\n' % (bytes(victim), bytes(victim)),
-             b'{"hello":2,"request":"%s","reply":"%s"}\n'
+             HELLO + b'"request":"/dev/null","reply":"/dev/null"}\n',
+             HELLO + b'"request":"%s","reply":"%s"}\n' % (bytes(victim), bytes(victim)),
+             HELLO + b'"request":"%s","reply":"%s"}\n'
              % (bytes(beside / "link"), bytes(beside / "link")),
-             b'{"hello":2,"request":"%s","reply":"%s"}\n'
+             HELLO + b'"request":"%s","reply":"%s"}\n'
              % (bytes(beside / "fifo-of-ours"), bytes(beside / "fifo-of-ours")),
              # another release's hello is answered why: never through these
              b'{"hello":1,"request":"%s","reply":"%s"}\n' % (bytes(victim), bytes(victim)),
@@ -293,7 +295,7 @@ def test_a_client_of_another_release_is_told_why_it_is_not_served(server, tmp_pa
                 return None
         said = wait_until(answer, what="the server's answer")
         assert json.loads(said)["error"].startswith(
-            "this client speaks protocol version 1, the server 2")
+            f"this client speaks protocol version 1, the server {protocol.HELLO_VERSION}")
         assert "restart the server" in json.loads(said)["error"]
     finally:
         os.close(reply)
@@ -312,7 +314,7 @@ def test_fifos_anywhere_but_beside_the_entrance_are_never_looked_at(server, tmp_
         os.mkfifo(elsewhere / name)
     escape = f"{server.dir}/osp-client-x/../../elsewhere/osp-client-x"
     for directory in (str(elsewhere), escape):
-        write_entrance(server, b'{"hello":2,"request":"%s/request","reply":"%s/reply"}\n'
+        write_entrance(server, HELLO + b'"request":"%s/request","reply":"%s/reply"}\n'
                        % (directory.encode(), directory.encode()))
     refusals = server.wait_event("request.refused", count=2)
     assert all("beside the entrance" in e["reason"] for e in refusals), refusals
@@ -524,6 +526,7 @@ def test_litter_of_dead_clients_is_swept_when_the_server_starts(start_server, tm
     hour_ago = time.time() - 3600
     os.utime(litter, (hour_ago, hour_ago))
     server = start_server(fifo=str(run / "server.fifo"))
+    server.wait_event("worker.forked")      # the log is written once a loop pass
     names = [e["event"] for e in server.events()]
     assert names.index("entrance.swept") < names.index("worker.forked")
     assert not litter.exists()
