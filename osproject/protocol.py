@@ -537,8 +537,11 @@ class FrameBuffer:
             end = start + 4 + size
             if end > len(buf):
                 break
-            if buf[end - 1] != 0:
-                frames.append(None)         # a field not ended: not a frame of ours
+            if buf[end - 1] != 0:           # a field not ended: not a frame of ours
+                self._broken = True
+                buf.clear()
+                frames.append(None)
+                return frames
             else:
                 frames.append(bytes(buf[start + 4:end - 1]).split(b"\0"))
             start = end

@@ -89,6 +89,12 @@ def test_verdicts_leave_once_a_request_is_answered_in_full(client):
     sessions.send_replies()
     assert frames_from(fds["reply"]) == [{"ok": [[2, 0]]}]
     assert session.outstanding == 0 and session.due == {}
+    session.requested(3, 2)
+    with pytest.raises(Refused, match="request 3 is still being answered"):
+        session.requested(3, 1)             # its verdicts would wait for both
+    session.answered_ok(3, 0)
+    session.answered_ok(3, 1)
+    session.requested(3, 1)                 # answered in full: the id is free again
 
 
 def test_a_client_that_vanishes_is_dropped_and_its_waiting_files_forgotten(client):

@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from .. import __version__
+from .. import __version__, collect_garbage_seldom
 from ..protocol import default_fifo
 from ..statuses import EXIT_TROUBLE
 
@@ -48,6 +48,7 @@ def main(argv=None):
     from .catalog import default_path as default_catalog
     from .progress import Progress
     from .report import Report
+    collect_garbage_seldom()
     parser = client_parser()
     try:
         args = parser.parse_args(argv)

@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from .. import __version__
+from .. import __version__, collect_garbage_seldom
 from ..protocol import default_fifo
 from ..statuses import EXIT_TROUBLE
 
@@ -130,14 +130,15 @@ def open_log(args):
 def main(argv=None):
     from .entrance import EntranceError
     from .loop import FD_SETSIZE, MAX_SESSIONS, MAX_WORKERS, Config, Server
+    collect_garbage_seldom()
     args = server_parser().parse_args(argv)
     if args.workers < 3:
         server_parser().error("--workers must be at least 3: a tie between two "
                               "workers needs a third to break it")
     if args.workers > MAX_WORKERS:
         server_parser().error(f"--workers must be at most {MAX_WORKERS}: select() "
-                              f"watches only fds below {FD_SETSIZE}, and each worker "
-                              f"takes two, as does each of up to {MAX_SESSIONS} clients")
+                              f"watches only fds below {FD_SETSIZE}, each worker takes "
+                              f"two and each of up to {MAX_SESSIONS} clients three")
     if args.hang_timeout < 1:
         server_parser().error("--hang-timeout must be at least 1 second")
     if args.idle_timeout < 1:

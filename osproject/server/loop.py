@@ -33,8 +33,9 @@ FD_SETSIZE = 1024         # select() takes no fd at or above this (Linux, macOS)
 # fds a fork, a refused hello or a sweep of stale client directories holds
 # for a moment
 OWN_FDS = 16
-# Each worker holds two pipe ends, each session two FIFOs, plus a refused one.
-MAX_WORKERS = (FD_SETSIZE - OWN_FDS - 2 * (MAX_SESSIONS + SPARE_SESSIONS + 1)) // 2
+# Each worker holds two pipe ends, each session two FIFOs and the temp file its
+# unchecked hashes may spill to (Unchecked), plus a refused one.
+MAX_WORKERS = (FD_SETSIZE - OWN_FDS - 3 * (MAX_SESSIONS + SPARE_SESSIONS + 1)) // 2
 MAX_OUTSTANDING = 500     # files a client may have in the server before we stop reading
 STOP_GRACE = 2.0          # seconds workers get to leave after SIGTERM
 NO_WORKER_GRACE = 10.0    # seconds with no live worker before waiting clients are told

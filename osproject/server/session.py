@@ -224,9 +224,15 @@ class Session:
         self.outstanding += jobs
 
     def requested(self, rid, files):
-        """A request of `files` files under `rid`: each is answered()."""
+        """A request of `files` files under `rid`: each is answered().
+
+        Raises Refused for an id still being answered: its verdicts would
+        wait for both requests, and a client that kept one id in flight
+        would have them all held here for ever (pack)."""
+        if rid in self.due:
+            raise Refused(f"request {rid} is still being answered: an id is used once")
         self.outstanding += files
-        self.due[rid] = self.due.get(rid, 0) + files    # a client may reuse an id
+        self.due[rid] = files
 
     def answered(self, verdict, status):
         """Queue one file's verdict; they leave together (see pack)."""
@@ -249,7 +255,7 @@ class Session:
                 indexes.append(index)
 
     def _one_less(self, rid):
-        left = self.due.get(rid, 1) - 1
+        left = self.due.get(rid, 1) - 1     # none due (a bug of ours): it goes out at once
         if left > 0:
             self.due[rid] = left
         else:

@@ -162,7 +162,8 @@ class WorkerProcess:
 
     def do_file(self, task):
         """Hash one file and, if asked, write its sidecar; return the result dict."""
-        directory, _, name = task.path.rpartition("/")    # absolute: "" is "/"
+        directory, _, name = task.path.rpartition("/")
+        directory = directory or "/"            # a file in the root directory
         try:
             dir_fd = self.dirs.open(directory, task.dir)
         except OSError as exc:      # DirectoryReplaced among them: nothing is read
