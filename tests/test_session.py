@@ -163,9 +163,14 @@ def test_unchecked_hashes_past_their_limit_wait_in_a_temp_file_and_come_back_who
     for path, sidecar, directory, vote in other:
         unchecked.add(path, sidecar, directory, dataclasses.replace(vote, wid=8))
     assert unchecked._file is not None and len(unchecked._spans[7]) > 10
-    assert unchecked.pop(7) == kept
-    assert unchecked.pop(7) == [], "popped once"
-    assert [path for path, *_ in unchecked.pop(8)] == [path for path, *_ in other]
+    backlog = unchecked.take(7)
+    assert unchecked.take(7) is None, "taken once"
+    assert backlog.left == 200
+    assert backlog.take(150) == kept[:150], "read back a span at a time, in order"
+    assert len(backlog._ready) < 50 and backlog._spans, "not all read at once"
+    assert backlog.take(100) == kept[150:] and backlog.left == 0
+    assert backlog.take(1) == []
+    assert [path for path, *_ in unchecked.take(8).take(10)] == [path for path, *_ in other]
     fd = unchecked._file.fileno()
     unchecked.close()
     with pytest.raises(OSError):
@@ -182,7 +187,7 @@ def test_unchecked_hashes_stay_in_memory_when_no_temp_file_can_be_made(monkeypat
     kept = _hashes(50)
     for path, sidecar, directory, vote in kept:
         unchecked.add(path, sidecar, directory, vote)
-    assert unchecked.pop(7) == kept
+    assert unchecked.take(7).take(50) == kept
 
 
 def test_a_read_back_that_fails_half_way_loses_nothing_and_reads_nothing_twice(monkeypatch):
@@ -200,7 +205,9 @@ def test_a_read_back_that_fails_half_way_loses_nothing_and_reads_nothing_twice(m
             raise OSError(5, "Input/output error")
         return real(*args)
     monkeypatch.setattr(session_mod.os, "pread", flaky)
+    backlog = unchecked.take(7)
     with pytest.raises(OSError):
-        unchecked.pop(7)
-    assert unchecked.pop(7) == kept
-    assert unchecked.pop(7) == []
+        backlog.take(60)
+    assert backlog.left == 60
+    assert backlog.take(60) == kept
+    assert backlog.take(60) == [] and backlog.left == 0

@@ -24,10 +24,10 @@ class Session:
 
     def __init__(self):
         self.outstanding, self.replies, self.unchecked = 1, [], Unchecked()
-        self.sid, self.said_bye = 1, False
+        self.sid, self.said_bye, self.dead = 1, False, False
 
-    def expect(self):
-        self.outstanding += 1
+    def expect(self, jobs=1):
+        self.outstanding += jobs
 
     def answered(self, verdict, status):
         self.outstanding -= 1
@@ -205,6 +205,35 @@ class Sessions(list):
 
     def refuse(self, session, reason):
         self.refused.append((session, reason))
+
+
+def test_a_liar_caught_late_has_its_hashes_rechecked_a_hundred_at_a_time(monkeypatch):
+    """(From a review.)  All of a liar's unchecked hashes read back and queued
+    at once took a server with a million of them in its temp file from 15 MiB
+    to 1.7 GB.  Now RECHECKS_AHEAD wait in the queue; the rest stay packed in
+    their Backlog until the queue has room, and the session waits for all."""
+    from osproject.server import trust as trust_mod
+    from osproject.server.verifier import Vote
+    monkeypatch.setattr(Unchecked, "SPILL", 2000)
+    session, scheduler = Session(), Scheduler()
+    for i in range(1000):
+        session.unchecked.add(f"/t/{i}", f"/t/{i}.md5", (1, 2),
+                              Vote(1, "a" * 32, (1, 2, 3, 4), False, 1001, 1))
+    trust = Trust(SimpleNamespace(cross_check=0.1, workers=3), Log(), scheduler,
+                  supervisor({}), Sessions(session))
+    trust.reverify(1)
+    assert session.outstanding == 1 + 1000, "the session waits for every re-check"
+    queued, rounds = [], 0
+    while scheduler.urgent:
+        assert len(scheduler.urgent) <= trust_mod.RECHECKS_AHEAD == 100
+        queued += scheduler.urgent
+        scheduler.urgent.clear()                # as if workers took them
+        trust.feed_rechecks()
+        rounds += 1
+    assert rounds == 10
+    assert sorted(job.path for job in queued) == sorted(f"/t/{i}" for i in range(1000))
+    assert {(job.reverify_of, job.opinions[0].md5) for job in queued} == {(1, "a" * 32)}
+    assert trust.backlogs == {} and session.unchecked.take(1) is None
 
 
 def test_a_liar_whose_spilled_hashes_cannot_be_read_back_is_banned_and_its_client_told(

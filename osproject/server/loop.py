@@ -167,6 +167,7 @@ class Server:
             self.supervisor.start_due()
             self.give_up_if_hopeless()   # forks that fail leave no child to reap
         self.check_workers_alive()
+        self.trust.feed_rechecks()
         self.dispatch()
         self.sessions.send_replies()
         self.sessions.close_finished()

@@ -15,6 +15,7 @@ import itertools
 import os
 import stat
 import tempfile
+from collections import deque
 
 from .. import protocol
 from ..statuses import OK
@@ -299,9 +300,11 @@ class Unchecked:
         self._end = 0
         self._no_file = False       # a temp file failed once: memory only from then on
         self._slots = {}            # wid -> its slot, once per worker, for the log
+        self._counts = {}           # wid -> how many of its hashes are kept
 
     def add(self, path, sidecar, directory, vote):
         self._slots[vote.wid] = vote.slot
+        self._counts[vote.wid] = self._counts.get(vote.wid, 0) + 1
         packed = self._by_wid.get(vote.wid)
         if packed is None:
             packed = self._by_wid[vote.wid] = bytearray()
@@ -329,26 +332,21 @@ class Unchecked:
         self._spans.setdefault(wid, []).append((offset, len(packed)))
         packed.clear()
 
-    def pop(self, wid):
-        """Return and forget [(path, sidecar, directory, Vote)] of worker `wid`."""
-        # Read back first, forget after: a read that fails (OSError) leaves
-        # them all here, for the caller to say so and for a later try.
-        parts = [self._read(offset, length) for offset, length in self._spans.get(wid, ())]
-        self._spans.pop(wid, None)
-        parts.append(bytes(self._by_wid.pop(wid, b"")))
-        fields = b"".join(parts).split(b"\0")[:-1]
-        slot = self._slots.pop(wid, None)
-        entries = []
-        for i in range(0, len(fields), self.FIELDS):
-            path, sidecar, md5, *numbers = fields[i:i + self.FIELDS]
-            dev, dir_ino, size, mtime, ctime, ino, racy, pid = map(int, numbers)
-            entries.append((os.fsdecode(path), os.fsdecode(sidecar) or None, (dev, dir_ino),
-                            Vote(wid, md5.decode("ascii"), (size, mtime, ctime, ino),
-                                 bool(racy), pid, slot)))
-        return entries
+    def take(self, wid):
+        """Return a Backlog of worker `wid`'s hashes, forgotten here, or None if
+        it gave none unchecked.  Nothing is read yet: the Backlog reads its
+        hashes back one span at a time, as they are re-checked, so a liar
+        caught late in a big first run costs the server a span (about
+        SPILL bytes, a few thousand hashes), not all its hashes at once."""
+        count = self._counts.pop(wid, 0)
+        if not count:
+            return None
+        return Backlog(self, wid, self._spans.pop(wid, []),
+                       bytes(self._by_wid.pop(wid, b"")), count, self._slots.pop(wid, None))
 
     def _read(self, offset, length):
-        assert self._file is not None, "spans are only kept in the file"
+        if self._file is None:          # closed with its session
+            raise OSError(errno.EBADF, "the unchecked hashes' temp file is closed")
         parts = []
         while length:
             data = os.pread(self._file.fileno(), length, offset)
@@ -359,12 +357,51 @@ class Unchecked:
         return b"".join(parts)
 
     def close(self):
-        """Forget every hash, and the temp file with them."""
-        self._by_wid, self._spans, self._slots = {}, {}, {}
+        """Forget every hash, and the temp file with them (a Backlog taken
+        from it reads no more)."""
+        self._by_wid, self._spans, self._slots, self._counts = {}, {}, {}, {}
         if self._file is not None:
             self._file.close()
             self._file = None
 
+
+
+class Backlog:
+    """One worker's unchecked hashes in one session, taken for re-checking:
+    read back from Unchecked's temp file one span at a time."""
+
+    def __init__(self, unchecked, wid, spans, tail, count, slot):
+        self._unchecked, self.wid, self._slot = unchecked, wid, slot
+        self._spans = deque(spans)  # (offset, length) in the temp file, in order
+        self._tail = tail           # the last hashes, never spilled
+        self._ready: deque[tuple] = deque()     # parsed, not handed out yet
+        self.left = count           # hashes not handed out yet
+
+    def take(self, n):
+        """Return up to `n` of [(path, sidecar, directory, Vote)], in the order
+        they were kept.  A read that fails raises OSError and loses nothing:
+        the next take() tries that span again."""
+        while len(self._ready) < n and (self._spans or self._tail):
+            if self._spans:
+                offset, length = self._spans[0]
+                self._ready.extend(self._parse(self._unchecked._read(offset, length)))
+                self._spans.popleft()
+            else:
+                self._ready.extend(self._parse(self._tail))
+                self._tail = b""
+        taken = [self._ready.popleft() for _ in range(min(n, len(self._ready)))]
+        self.left -= len(taken)
+        return taken
+
+    def _parse(self, packed):
+        fields = packed.split(b"\0")[:-1]
+        wid, slot, width = self.wid, self._slot, Unchecked.FIELDS
+        for i in range(0, len(fields), width):
+            path, sidecar, md5, *numbers = fields[i:i + width]
+            dev, dir_ino, size, mtime, ctime, ino, racy, pid = map(int, numbers)
+            yield (os.fsdecode(path), os.fsdecode(sidecar) or None, (dev, dir_ino),
+                   Vote(wid, md5.decode("ascii"), (size, mtime, ctime, ino), bool(racy),
+                        pid, slot))
 
 
 class Sessions:

@@ -9,13 +9,14 @@ phases of scheduler.Phase; each method below does one step of that.
 """
 
 import random
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol, statuses
 from . import verifier
 from .log import Log
 from .scheduler import Job, Phase, Scheduler
-from .session import Sessions
+from .session import Backlog, Sessions
 from .supervisor import Supervisor, Worker
 from .verifier import Verdict, Vote
 
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
     from .loop import Config
 
 Result = dict[str, Any]     # one file of a worker's answer, checked by protocol.check_results
+
+
+RECHECKS_AHEAD = 100      # re-checks of liars' hashes queued at a time (feed_rechecks)
 
 
 class Trust:
@@ -35,6 +39,7 @@ class Trust:
         self.sample = config.cross_check
         self.max_opinions = min(verifier.MAX_OPINIONS, config.workers)
         self.rng = random.Random()
+        self.backlogs: dict[Any, deque[Backlog]] = {}  # session -> liars' hashes to re-check
 
     def take_result(self, worker: Worker, job: Job, result: Result) -> None:
         """on_result, but a bug of ours it hits costs this one file an ERROR,
@@ -317,24 +322,42 @@ class Trust:
         for session in self.sessions:
             if session.said_bye:
                 continue
-            try:
-                hashes = session.unchecked.pop(wid)
-            except OSError as exc:
-                # Hashes a liar gave that can no longer be re-checked: the
-                # client must not record them, so its run fails (exit 2).
-                self.sessions.refuse(session, "the server could not re-check the hashes "
-                                              f"of a worker caught lying: {exc}")
+            backlog = session.unchecked.take(wid)
+            if backlog is None:
                 continue
-            for path, sidecar, directory, vote in hashes:
-                session.expect()
-                self.scheduler.submit(Job(session=session, rid=None, index=None,
-                                          path=path, sidecar=sidecar, dir=directory,
-                                          opinions=[vote],
-                                          written=vote.md5, cross_check=True,
-                                          reverify_of=wid), urgent=True)
-                count += 1
+            session.expect(backlog.left)    # the session ends once they are re-checked
+            self.backlogs.setdefault(session, deque()).append(backlog)
+            count += backlog.left
         if count:
             self.log.warning("worker.reverify", files=count, **who)
+            self.feed_rechecks()
+
+    def feed_rechecks(self) -> None:
+        """Queue liars' hashes for re-checking, RECHECKS_AHEAD waiting at most:
+        the rest wait in their Backlogs, packed (the server calls this once a
+        loop pass).  A hash that cannot be read back can never be re-checked:
+        the client must not record it, so its run fails (exit 2)."""
+        room = RECHECKS_AHEAD - len(self.scheduler.urgent)
+        for session, backlogs in list(self.backlogs.items()):
+            while room > 0 and backlogs and not session.dead:
+                try:
+                    hashes = backlogs[0].take(room)
+                except OSError as exc:
+                    backlogs.clear()
+                    self.sessions.refuse(session, "the server could not re-check the "
+                                                  f"hashes of a worker caught lying: {exc}")
+                    break
+                for path, sidecar, directory, vote in hashes:
+                    self.scheduler.submit(Job(session=session, rid=None, index=None,
+                                              path=path, sidecar=sidecar, dir=directory,
+                                              opinions=[vote], written=vote.md5,
+                                              cross_check=True, reverify_of=vote.wid),
+                                          urgent=True)
+                room -= len(hashes)
+                if not backlogs[0].left:
+                    backlogs.popleft()
+            if not backlogs or session.dead:
+                del self.backlogs[session]
 
     def give_up(self, job: Job, reason: str) -> None:
         """A file that kills the workers that read it: ERROR, with why."""
