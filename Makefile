@@ -42,6 +42,7 @@ run: $(STAMP)
 	$(PY) bin/integrity-client --fifo "$$tmp/server.fifo" "$(DIR)"
 
 bench: $(STAMP)
+	$(PY) -m compileall -q osproject
 	$(PY) tests/bench.py
 
 chaos: $(STAMP)
