@@ -90,3 +90,35 @@ def test_held_results_wait_on_disk_not_in_memory():
         report.out.close()
     # 20,000 records held in memory take about 10 MB; a few buffers take < 1 MB.
     assert peak < 2 * 2**20, f"{peak} bytes at the peak"
+
+
+def test_the_reader_counts_each_file_of_an_ok_frame_once_whatever_the_frame_repeats():
+    """A clean night's files are counted in one go per request (record_oks):
+    an index twice, one the request does not hold, one of a request answered
+    already or never asked are ignored, and the request's last file frees its
+    checker's place."""
+    import threading
+    from types import SimpleNamespace
+
+    from osproject.client.catalog import FILE, Record
+    from osproject.client.checkers import Client, _Request
+    from osproject.client.lister import Entry
+    md5 = "0" * 32
+
+    def entry(i, covered=True):
+        was = Record(b"/t/f%d" % i, FILE, 0o644, 0, 0, 5, 100 + i, 1, 7, 8, md5=md5)
+        return Entry(f"t/f{i}", f"/t/f{i}", f"/t/f{i}.md5", 5, md5, (1, 2), was,
+                     was._replace(md5=None), md5, covered=covered)
+
+    report = Report(io.StringIO())
+    client = Client(connection=None, report=report)
+    checker = SimpleNamespace(places=threading.Semaphore(0))
+    client.waiting[7] = _Request(checker, [entry(0), entry(1), entry(2), entry(3, False)])
+    client.route({"ok": [[7, 0, 0, 5, 2, -1]]})
+    assert (report.received, report.counts["OK"]) == (2, 2)
+    assert not checker.places.acquire(blocking=False), "two files still due"
+    client.route({"ok": [[8, 0], [7, 1, 3]]})       # 8: never asked
+    assert (report.received, report.counts["OK"]) == (4, 3), "the uncovered one is held"
+    assert checker.places.acquire(blocking=False) and client.waiting == {}
+    client.route({"ok": [[7, 1]]})                  # answered in full already
+    assert report.received == 4

@@ -260,8 +260,7 @@ class Client:
             for rid, *indexes in protocol.read_oks(frame):
                 request = waiting.get(rid)
                 if request is not None:
-                    for index in indexes:
-                        self.record(request, rid, index, OK)
+                    self.record_oks(request, rid, indexes)
         elif "replies" in frame:
             waiting = self.waiting
             for reply in frame["replies"]:
@@ -276,32 +275,65 @@ class Client:
         elif "bye" in frame:
             self.bye = frame["bye"]
 
+    def record_oks(self, request, rid, indexes):
+        """record() the files of a request an ok frame names: those found as
+        recorded (the clean night's every file) are counted in one go."""
+        entries, taken, quiet = request.entries, 0, 0
+        counts_only = self.report.counts_only
+        for index in indexes:
+            entry = _take(entries, index)
+            if entry is None:
+                continue
+            taken += 1
+            if counts_only and entry.covered and findings.as_recorded(entry, OK, entry.expected):
+                quiet += 1
+            else:
+                self.report_file(entry, OK, entry.expected)
+        if quiet:
+            self.report.add_as_recorded(quiet)  # nothing of them is printed or recorded
+        if taken:
+            self.settled(request, rid, taken)
+
     def record(self, request, rid, index, status, md5=None, error=None, unchecked=False):
         """Report one verdict, in the reader thread; the last of a request frees
         its checker's place.  A verdict the request does not hold, or one it
         had already, is ignored.  An OK without a hash (an ok frame's) is of
         the hash the file was checked against."""
-        if type(index) is not int or not 0 <= index < len(request.entries) \
-                or request.entries[index] is None:
+        entry = _take(request.entries, index)
+        if entry is None:
             return
-        entry = request.entries[index]
-        request.entries[index] = None
         if md5 is None and status == OK:
             md5 = entry.expected
         if self.report.counts_only and entry.covered and findings.as_recorded(entry, status, md5,
                                                                       unchecked):
             self.report.add_as_recorded()       # nothing of it is printed or recorded
         else:
-            finding = findings.of_file(entry, status, md5, error, self.update,
-                                       unchecked=unchecked)
-            if finding.repair:
-                finding = finding._replace(error=self.repair(entry, finding.md5))
-            self.report.add(finding)
-        request.due -= 1
+            self.report_file(entry, status, md5, error, unchecked)
+        self.settled(request, rid)
+
+    def report_file(self, entry, status, md5, error=None, unchecked=False):
+        finding = findings.of_file(entry, status, md5, error, self.update, unchecked=unchecked)
+        if finding.repair:
+            finding = finding._replace(error=self.repair(entry, finding.md5))
+        self.report.add(finding)
+
+    def settled(self, request, rid, files=1):
+        """`files` more of the request are answered; its last frees its checker's place."""
+        request.due -= files
         if not request.due:
             with self.waiting_lock:
                 if self.waiting.pop(rid, None) is not None:
                     request.checker.places.release()
+
+
+def _take(entries, index):
+    """The entry at `index` of a request, once: None for an index it does not
+    hold (a server's bug, not trusted) or one answered already."""
+    if type(index) is not int or not 0 <= index < len(entries):
+        return None
+    entry = entries[index]
+    entries[index] = None
+    return entry
 
 
 class _Request:

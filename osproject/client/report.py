@@ -93,13 +93,13 @@ class Report:
             self._moves.note(finding)
             self._runs.add(sort_key(finding.path), finding)
 
-    def add_as_recorded(self):
-        """Count a file found as recorded (findings.as_recorded), under a root
-        the catalog knew: what add() does with its Finding on a terminal."""
+    def add_as_recorded(self, files=1):
+        """Count files found as recorded (findings.as_recorded), under a root
+        the catalog knew: what add() does with their Findings on a terminal."""
         with self._lock:
-            self.received += 1
-            self.counts[OK] += 1
-            self.files_verified += 1
+            self.received += files
+            self.counts[OK] += files
+            self.files_verified += files
 
     def correct(self, key, status, md5, error=None):
         """The server re-checked a held result and found the first hash wrong."""
