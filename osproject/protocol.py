@@ -49,6 +49,14 @@ HELLO_MAX = min(PIPE_BUF, 512)
 # characters; a client's request of more files is cut to fit (see
 # MAX_REQUEST).
 MAX_FRAME = 512 * 1024
+# The longest directory a request may name, and the longest name in it, in
+# bytes: Linux's PATH_MAX (macOS's is 1024), and four times the NAME_MAX of
+# every file system we know (255).  A request names a directory once for
+# all its files, so these bound what one frame becomes in the server: 50
+# paths and 50 sidecars of at most PATH_MAX + 1 + NAME_MAX bytes, every
+# assignment well within MAX_FRAME.
+PATH_MAX = 4096
+NAME_MAX = 1024
 MAX_PATHS = 5          # files per worker assignment
 # Files per client request: the server cuts a request into assignments of
 # MAX_PATHS.  A request whose frame would exceed MAX_FRAME goes as requests
@@ -248,23 +256,30 @@ def request(rid: int, items: Iterable[CheckItem]) -> Frame:
     Files go by directory, each named once: [directory, st_dev, st_ino,
     where their sidecars are (None: beside them), [[name, expected, size],
     ...]], a file's list ending in False when it can have no sidecar.  A
-    sidecar is always the file's name and SUFFIX (beside it, or in a --store
-    mirror); `update` is the client's, one for all its files.
+    directory ends in "/" only where its path does not end there without it
+    ("//", for "//x": validate_request joins a name to it with one "/"
+    unless it ends in one), so every path reads back as it was.  A sidecar
+    is always the file's name and SUFFIX (beside it, or in a --store
+    mirror); `update` is the client's, one for all its files (ValueError
+    for items that differ in it).
     """
     groups: list[list] = []
-    update = False
+    items = list(items)
+    update = bool(items) and items[0].update
     for item in items:
-        directory, _, name = item.path.rpartition("/")
-        directory = directory or "/"
+        if item.update != update:
+            raise ValueError("one request, one update: the client's for all its files")
+        directory, name = _split(item.path)
         file: list = [name, item.expected, item.size]
         where = None
         if item.sidecar is None:
             file.append(False)
         else:
-            where, _, sidecar_name = item.sidecar.rpartition("/")
+            where, sidecar_name = _split(item.sidecar)
             if sidecar_name != name + SUFFIX:
                 raise ValueError(f"a sidecar is its file's name and {SUFFIX}: {item.sidecar}")
-            where = None if (where or "/") == directory else where or "/"
+            if where == directory:
+                where = None
         identity = [None, None] if item.dir is None else list(item.dir)
         last = groups[-1] if groups else None
         if last is None or last[0] != directory or last[1:3] != identity \
@@ -272,11 +287,38 @@ def request(rid: int, items: Iterable[CheckItem]) -> Frame:
             last = [directory, *identity, where, []]
             groups.append(last)
         last[4].append(file)
-        update = update or item.update
     frame: Frame = {"id": rid, "dirs": groups}
     if update:
         frame["update"] = True
     return frame
+
+
+def _split(path: str) -> tuple[str, str]:
+    """(directory, name) of a path, the directory as a request sends it."""
+    head, _, name = path.rpartition("/")
+    return (head if head and not head.endswith("/") else head + "/"), name
+
+
+def nameable(path: str) -> bool:
+    """Can a request name `path`: its directory at most PATH_MAX bytes, its
+    name at most NAME_MAX?  (A lister cannot enter a deeper directory.)"""
+    if len(path) <= NAME_MAX // 4:      # a character is 1 to 4 bytes
+        return True
+    directory, name = _split(path)
+    return fits(directory, PATH_MAX) and fits(name, NAME_MAX)
+
+
+def fits(text: str, limit: int) -> bool:
+    """Is `text` at most `limit` bytes as the OS takes it?  One it cannot
+    encode is no path at all: False."""
+    if len(text) <= limit // 4:
+        return True
+    if len(text) > limit:
+        return False
+    try:
+        return len(text.encode(*FS_CODEC)) <= limit
+    except UnicodeEncodeError:
+        return False
 
 
 def audit(events: list[dict]) -> Frame:
@@ -335,16 +377,18 @@ def _check_group(group: object, update: bool) -> list[CheckItem]:
         raise ProtocolError("a directory of a request is [directory, st_dev, st_ino, "
                             "sidecars, files]")
     directory, dev, ino, where, files = group
-    if not is_absolute_path(directory):
-        raise ProtocolError("a directory of a request must be an absolute path")
+    if not (is_absolute_path(directory) and fits(directory, PATH_MAX)):
+        raise ProtocolError(f"a directory of a request must be an absolute path of at most "
+                            f"{PATH_MAX} bytes")
     if dev is None and ino is None:     # without an identity the worker reads nothing
         identity = None
     elif type(dev) is int and type(ino) is int:
         identity = (dev, ino)
     else:
         raise ProtocolError("a directory's st_dev and st_ino are two integers (or nulls)")
-    if not (where is None or is_absolute_path(where)):
-        raise ProtocolError("sidecars are in an absolute directory (or null: beside)")
+    if not (where is None or is_absolute_path(where) and fits(where, PATH_MAX)):
+        raise ProtocolError(f"sidecars are in an absolute directory of at most {PATH_MAX} "
+                            "bytes (or null: beside)")
     if type(files) is not list or not files or len(files) > MAX_REQUEST:
         raise ProtocolError(f"a directory of a request has 1 to {MAX_REQUEST} files")
     prefix = directory if directory.endswith("/") else directory + "/"
@@ -361,6 +405,8 @@ def _check_file(file: object, prefix: str, sidecars: str, identity: tuple[int, i
     if type(name) is not str or not name or "/" in name or name in (".", "..") \
             or not is_absolute_path(prefix + name):
         raise ProtocolError("a file's name is one entry of its directory")
+    if not fits(name, NAME_MAX):
+        raise ProtocolError(f"a file's name is at most {NAME_MAX} bytes")
     if expected is not None and not (type(expected) is str and MD5.fullmatch(expected)):
         raise ProtocolError("expected must be 32 lowercase hex digits")
     if type(size) is not int:

@@ -39,7 +39,11 @@ def test_frames_that_once_crashed_the_server_cost_only_their_session(server, tmp
     lone = b'{"id":1,"dirs":[["/x\\ud800",1,2,null,[["y",null,1]]]]}\n'
     nul = b'{"id":1,"dirs":[["/x",1,2,null,[["y\\u0000z",null,1]]]]}\n'
     short = b'{"id":1,"dirs":[["/x",1,2,null,[["y"]]]]}\n'
-    for payload in (nested, lone, nul, short):
+    # A directory named once for 50 files: 300 KB that were 30 MB of paths
+    # in the server, in assignments that killed every worker that got one.
+    names = b",".join(b'["n%d",null,1]' % i for i in range(50))
+    deep = b'{"id":1,"dirs":[["/' + b"a" * 300_000 + b'",1,2,null,[' + names + b']]]}\n'
+    for payload in (nested, lone, nul, short, deep):
         hostile_session(server, payload)
     for reply in ("/tmp/x\\u0000", "/tmp/\\ud800"):
         hello = b'{"hello":%d,"request":"/tmp/r","reply":"%s"}\n' % (protocol.HELLO_VERSION,
@@ -47,8 +51,9 @@ def test_frames_that_once_crashed_the_server_cost_only_their_session(server, tmp
         fd = os.open(server.fifo, os.O_WRONLY | os.O_NONBLOCK)
         os.write(fd, hello)
         os.close(fd)
-    wait_until(lambda: len(server.events("request.refused")) >= 6, what="six refusals")
+    wait_until(lambda: len(server.events("request.refused")) >= 7, what="seven refusals")
     still_serves(server, tmp_path)
+    assert server.events("worker.exited") == []
     assert server.events("server.error") == [], "a refusal must not need the safety net"
 
 

@@ -124,6 +124,29 @@ def test_a_request_names_each_directory_once_and_reads_back_file_by_file():
     assert protocol.validate_request(updating).items[0].update
     with pytest.raises(ValueError):         # a sidecar not named after its file
         protocol.request(6, [C("/t/a", "/t/other.md5", (1, 2))])
+    with pytest.raises(ValueError):         # one update for all the files
+        protocol.request(6, [C("/t/a", None, (1, 2), update=True), C("/t/b", None, (1, 2))])
+
+
+@pytest.mark.parametrize("path", ["//x", "///x", "//a/x", "/a//x", "/a/b//x", "/x"])
+def test_a_path_reads_back_as_it_was_however_many_slashes_it_has(path):
+    """(From a review.)  "//x" went as directory "/" and name "x", and came
+    back as "/x": a correction for it, keyed by its path, missed the file."""
+    item = protocol.check_item(path, path + ".md5", (1, 2))
+    frame = protocol.decode(protocol.encode(protocol.request(1, [item])))
+    assert protocol.validate_request(frame).items == [item]
+
+
+def test_a_request_names_no_directory_or_name_longer_than_the_os_takes():
+    """(From a review.)  A directory is named once for 50 files: without a
+    bound, 300 KB of request became 30 MB of paths in the server and
+    assignments no worker would take."""
+    deep = "/" + "d" * (protocol.PATH_MAX - 1)
+    assert protocol.nameable(deep + "/" + "n" * protocol.NAME_MAX)
+    assert not protocol.nameable(deep + "d/f") and not protocol.nameable("/t/" + "n" * 1025)
+    assert not protocol.nameable("/t/" + "é" * 513), "bytes count, not characters"
+    item = protocol.check_item(deep + "/f", deep + "/f.md5", (1, 2))
+    assert protocol.validate_request(protocol.request(1, [item])).items == [item]
 
 
 def _files(*files, directory="/t", dev=1, ino=2, sidecars=None):
@@ -162,6 +185,10 @@ def _files(*files, directory="/t", dev=1, ino=2, sidecars=None):
     (_files(["f", MD5, True]), "size"),
     (_files(["f", MD5, "9"]), "size"),
     (_files(["f", MD5, 1, None]), "fourth field"),
+    (_files(["f", None, 1], directory="/" + "d" * 4096), "at most 4096 bytes"),
+    (_files(["f", None, 1], directory="/" + "é" * 2048), "at most 4096 bytes"),
+    (_files(["f", None, 1], sidecars="/" + "s" * 4096), "at most 4096 bytes"),
+    (_files(["n" * 1025, None, 1]), "at most 1024 bytes"),
     (_files(["f", MD5, 1, True]), "fourth field"),
     ({"roots": ["/a"], "count": 1, "id": 1, "dirs": []}, "nothing else"),
     ({"roots": ["/a", "rel"], "count": 2}, "absolute paths"),

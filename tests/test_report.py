@@ -122,3 +122,26 @@ def test_the_reader_counts_each_file_of_an_ok_frame_once_whatever_the_frame_repe
     assert checker.places.acquire(blocking=False) and client.waiting == {}
     client.route({"ok": [[7, 1]]})                  # answered in full already
     assert report.received == 4
+
+
+def test_a_file_whose_sidecar_path_no_request_can_name_is_an_error_of_its_own():
+    """(A --store mirror deeper than PATH_MAX.)  The server would refuse the
+    request, and the whole run with it: the client answers that file ERROR
+    and asks for the rest."""
+    from osproject.client.catalog import FILE, Record
+    from osproject.client.checkers import Client
+    from osproject.client.lister import Entry
+    deep_store = "/s" + "/" + "d" * 4200
+
+    def entry(name, sidecar):
+        now = Record(b"/t/" + name.encode(), FILE, 0o644, 0, 0, 5, 100, 1, 7, 8)
+        return Entry(f"t/{name}", f"/t/{name}", sidecar, 5, None, (1, 2), None, now)
+
+    report = Report(io.StringIO())
+    client = Client(connection=None, report=report)
+    _, item = client.prepare(entry("far", deep_store + "/t/far.md5"))
+    assert item is None and report.received == 1
+    _, item = client.prepare(entry("near", "/s/t/near.md5"))
+    assert item is not None and item.path == "/t/near"
+    report.release()
+    assert report.counts["ERROR"] == 1

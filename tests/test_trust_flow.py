@@ -236,6 +236,22 @@ def test_a_liar_caught_late_has_its_hashes_rechecked_a_hundred_at_a_time(monkeyp
     assert trust.backlogs == {} and session.unchecked.take(1) is None
 
 
+def test_a_backlog_that_holds_fewer_hashes_than_it_counts_never_hangs_the_loop():
+    """(From a review.)  Were a Backlog's count ever above what it holds,
+    feed_rechecks looped for ever on empty takes: the whole server stuck.
+    Now the backlog is done and its session no longer waits for the rest."""
+    from osproject.server.verifier import Vote
+    session, scheduler = Session(), Scheduler()
+    session.unchecked.add("/t/a", "/t/a.md5", (1, 2),
+                          Vote(1, "a" * 32, (1, 2, 3, 4), False, 1001, 1))
+    trust = Trust(SimpleNamespace(cross_check=0.1, workers=3), Log(), scheduler,
+                  supervisor({}), Sessions(session))
+    session.unchecked._counts[1] += 2       # as a bug of ours would leave it
+    trust.reverify(1)
+    assert [job.path for job in scheduler.urgent] == ["/t/a"]
+    assert trust.backlogs == {} and session.outstanding == 1 + 1, "one re-check still due"
+
+
 def test_a_liar_whose_spilled_hashes_cannot_be_read_back_is_banned_and_its_client_told(
         monkeypatch):
     """(From two reviews.)  The ban still comes, the file that proved the lie

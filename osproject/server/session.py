@@ -304,7 +304,6 @@ class Unchecked:
 
     def add(self, path, sidecar, directory, vote):
         self._slots[vote.wid] = vote.slot
-        self._counts[vote.wid] = self._counts.get(vote.wid, 0) + 1
         packed = self._by_wid.get(vote.wid)
         if packed is None:
             packed = self._by_wid[vote.wid] = bytearray()
@@ -314,6 +313,7 @@ class Unchecked:
             path.encode(*FS_CODEC), sidecar.encode(*FS_CODEC) if sidecar else b"",
             vote.md5.encode("ascii"), dev, dir_ino, size, mtime, ctime, ino, vote.racy,
             vote.pid)
+        self._counts[vote.wid] = self._counts.get(vote.wid, 0) + 1    # once it is packed
         if len(packed) >= self.SPILL and not self._no_file:
             self._spill(vote.wid, packed)
 

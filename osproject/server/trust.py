@@ -354,7 +354,10 @@ class Trust:
                                               cross_check=True, reverify_of=vote.wid),
                                           urgent=True)
                 room -= len(hashes)
-                if not backlogs[0].left:
+                if not hashes:          # a count above what it holds: a bug of ours,
+                    for _ in range(backlogs[0].left):   # not a session waiting for ever
+                        session.settled_aside()
+                if not backlogs[0].left or not hashes:
                     backlogs.popleft()
             if not backlogs or session.dead:
                 del self.backlogs[session]
