@@ -236,6 +236,36 @@ def test_a_liar_caught_late_has_its_hashes_rechecked_a_hundred_at_a_time(monkeyp
     assert trust.backlogs == {} and session.unchecked.take(1) is None
 
 
+def test_a_spilled_hash_that_cannot_be_read_back_later_fails_the_client_then(monkeypatch):
+    """The first hundred re-checks are read back fine; a span read on a later
+    loop pass fails: that client's run fails then (it must not record hashes
+    nobody re-checked), and its backlog is dropped, not retried each pass."""
+    import errno
+    import os
+
+    from osproject.server.verifier import Vote
+    monkeypatch.setattr(Unchecked, "SPILL", 2000)
+    session, scheduler = Session(), Scheduler()
+    for i in range(1000):
+        session.unchecked.add(f"/t/{i}", f"/t/{i}.md5", (1, 2),
+                              Vote(1, "a" * 32, (1, 2, 3, 4), False, 1001, 1))
+    sessions = Sessions(session)
+    trust = Trust(SimpleNamespace(cross_check=0.1, workers=3), Log(), scheduler,
+                  supervisor({}), sessions)
+    trust.reverify(1)
+    assert len(scheduler.urgent) == 100 and sessions.refused == []
+    scheduler.urgent.clear()
+    def broken(*args):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(os, "pread", broken)
+    trust.feed_rechecks()
+    [(refused, reason)] = sessions.refused
+    assert refused is session and "could not re-check" in reason
+    assert trust.backlogs == {} and not scheduler.urgent
+    trust.feed_rechecks()
+    assert len(sessions.refused) == 1, "refused once"
+
+
 def test_a_backlog_that_holds_fewer_hashes_than_it_counts_never_hangs_the_loop():
     """(From a review.)  Were a Backlog's count ever above what it holds,
     feed_rechecks looped for ever on empty takes: the whole server stuck.
