@@ -57,6 +57,9 @@ MAX_FRAME = 512 * 1024
 # assignment well within MAX_FRAME.
 PATH_MAX = 4096
 NAME_MAX = 1024
+# Where sidecars are may be deeper: a --store mirror of a directory is the
+# store's path and the directory's, and a worker opens it one name at a time.
+SIDECARS_MAX = 2 * PATH_MAX
 MAX_PATHS = 5          # files per worker assignment
 # Files per client request: the server cuts a request into assignments of
 # MAX_PATHS.  A request whose frame would exceed MAX_FRAME goes as requests
@@ -299,22 +302,26 @@ def _split(path: str) -> tuple[str, str]:
     return (head if head and not head.endswith("/") else head + "/"), name
 
 
-def nameable(path: str) -> bool:
-    """Can a request name `path`: its directory at most PATH_MAX bytes, its
-    name at most NAME_MAX?  (A lister cannot enter a deeper directory.)"""
-    if len(path) <= NAME_MAX // 4:      # a character is 1 to 4 bytes
+def nameable(path: str, sidecar: str | None) -> bool:
+    """Can a request name this file, as validate_request will check it: its
+    directory at most PATH_MAX bytes, its name at most NAME_MAX, its
+    sidecar's directory at most SIDECARS_MAX?  (A lister cannot enter a
+    directory deeper than PATH_MAX; a --store mirror can be deeper.)"""
+    if len(path) <= NAME_MAX and path.isascii() and (
+            sidecar is None or len(sidecar) <= PATH_MAX and sidecar.isascii()):
         return True
     directory, name = _split(path)
-    return fits(directory, PATH_MAX) and fits(name, NAME_MAX)
+    return fits(directory, PATH_MAX) and fits(name, NAME_MAX) and (
+        sidecar is None or fits(_split(sidecar)[0], SIDECARS_MAX))
 
 
 def fits(text: str, limit: int) -> bool:
     """Is `text` at most `limit` bytes as the OS takes it?  One it cannot
-    encode is no path at all: False."""
-    if len(text) <= limit // 4:
-        return True
+    encode is no path at all: False.  (A character can be 8 bytes: euc_kr.)"""
     if len(text) > limit:
         return False
+    if text.isascii():
+        return True
     try:
         return len(text.encode(*FS_CODEC)) <= limit
     except UnicodeEncodeError:
@@ -386,9 +393,9 @@ def _check_group(group: object, update: bool) -> list[CheckItem]:
         identity = (dev, ino)
     else:
         raise ProtocolError("a directory's st_dev and st_ino are two integers (or nulls)")
-    if not (where is None or is_absolute_path(where) and fits(where, PATH_MAX)):
-        raise ProtocolError(f"sidecars are in an absolute directory of at most {PATH_MAX} "
-                            "bytes (or null: beside)")
+    if not (where is None or is_absolute_path(where) and fits(where, SIDECARS_MAX)):
+        raise ProtocolError(f"sidecars are in an absolute directory of at most "
+                            f"{SIDECARS_MAX} bytes (or null: beside)")
     if type(files) is not list or not files or len(files) > MAX_REQUEST:
         raise ProtocolError(f"a directory of a request has 1 to {MAX_REQUEST} files")
     prefix = directory if directory.endswith("/") else directory + "/"

@@ -142,11 +142,20 @@ def test_a_request_names_no_directory_or_name_longer_than_the_os_takes():
     bound, 300 KB of request became 30 MB of paths in the server and
     assignments no worker would take."""
     deep = "/" + "d" * (protocol.PATH_MAX - 1)
-    assert protocol.nameable(deep + "/" + "n" * protocol.NAME_MAX)
-    assert not protocol.nameable(deep + "d/f") and not protocol.nameable("/t/" + "n" * 1025)
-    assert not protocol.nameable("/t/" + "é" * 513), "bytes count, not characters"
-    item = protocol.check_item(deep + "/f", deep + "/f.md5", (1, 2))
-    assert protocol.validate_request(protocol.request(1, [item])).items == [item]
+    mirror = "/s" * (protocol.SIDECARS_MAX // 2 - 2) + "/t"      # a --store mirror, deeper
+    nameable, name = protocol.nameable, "n" * protocol.NAME_MAX
+    assert nameable(deep + "/" + name, None) and nameable(deep + "/f", mirror + "/f.md5")
+    assert not nameable(deep + "d/f", None) and not nameable("/t/" + name + "n", None)
+    assert not nameable("/t/f", mirror + "/sss/f.md5"), "the mirror's directory counts"
+    assert not nameable("/t/" + "é" * 513, None), "bytes count, not characters"
+    for path, sidecar in ((deep + "/" + name, deep + "/" + name + ".md5"),
+                          (deep + "/f", mirror + "/f.md5"), ("/t/é", "/t/é.md5")):
+        item = protocol.check_item(path, sidecar, (1, 2))
+        assert protocol.validate_request(protocol.request(1, [item])).items == [item]
+    for path, sidecar in (("/t/" + name + "n", None), ("/t/f", mirror + "/sss/f.md5")):
+        with pytest.raises(protocol.ProtocolError):     # what nameable() says no to
+            protocol.validate_request(protocol.request(1, [protocol.check_item(
+                path, sidecar, (1, 2))]))
 
 
 def _files(*files, directory="/t", dev=1, ino=2, sidecars=None):
@@ -187,7 +196,7 @@ def _files(*files, directory="/t", dev=1, ino=2, sidecars=None):
     (_files(["f", MD5, 1, None]), "fourth field"),
     (_files(["f", None, 1], directory="/" + "d" * 4096), "at most 4096 bytes"),
     (_files(["f", None, 1], directory="/" + "é" * 2048), "at most 4096 bytes"),
-    (_files(["f", None, 1], sidecars="/" + "s" * 4096), "at most 4096 bytes"),
+    (_files(["f", None, 1], sidecars="/" + "s" * 8192), "at most 8192 bytes"),
     (_files(["n" * 1025, None, 1]), "at most 1024 bytes"),
     (_files(["f", MD5, 1, True]), "fourth field"),
     ({"roots": ["/a"], "count": 1, "id": 1, "dirs": []}, "nothing else"),

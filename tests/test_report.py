@@ -131,7 +131,7 @@ def test_a_file_whose_sidecar_path_no_request_can_name_is_an_error_of_its_own():
     from osproject.client.catalog import FILE, Record
     from osproject.client.checkers import Client
     from osproject.client.lister import Entry
-    deep_store = "/s" + "/" + "d" * 4200
+    deep_store = "/s" + "/" + "d" * 8200
 
     def entry(name, sidecar):
         now = Record(b"/t/" + name.encode(), FILE, 0o644, 0, 0, 5, 100, 1, 7, 8)
@@ -143,5 +143,7 @@ def test_a_file_whose_sidecar_path_no_request_can_name_is_an_error_of_its_own():
     assert item is None and report.received == 1
     _, item = client.prepare(entry("near", "/s/t/near.md5"))
     assert item is not None and item.path == "/t/near"
+    _, item = client.prepare(entry("n" * 1025, None))      # no file system has such a name
+    assert item is None and report.received == 2
     report.release()
-    assert report.counts["ERROR"] == 1
+    assert report.counts["ERROR"] == 2

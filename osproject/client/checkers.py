@@ -166,13 +166,11 @@ class Client:
                 entry = entry._replace(error=self.forget(entry))
             self.report.add(entry)
             return entry, None
-        if not protocol.nameable(entry.key) or entry.sidecar is not None \
-                and not protocol.nameable(entry.sidecar):
-            # (A --store mirror deeper than PATH_MAX, say.)  Its own ERROR,
-            # not the run's end: the server would refuse the request.
+        if not protocol.nameable(entry.key, entry.sidecar):
+            # (A --store mirror deeper than SIDECARS_MAX, say.)  Its own
+            # ERROR, not the run's end: the server would refuse the request.
             self.report_file(entry, ERROR, None, "its path or its sidecar's is too long "
-                                                 f"for a request (over {protocol.PATH_MAX} "
-                                                 "bytes)")
+                                                 "for a request")
             return entry, None
         # A file without a sidecar in the listing is new.  A sidecar made since
         # then (by a second client on this tree) makes the worker's link(2)
