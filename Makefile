@@ -15,8 +15,8 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e '.[test,lint]'
 	touch $(STAMP)
 
-# Compiled once here, or every server and client the tests start compiles
-# the package anew where PYTHONDONTWRITEBYTECODE is set.
+# Compiled once here (and for the bench), or every server and client started
+# compiles the package anew where PYTHONDONTWRITEBYTECODE is set.
 test: $(STAMP)
 	$(PY) -m compileall -q osproject
 	$(PY) -m pytest -n $(JOBS) --dist worksteal
