@@ -337,6 +337,8 @@ class Trust:
         the rest wait in their Backlogs, packed (the server calls this once a
         loop pass).  A hash that cannot be read back can never be re-checked:
         the client must not record it, so its run fails (exit 2)."""
+        if not self.backlogs:
+            return
         room = RECHECKS_AHEAD - len(self.scheduler.urgent)
         for session, backlogs in list(self.backlogs.items()):
             while room > 0 and backlogs and not session.dead:
