@@ -97,13 +97,6 @@ def record_from_stat(path: AnyPath, st: os.stat_result, target: AnyPath | None =
                   md5 if kind == FILE else None)
 
 
-def file_record(path: str, st: os.stat_result) -> Record:
-    """record_from_stat() of a regular file (S_ISREG), without a hash."""
-    return Record(path.encode(_FS_ENCODING, _FS_ERRORS), FILE, st.st_mode & 0o7777, st.st_uid,
-                  st.st_gid, st.st_size, st.st_ino, st.st_nlink, st.st_mtime_ns,
-                  st.st_ctime_ns, 0, None, None)
-
-
 class Change(NamedTuple):
     attribute: str
     was: object

@@ -211,8 +211,8 @@ class Lister:
         else:
             expected = sidecar_md5
         return Entry(path, key, sidecar, st.st_size, expected, context.identity, was,
-                     catalog_mod.file_record(key, st), sidecar_md5, sidecar_error,
-                     context.covered, sidecars.notes.get(name))
+                     _record(key, st), sidecar_md5, sidecar_error, context.covered,
+                     sidecars.notes.get(name))
 
     def gone(self, context, listing):
         """What the catalog has here and the listing no longer finds."""

@@ -344,7 +344,8 @@ class Unchecked:
         return Backlog(self, wid, self._spans.pop(wid, []),
                        bytes(self._by_wid.pop(wid, b"")), count, self._slots.pop(wid, None))
 
-    def _read(self, offset, length):
+    def read_span(self, offset, length):
+        """The bytes a spill wrote at offset (what a Backlog reads back)."""
         if self._file is None:          # closed with its session
             raise OSError(errno.EBADF, "the unchecked hashes' temp file is closed")
         parts = []
@@ -384,7 +385,7 @@ class Backlog:
         while len(self._ready) < n and (self._spans or self._tail):
             if self._spans:
                 offset, length = self._spans[0]
-                self._ready.extend(self._parse(self._unchecked._read(offset, length)))
+                self._ready.extend(self._parse(self._unchecked.read_span(offset, length)))
                 self._spans.popleft()
             else:
                 self._ready.extend(self._parse(self._tail))
