@@ -72,6 +72,23 @@ def test_a_killed_worker_is_reaped_and_replaced(server):
     assert len(forks) == 6 and forks[-1]["slot"] == exited[0]["slot"]
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_workers_are_batch_tasks_and_the_server_is_not(server):
+    # A worker woken by an assignment must not preempt the loop that wrote it.
+    server.wait_workers(5)
+    server.workers()[0].send_signal(signal.SIGKILL)
+    forked = server.wait_event("worker.forked", count=6)[-1]    # a re-forked one too
+
+    def policies():
+        workers = server.wait_workers(5)
+        return {w.pid: os.sched_getscheduler(w.pid) for w in workers}
+    # (Set by the child itself, just after the fork: polled.)
+    found = wait_until(lambda: set(policies().values()) == {os.SCHED_BATCH} and policies(),
+                       what="every worker SCHED_BATCH")
+    assert int(forked["pid"]) in found
+    assert os.sched_getscheduler(server.proc.pid) == os.SCHED_OTHER
+
+
 def test_workers_killed_during_a_run_lose_no_file(server, tmp_path):
     tree = tmp_path / "tree"
     files = make_tree(tree, files=1500, dirs=30, size=20_000)
