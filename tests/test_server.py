@@ -15,6 +15,7 @@ import pytest
 from helpers import (
     CLIENT,
     ROOT,
+    SERVER,
     make_tree,
     md5sum_check,
     run_client,
@@ -73,20 +74,40 @@ def test_a_killed_worker_is_reaped_and_replaced(server):
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.skipif(hasattr(os, "SCHED_BATCH") and os.sched_getscheduler(0) != os.SCHED_OTHER,
+                    reason="the tests run under another policy than the default, which "
+                           "the workers keep")
 def test_workers_are_batch_tasks_and_the_server_is_not(server):
     # A worker woken by an assignment must not preempt the loop that wrote it.
     server.wait_workers(5)
     server.workers()[0].send_signal(signal.SIGKILL)
     forked = server.wait_event("worker.forked", count=6)[-1]    # a re-forked one too
 
-    def policies():
-        workers = server.wait_workers(5)
-        return {w.pid: os.sched_getscheduler(w.pid) for w in workers}
-    # (Set by the child itself, just after the fork: polled.)
-    found = wait_until(lambda: set(policies().values()) == {os.SCHED_BATCH} and policies(),
-                       what="every worker SCHED_BATCH")
+    def batch_workers():
+        """{pid: policy} of the five workers once all are SCHED_BATCH (each
+        sets it itself, just after its fork), else None: polled."""
+        try:
+            found = {w.pid: os.sched_getscheduler(w.pid) for w in server.wait_workers(5)}
+        except ProcessLookupError:      # one gone between the listing and the look
+            return None
+        return found if set(found.values()) == {os.SCHED_BATCH} else None
+    found = wait_until(batch_workers, what="every worker SCHED_BATCH")
     assert int(forked["pid"]) in found
-    assert os.sched_getscheduler(server.proc.pid) == os.SCHED_OTHER
+    assert os.sched_getscheduler(server.proc.pid) == os.sched_getscheduler(0)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_a_server_run_under_another_policy_keeps_it_for_its_workers(start_server):
+    # (From a review.)  `chrt -i` on the server made its workers batch tasks,
+    # of normal weight, instead of idle ones.
+    idle = ("import os, runpy, sys; os.sched_setscheduler(0, os.SCHED_IDLE, "
+            "os.sched_param(0)); sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    server = start_server(command=[sys.executable, "-c", idle, SERVER])
+    wait_until(lambda: [w["state"] for w in json.loads(check_status(server, "--json"))
+                        ["workers"]] == ["idle"] * 5, what="five workers ready")
+    assert os.sched_getscheduler(server.proc.pid) == os.SCHED_IDLE
+    assert {os.sched_getscheduler(w.pid) for w in server.wait_workers(5)} == {os.SCHED_IDLE}
 
 
 def test_workers_killed_during_a_run_lose_no_file(server, tmp_path):

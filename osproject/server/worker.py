@@ -73,14 +73,18 @@ def _schedule_as_batch():
 
     The server writes an assignment, and a worker it wakes that way would
     otherwise preempt it at once: on two cores, measured, each such write
-    took 22-39 us of the server's wall time instead of 6-10, and the loop
-    stalled before it had fed the other workers or answered its client.  A
-    batch task waits for the tick instead, and gets the same share of the
-    CPU.  Elsewhere (macOS), or where the call is refused, nothing changes.
+    took 22-39 us of the server's wall time instead of 6-10, the loop held
+    up before it had fed the other workers or answered its client.  A batch
+    task does not preempt a running one when it wakes (the tick may, later)
+    and has the same weight, a little disfavoured on wakeups.  Only from the
+    default policy: a server the operator runs under another (chrt -i,
+    systemd's CPUSchedulingPolicy=) keeps it for its workers.  Elsewhere
+    (macOS), or where the call is refused, nothing changes.
     """
     if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH"):
         try:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+            if os.sched_getscheduler(0) == os.SCHED_OTHER:
+                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         except OSError:
             pass
 
