@@ -35,10 +35,16 @@ def fd_targets(pid):
     return {int(fd): os.readlink(os.path.join(base, fd)) for fd in os.listdir(base)}
 
 
+def wait_all_ready(server, workers=5):
+    """Wait until every worker has said ready (idle, in --status): past its
+    fork, and past everything it set up for itself after it."""
+    wait_until(lambda: [w["state"] for w in json.loads(check_status(server, "--json"))
+                        ["workers"]] == ["idle"] * workers, what=f"{workers} workers ready")
+
+
 def test_five_workers_each_on_its_own_pipes(server):
     # Ready, each has closed what it inherited from the server (worker._sanitize).
-    wait_until(lambda: [w["state"] for w in json.loads(check_status(server, "--json"))
-                        ["workers"]] == ["idle"] * 5, what="five workers ready")
+    wait_all_ready(server)
     workers = server.workers()
     assert len(workers) == 5
     for w in workers:
@@ -73,13 +79,11 @@ def test_a_killed_worker_is_reaped_and_replaced(server):
     assert len(forks) == 6 and forks[-1]["slot"] == exited[0]["slot"]
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
-@pytest.mark.skipif(hasattr(os, "SCHED_BATCH") and os.sched_getscheduler(0) != os.SCHED_OTHER,
-                    reason="the tests run under another policy than the default, which "
-                           "the workers keep")
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH") or os.sched_getscheduler(0) != os.SCHED_OTHER,
+                    reason="SCHED_BATCH is Linux's, and workers take it only from the "
+                           "default policy, which these tests do not run under")
 def test_workers_are_batch_tasks_and_the_server_is_not(server):
     # A worker woken by an assignment must not preempt the loop that wrote it.
-    server.wait_workers(5)
     server.workers()[0].send_signal(signal.SIGKILL)
     forked = server.wait_event("worker.forked", count=6)[-1]    # a re-forked one too
 
@@ -104,8 +108,7 @@ def test_a_server_run_under_another_policy_keeps_it_for_its_workers(start_server
             "os.sched_param(0)); sys.argv = sys.argv[1:]; "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
     server = start_server(command=[sys.executable, "-c", idle, SERVER])
-    wait_until(lambda: [w["state"] for w in json.loads(check_status(server, "--json"))
-                        ["workers"]] == ["idle"] * 5, what="five workers ready")
+    wait_all_ready(server)
     assert os.sched_getscheduler(server.proc.pid) == os.SCHED_IDLE
     assert {os.sched_getscheduler(w.pid) for w in server.wait_workers(5)} == {os.SCHED_IDLE}
 
